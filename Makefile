@@ -1,0 +1,45 @@
+# Everything a fresh Debian/Ubuntu machine needs is installed by these targets themselves (run as root).
+PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := iptables nftables iproute2 util-linux conntrack python3 python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: test lint typecheck pytest demo bench soak deps system-deps clean
+
+test: deps lint typecheck pytest
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+deps: system-deps $(VENV)/.installed
+
+lint: deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: deps
+	$(BIN)/mypy
+
+pytest: deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: deps
+	$(BIN)/istio-pod-network-controller rules render --annotations examples/pod_annotations
+	$(BIN)/python bench/demo_capture.py
+
+bench: deps
+	$(BIN)/python bench/run.py --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

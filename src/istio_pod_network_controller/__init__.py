@@ -1,0 +1,1 @@
+"""Installs Istio traffic capture into mesh pods from the node, so the pods need no NET_ADMIN."""

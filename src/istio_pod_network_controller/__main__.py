@@ -1,0 +1,3 @@
+from istio_pod_network_controller.cli import main
+
+main()
