@@ -1,0 +1,110 @@
+"""Users (bearer tokens) and an RBAC-like rule table, with the real server's Forbidden messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+VERBS = frozenset({"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"})
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Allows `verbs` on `resources` ("pods", "pods/status", "*") in `api_groups`, in `namespaces`.
+
+    `namespaces=None` allows every namespace and the cluster scope; a set limits the rule to requests
+    made inside those namespaces (like a RoleBinding), so cluster-wide lists are denied.
+    """
+
+    verbs: frozenset[str]
+    resources: frozenset[str]
+    api_groups: frozenset[str] = frozenset({"*"})
+    namespaces: frozenset[str] | None = None
+
+    def allows(self, verb: str, group: str, resource: str, namespace: str | None) -> bool:
+        return (
+            ("*" in self.verbs or verb in self.verbs)
+            and ("*" in self.api_groups or group in self.api_groups)
+            and ("*" in self.resources or resource in self.resources)
+            and (self.namespaces is None or (namespace is not None and namespace in self.namespaces))
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rule:
+        verbs = frozenset(data.get("verbs") or ())
+        unknown = verbs - VERBS - {"*"}
+        if unknown:
+            raise ValueError(f"unknown verbs {sorted(unknown)}")
+        namespaces = data.get("namespaces")
+        return cls(
+            verbs=verbs,
+            resources=frozenset(data.get("resources") or ()),
+            api_groups=frozenset(data.get("apiGroups", ["*"])),
+            namespaces=None if namespaces is None else frozenset(namespaces),
+        )
+
+
+ADMIN_RULES: tuple[Rule, ...] = (Rule(frozenset({"*"}), frozenset({"*"})),)
+
+
+@dataclass(slots=True)
+class User:
+    name: str
+    token: str
+    rules: tuple[Rule, ...] = field(default=())
+
+
+def parse_rules(rules: Iterable[Rule | Mapping[str, Any]]) -> tuple[Rule, ...]:
+    return tuple(r if isinstance(r, Rule) else Rule.from_dict(r) for r in rules)
+
+
+def load_users(data: Mapping[str, Any]) -> list[User]:
+    """The `--rbac` file format.
+
+    `{users: [{name, token, rules: [{verbs, resources, apiGroups?, namespaces?}]}]}`
+    """
+    users = []
+    for entry in data.get("users") or ():
+        if not entry.get("name") or not entry.get("token"):
+            raise ValueError("every user needs a name and a token")
+        users.append(User(entry["name"], entry["token"], parse_rules(entry.get("rules") or ())))
+    return users
+
+
+class Authorizer:
+    def __init__(self) -> None:
+        self._by_token: dict[str, User] = {}
+
+    def add(self, user: User) -> None:
+        self._by_token[user.token] = user
+
+    def authenticate(self, token: str) -> User | None:
+        return self._by_token.get(token)
+
+    def users(self) -> list[User]:
+        return list(self._by_token.values())
+
+    @staticmethod
+    def allowed(user: User, verb: str, group: str, resource: str, namespace: str | None) -> bool:
+        return any(rule.allows(verb, group, resource, namespace) for rule in user.rules)
+
+
+def forbidden_message(
+    user: str,
+    *,
+    verb: str,
+    group: str,
+    resource: str,
+    subresource: str | None,
+    name: str | None,
+    namespace: str | None,
+) -> str:
+    full = f"{resource}/{subresource}" if subresource else resource
+    qualified = f"{resource}.{group}" if group else resource
+    subject = f'{qualified} "{name}"' if name else qualified
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    return (
+        f'{subject} is forbidden: User "{user}" cannot {verb} resource "{full}" '
+        f'in API group "{group}" {scope}'
+    )
