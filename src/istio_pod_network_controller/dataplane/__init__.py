@@ -1,0 +1,1 @@
+"""Everything that touches a network namespace: pinning, entering, running the rule tools, reading state."""

@@ -1,0 +1,199 @@
+"""apply / verify / clean: the data plane's public entry points, one pinned namespace at a time.
+
+Each call refuses the node's own namespace, then does all its work on one thread inside the target
+namespace: resolve the IPv6 policy from the pod's addresses, choose the backend, render, and run the tools.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from ..rules import nftables, plan
+from ..rules.model import PolicyRoute, Ruleset
+from ..spec import InterceptSpec, IPv6Policy
+from . import netns as ns_mod
+from .backends import BACKENDS, Backend, BackendName, make, route_drift, sync_routes
+from .netns import NetnsId, PinnedNetns
+from .tools import run
+
+BackendChoice: TypeAlias = Literal["auto", "legacy", "nft", "nftables"]
+BACKEND_CHOICES: tuple[BackendChoice, ...] = ("auto", "legacy", "nft", "nftables")
+ALL_ROUTES = (
+    PolicyRoute(4, plan.TPROXY_MARK, plan.TPROXY_ROUTE_TABLE),
+    PolicyRoute(6, plan.TPROXY_MARK, plan.TPROXY_ROUTE_TABLE),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    backend: BackendName
+    netns: NetnsId
+    fingerprint: str
+    ipv6_captured: bool
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    backend: BackendName
+    lines: tuple[str, ...]
+
+    @property
+    def in_place(self) -> bool:
+        return not self.lines
+
+    @property
+    def report(self) -> str:
+        return "\n".join(self.lines) if self.lines else "in place"
+
+
+@dataclass(frozen=True, slots=True)
+class Footprints:
+    """Which rule systems already hold tables in the namespace (read cheaply, without a full save)."""
+
+    legacy: bool
+    iptables_nft: bool
+    ours_nftables: bool
+
+    def holds(self, backend: BackendName) -> bool:
+        return {"legacy": self.legacy, "nft": self.iptables_nft, "nftables": self.ours_nftables}[backend]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def _footprints() -> Footprints:
+    legacy = any(
+        _read(f"/proc/thread-self/net/{name}").strip() for name in ("ip_tables_names", "ip6_tables_names")
+    )
+    tables = [line.split() for line in run(["nft", "list", "tables"]).splitlines()]
+    iptables_nft = any(len(t) == 3 and t[1] in {"ip", "ip6"} for t in tables)
+    ours = any(t[1:] == ["inet", nftables.TABLE] for t in tables)
+    return Footprints(legacy, iptables_nft, ours)
+
+
+@functools.lru_cache(maxsize=4)
+def host_backend(proc_root: str = "/proc") -> BackendName:
+    """The node's choice, as Istio makes it: legacy when the host already has legacy tables, else nft."""
+    for pid in ("1", "self"):
+        if _read(os.path.join(proc_root, pid, "net", "ip_tables_names")).strip():
+            return "legacy"
+    return "nft"
+
+
+def _choose(choice: BackendChoice, found: Footprints, proc_root: str) -> BackendName:
+    """`auto`: keep whatever the pod's namespace already uses, else follow the node."""
+    if choice != "auto":
+        return choice
+    preference: tuple[BackendName, ...] = ("legacy", "nftables", "nft")
+    for name in preference:
+        if found.holds(name):
+            return name
+    return host_backend(proc_root)
+
+
+def has_global_ipv6() -> bool:
+    """Whether the current thread's namespace has a global-scope IPv6 address outside lo."""
+    for line in _read("/proc/thread-self/net/if_inet6").splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[3] == "00" and fields[5] != "lo":
+            return True
+    return False
+
+
+def _ruleset(spec: InterceptSpec) -> tuple[InterceptSpec, Ruleset]:
+    resolved = spec.with_ipv6(has_global_ipv6()) if spec.ipv6 is IPv6Policy.AUTO else spec
+    return resolved, plan.build(resolved)
+
+
+def apply(
+    netns: PinnedNetns,
+    spec: InterceptSpec,
+    backend: BackendChoice = "auto",
+    *,
+    allow_host: bool = False,
+    proc_root: str = "/proc",
+) -> ApplyResult:
+    """Make our rules in `netns` exactly those of `spec`; repeatable, and foreign rules stay untouched.
+
+    Copies of our rules left by another backend (say, a change from legacy to nft) are removed, so a pod
+    never holds two captures at once. A spec with interceptionMode NONE removes everything of ours.
+    """
+    ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
+    started = time.perf_counter()
+
+    def work() -> ApplyResult:
+        resolved, ruleset = _ruleset(spec)
+        found = _footprints()
+        chosen = _choose(backend, found, proc_root)
+        make(chosen).apply(ruleset)
+        for other in BACKENDS:
+            if other != chosen and found.holds(other):
+                make(other).clean()
+        sync_routes(ruleset.routes, all_ours=ALL_ROUTES)
+        return ApplyResult(
+            chosen,
+            netns.id,
+            resolved.fingerprint(),
+            resolved.ipv6 is IPv6Policy.CAPTURE,
+            time.perf_counter() - started,
+        )
+
+    return ns_mod.run_in(netns, work)
+
+
+def verify(
+    netns: PinnedNetns,
+    spec: InterceptSpec,
+    backend: BackendChoice = "auto",
+    *,
+    allow_host: bool = False,
+    proc_root: str = "/proc",
+) -> Drift:
+    """Compare the live rules with what `spec` renders to; any missing, extra or changed rule is drift."""
+    ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
+
+    def work() -> Drift:
+        _, ruleset = _ruleset(spec)
+        found = _footprints()
+        chosen = _choose(backend, found, proc_root)
+        lines = make(chosen).drift(ruleset)
+        empty = Ruleset((), ())
+        for other in BACKENDS:
+            if other != chosen and found.holds(other):
+                lines += [f"{other}: {line}" for line in make(other).drift(empty)]
+        lines += route_drift(ruleset.routes, all_ours=ALL_ROUTES)
+        return Drift(chosen, tuple(lines))
+
+    return ns_mod.run_in(netns, work)
+
+
+def clean(
+    netns: PinnedNetns,
+    backend: BackendChoice = "auto",
+    *,
+    allow_host: bool = False,
+    proc_root: str = "/proc",
+) -> list[BackendName]:
+    """Remove every rule and route of ours (from every backend that holds tables, for `auto`)."""
+    ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
+
+    def work() -> list[BackendName]:
+        found = _footprints()
+        names = [b for b in BACKENDS if found.holds(b)] if backend == "auto" else [backend]
+        cleaned: list[Backend] = [make(name) for name in names]
+        for item in cleaned:
+            item.clean()
+        sync_routes((), all_ours=ALL_ROUTES, flush=True)
+        return names
+
+    return ns_mod.run_in(netns, work)

@@ -1,0 +1,151 @@
+"""Pinned network namespaces, entered per call on a short-lived thread.
+
+A namespace is held as an open fd (plus its device/inode identity), never as a path or PID that could be
+reused by another pod. Work inside it runs on a fresh thread that calls setns(2) and then exits, so the
+controller's own threads never change namespace, and the tools it spawns from that thread (iptables-restore,
+nft, ip) start directly inside the pod's namespace without `ip netns exec` or `nsenter`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..errors import DataplaneError, HostNetnsRefused
+
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True, slots=True)
+class NetnsId:
+    """Identity of a network namespace: the (device, inode) of its nsfs file."""
+
+    dev: int
+    ino: int
+
+    def __str__(self) -> str:
+        return f"net:[{self.ino}]"
+
+
+class PinnedNetns:
+    """An open fd to a network namespace; the namespace stays alive and identical while this is open."""
+
+    def __init__(self, fd: int, description: str) -> None:
+        info = os.fstat(fd)
+        self.fd = fd
+        self.id = NetnsId(info.st_dev, info.st_ino)
+        self.description = description
+
+    @classmethod
+    def open_path(cls, path: str) -> PinnedNetns:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DataplaneError(f"cannot open network namespace {path}: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode) or not _is_netns(fd):
+            os.close(fd)
+            raise DataplaneError(f"{path} is not a network namespace")
+        return cls(fd, path)
+
+    @classmethod
+    def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
+        return cls.open_path(os.path.join(proc_root, str(pid), "ns", "net"))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PinnedNetns:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PinnedNetns({self.description}, {self.id})"
+
+
+def _is_netns(fd: int) -> bool:
+    """NS_GET_NSTYPE would be exact; a setns probe on a throwaway thread is portable and just as strict."""
+    try:
+        _on_thread(lambda: _setns(fd), lambda: None)
+    except DataplaneError:
+        return False
+    return True
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise DataplaneError(f"setns: {os.strerror(err)}")
+
+
+def _unshare() -> None:
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise DataplaneError(f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+
+
+def _on_thread(enter: Callable[[], None], work: Callable[[], T]) -> T:
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            enter()
+            result.append(work())
+        except BaseException as exc:  # re-raised in the caller's thread below
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name="netns-worker", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def run_in(netns: PinnedNetns, work: Callable[[], T]) -> T:
+    """Run `work` on a thread inside `netns`; the thread exits afterwards, so nothing leaks out."""
+    if netns.fd < 0:
+        raise DataplaneError(f"{netns.description}: namespace handle is closed")
+    return _on_thread(lambda: _setns(netns.fd), work)
+
+
+def run_in_scratch(work: Callable[[], T]) -> T:
+    """Run `work` inside a brand-new empty network namespace that vanishes when the thread exits."""
+    return _on_thread(_unshare, work)
+
+
+def host_netns_ids(proc_root: str = "/proc") -> set[NetnsId]:
+    """The namespaces that are the node's own: PID 1's (when readable) and this process's.
+
+    In a DaemonSet with hostPID, proc_root/1 is the node's init; our own namespace counts too because a
+    controller with hostNetwork runs in the node's namespace even where PID 1's cannot be read.
+    """
+    ids = set()
+    for path in {os.path.join(proc_root, "1", "ns", "net"), "/proc/1/ns/net", "/proc/self/ns/net"}:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        ids.add(NetnsId(info.st_dev, info.st_ino))
+    return ids
+
+
+def refuse_host(netns: PinnedNetns, proc_root: str = "/proc", *, allow_host: bool = False) -> None:
+    """Raise HostNetnsRefused when `netns` is the node's own namespace, unless explicitly allowed."""
+    if not allow_host and netns.id in host_netns_ids(proc_root):
+        raise HostNetnsRefused(
+            f"{netns.description} ({netns.id}) is the host's network namespace; refusing to change the "
+            "node's own firewall (override: --allow-host-netns)"
+        )

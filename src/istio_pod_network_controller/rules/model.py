@@ -1,0 +1,205 @@
+"""The backend-neutral rule model: matches and targets as small frozen dataclasses.
+
+`plan.build` fills it from an InterceptSpec; `iptables` and `nftables` render it. Keeping the decision of
+*what* to match in one place is what lets the two backends behave identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from ..spec import IPNetwork
+
+Family: TypeAlias = Literal[4, 6]
+TableName: TypeAlias = Literal["raw", "mangle", "nat", "filter"]
+TABLE_ORDER: tuple[TableName, ...] = ("raw", "mangle", "nat", "filter")
+
+
+@dataclass(frozen=True, slots=True)
+class Proto:
+    name: Literal["tcp", "udp"]
+
+
+@dataclass(frozen=True, slots=True)
+class DPort:
+    port: int
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SPort:
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Src:
+    net: IPNetwork
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Dst:
+    net: IPNetwork
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InIface:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutIface:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class UidOwner:
+    uid: int
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GidOwner:
+    gid: int
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransparentSocket:
+    """An established connection that already belongs to a transparent (TPROXY) socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class CtStateNew:
+    """The first packet of a connection."""
+
+
+Match: TypeAlias = (
+    Proto
+    | DPort
+    | SPort
+    | Src
+    | Dst
+    | InIface
+    | OutIface
+    | UidOwner
+    | GidOwner
+    | TransparentSocket
+    | CtStateNew
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Return:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Jump:
+    chain: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tproxy:
+    port: int
+    mark: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetMark:
+    mark: int
+
+
+@dataclass(frozen=True, slots=True)
+class CtZone:
+    zone: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    with_: Literal["tcp-reset", "port-unreachable"]
+
+
+Target: TypeAlias = Return | Accept | Jump | Redirect | Tproxy | SetMark | CtZone | Reject
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    matches: tuple[Match, ...]
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    name: str
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """A rule in a built-in chain (PREROUTING, OUTPUT, INPUT) that enters one of our chains."""
+
+    builtin: str
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
+class TableRules:
+    table: TableName
+    hooks: tuple[Hook, ...]
+    chains: tuple[Chain, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyRules:
+    family: Family
+    tables: tuple[TableRules, ...]
+
+    def table(self, name: TableName) -> TableRules | None:
+        return next((t for t in self.tables if t.table == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRoute:
+    """`ip rule fwmark MARK lookup TABLE` plus `ip route local default dev lo table TABLE` (TPROXY)."""
+
+    family: Family
+    mark: int
+    table: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ruleset:
+    families: tuple[FamilyRules, ...]
+    routes: tuple[PolicyRoute, ...]
+
+    def family(self, family: Family) -> FamilyRules | None:
+        return next((f for f in self.families if f.family == family), None)
+
+
+OUR_CHAINS: frozenset[str] = frozenset(
+    {
+        "ISTIO_INBOUND",
+        "ISTIO_IN_REDIRECT",
+        "ISTIO_OUTPUT",
+        "ISTIO_REDIRECT",
+        "ISTIO_OUTPUT_DNS",
+        "ISTIO_INBOUND_DNS",
+        "ISTIO_DIVERT",
+        "ISTIO_TPROXY",
+        "ISTIO_BLOCK_INBOUND",
+    }
+)
+"""Every chain name `plan` can produce: the iptables backends own exactly these, and jumps into them."""
