@@ -50,7 +50,13 @@ class Raw:
         self.headers = {"Authorization": f"Bearer {api.admin.token}"}
 
     async def request(
-        self, method: str, path: str, body: Any = None, *, content_type: str = "application/json", **params: str
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        **params: str,
     ) -> tuple[int, Any, aiohttp.ClientResponse]:
         data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
         async with self.session.request(
@@ -63,7 +69,9 @@ class Raw:
             text = await resp.text()
             return resp.status, json.loads(text) if text.startswith(("{", "[")) else text, resp
 
-    async def watch_lines(self, path: str, *, count: int, timeout: float = 5.0, **params: str) -> list[dict[str, Any]]:
+    async def watch_lines(
+        self, path: str, *, count: int, timeout: float = 5.0, **params: str
+    ) -> list[dict[str, Any]]:
         """Read `count` watch events (or until the stream ends)."""
         out: list[dict[str, Any]] = []
         async with self.session.get(

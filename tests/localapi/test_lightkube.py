@@ -26,7 +26,8 @@ def make_pod(name: str, namespace: str = "default", **labels: str) -> Pod:
 async def test_create_get_fills_metadata_and_rv_is_monotonic(client: lightkube.AsyncClient) -> None:
     a = await client.create(make_pod("a"))
     b = await client.create(make_pod("b"))
-    assert a.metadata.uid and a.metadata.uid != b.metadata.uid
+    assert a.metadata.uid
+    assert a.metadata.uid != b.metadata.uid
     assert a.metadata.creationTimestamp is not None
     assert a.metadata.generation == 1
     assert int(b.metadata.resourceVersion) > int(a.metadata.resourceVersion)
@@ -77,8 +78,9 @@ async def test_list_selectors_and_scopes(client: lightkube.AsyncClient, raw: Raw
     await client.create(make_pod("web-2", app="web"))
     await client.create(make_pod("db-1", app="db"))
     await client.create(make_pod("web-3", namespace="other", app="web"))
-    await client.patch(Pod.Status, "db-1", {"status": {"phase": "Running"}}, namespace="default",
-                       patch_type=PatchType.MERGE)  # fmt: skip
+    await client.patch(
+        Pod.Status, "db-1", {"status": {"phase": "Running"}}, namespace="default", patch_type=PatchType.MERGE
+    )
 
     async def names(**kw: object) -> list[str]:
         return sorted([p.metadata.name async for p in client.list(Pod, **kw)])  # type: ignore[arg-type]
@@ -94,7 +96,11 @@ async def test_list_selectors_and_scopes(client: lightkube.AsyncClient, raw: Raw
     assert await names(namespace="*", fields={"metadata.namespace": "other"}) == ["web-3"]
     assert await names(namespace="*", fields={"metadata.name": "web-2"}) == ["web-2"]
     assert await names(namespace="*", fields={"status.phase": "Running"}) == ["db-1"]
-    assert await names(namespace="*", fields={"status.phase": op.not_equal("Running")}) == ["web-1", "web-2", "web-3"]
+    assert await names(namespace="*", fields={"status.phase": op.not_equal("Running")}) == [
+        "web-1",
+        "web-2",
+        "web-3",
+    ]
 
     status, body, _ = await raw.request("GET", "/api/v1/pods", limit="1", labelSelector="app==db")
     assert status == 200
@@ -130,8 +136,13 @@ async def test_update_with_stale_resource_version_conflicts(client: lightkube.As
     assert "the object has been modified" in exc.value.status.message
     # A patch that carries a stale resourceVersion is a failed precondition too.
     with pytest.raises(lightkube.ApiError) as exc:
-        await client.patch(Pod, "p", {"metadata": {"resourceVersion": created.metadata.resourceVersion}},
-                           namespace="default", patch_type=PatchType.MERGE)  # fmt: skip
+        await client.patch(
+            Pod,
+            "p",
+            {"metadata": {"resourceVersion": created.metadata.resourceVersion}},
+            namespace="default",
+            patch_type=PatchType.MERGE,
+        )
     assert exc.value.status.code == 409
 
 
@@ -141,8 +152,13 @@ async def test_every_patch_type(client: lightkube.AsyncClient, raw: Raw) -> None
     manifest["spec"]["volumes"] = [{"name": "v1", "emptyDir": {}}, {"name": "v2", "emptyDir": {}}]
     await client.create(Pod.from_dict(manifest))
 
-    merged = await client.patch(Pod, "p", {"metadata": {"labels": {"app": None, "x": "1"}}}, namespace="default",
-                                patch_type=PatchType.MERGE)  # fmt: skip
+    merged = await client.patch(
+        Pod,
+        "p",
+        {"metadata": {"labels": {"app": None, "x": "1"}}},
+        namespace="default",
+        patch_type=PatchType.MERGE,
+    )
     assert merged.metadata.labels == {"x": "1"}
 
     smp = {
@@ -158,38 +174,58 @@ async def test_every_patch_type(client: lightkube.AsyncClient, raw: Raw) -> None
     assert patched.metadata.annotations == {"a": "b"}
     assert patched.metadata.labels == {"x": "1"}
 
-    ops = [{"op": "test", "path": "/metadata/labels/x", "value": "1"},
-           {"op": "add", "path": "/metadata/labels/y", "value": "2"}]  # fmt: skip
+    ops = [
+        {"op": "test", "path": "/metadata/labels/x", "value": "1"},
+        {"op": "add", "path": "/metadata/labels/y", "value": "2"},
+    ]
     patched = await client.patch(Pod, "p", ops, namespace="default", patch_type=PatchType.JSON)
     assert patched.metadata.labels == {"x": "1", "y": "2"}
 
-    for bad_ops in ([{"op": "test", "path": "/metadata/labels/x", "value": "nope"}],
-                    [{"op": "remove", "path": "/spec/nothing/here"}]):  # fmt: skip
+    for bad_ops in (
+        [{"op": "test", "path": "/metadata/labels/x", "value": "nope"}],
+        [{"op": "remove", "path": "/spec/nothing/here"}],
+    ):
         with pytest.raises(lightkube.ApiError) as exc:
             await client.patch(Pod, "p", bad_ops, namespace="default", patch_type=PatchType.JSON)
         assert (exc.value.status.code, exc.value.status.reason) == (422, "Invalid")
 
-    status, body, _ = await raw.request("PATCH", "/api/v1/namespaces/default/pods/p", {"a": 1},
-                                        content_type="application/apply-patch+yaml")  # fmt: skip
+    status, body, _ = await raw.request(
+        "PATCH", "/api/v1/namespaces/default/pods/p", {"a": 1}, content_type="application/apply-patch+yaml"
+    )
     assert (status, body["reason"]) == (415, "UnsupportedMediaType")
-    status, body, _ = await raw.request("PATCH", "/api/v1/namespaces/default/pods/p", b"{not json",
-                                        content_type="application/merge-patch+json")  # fmt: skip
+    status, body, _ = await raw.request(
+        "PATCH",
+        "/api/v1/namespaces/default/pods/p",
+        b"{not json",
+        content_type="application/merge-patch+json",
+    )
     assert (status, body["reason"]) == (400, "BadRequest")
-    status, body, _ = await raw.request("PATCH", "/api/v1/namespaces/default/pods/p", {"a": 1},
-                                        content_type="application/json-patch+json")  # fmt: skip
+    status, body, _ = await raw.request(
+        "PATCH", "/api/v1/namespaces/default/pods/p", {"a": 1}, content_type="application/json-patch+json"
+    )
     assert (status, body["reason"]) == (400, "BadRequest")
 
 
 async def test_status_subresource_separation(client: lightkube.AsyncClient, raw: Raw) -> None:
     await client.create(make_pod("p"))
     # The main resource ignores status changes ...
-    patched = await client.patch(Pod, "p", {"status": {"phase": "Running"}, "metadata": {"labels": {"l": "1"}}},
-                                 namespace="default", patch_type=PatchType.MERGE)  # fmt: skip
+    patched = await client.patch(
+        Pod,
+        "p",
+        {"status": {"phase": "Running"}, "metadata": {"labels": {"l": "1"}}},
+        namespace="default",
+        patch_type=PatchType.MERGE,
+    )
     assert patched.status.phase == "Pending"
     assert patched.metadata.labels == {"l": "1"}
     # ... and the status subresource changes only status.
-    patched = await client.patch(Pod.Status, "p", {"status": {"phase": "Running"}, "metadata": {"labels": {"l": "2"}}},
-                                 namespace="default", patch_type=PatchType.MERGE)  # fmt: skip
+    patched = await client.patch(
+        Pod.Status,
+        "p",
+        {"status": {"phase": "Running"}, "metadata": {"labels": {"l": "2"}}},
+        namespace="default",
+        patch_type=PatchType.MERGE,
+    )
     assert patched.status.phase == "Running"
     assert patched.metadata.labels == {"l": "1"}
     # PUT follows the same split.
@@ -209,8 +245,9 @@ async def test_status_subresource_separation(client: lightkube.AsyncClient, raw:
 
 async def test_no_op_write_keeps_resource_version(client: lightkube.AsyncClient) -> None:
     created = await client.create(make_pod("p", app="x"))
-    same = await client.patch(Pod, "p", {"metadata": {"labels": {"app": "x"}}}, namespace="default",
-                              patch_type=PatchType.MERGE)  # fmt: skip
+    same = await client.patch(
+        Pod, "p", {"metadata": {"labels": {"app": "x"}}}, namespace="default", patch_type=PatchType.MERGE
+    )
     assert same.metadata.resourceVersion == created.metadata.resourceVersion
 
 
@@ -222,8 +259,12 @@ async def test_graceful_delete_with_finalizers(client: lightkube.AsyncClient, ap
     marked = await client.get(Pod, "f", namespace="default")
     assert marked.metadata.deletionTimestamp is not None
     await client.delete(Pod, "f", namespace="default")  # deleting again changes nothing
-    assert (await client.get(Pod, "f", namespace="default")).metadata.resourceVersion == marked.metadata.resourceVersion
-    await client.patch(Pod, "f", {"metadata": {"finalizers": None}}, namespace="default", patch_type=PatchType.MERGE)
+    assert (
+        await client.get(Pod, "f", namespace="default")
+    ).metadata.resourceVersion == marked.metadata.resourceVersion
+    await client.patch(
+        Pod, "f", {"metadata": {"finalizers": None}}, namespace="default", patch_type=PatchType.MERGE
+    )
     with pytest.raises(lightkube.ApiError) as exc:
         await client.get(Pod, "f", namespace="default")
     assert exc.value.status.code == 404
@@ -250,9 +291,17 @@ async def test_cluster_scoped_and_events(client: lightkube.AsyncClient) -> None:
     node = await client.create(Node(metadata=ObjectMeta(name="n1", labels={"role": "worker"})))
     assert node.metadata.namespace is None
     assert [n.metadata.name async for n in client.list(Node, labels={"role": "worker"})] == ["n1"]
-    ev = EventV1.from_dict({"metadata": {"name": "e1", "namespace": "default"}, "eventTime": "2024-01-01T00:00:00.000000Z",
-                            "reason": "Captured", "action": "Install", "reportingController": "x",
-                            "reportingInstance": "y", "type": "Normal"})  # fmt: skip
+    ev = EventV1.from_dict(
+        {
+            "metadata": {"name": "e1", "namespace": "default"},
+            "eventTime": "2024-01-01T00:00:00.000000Z",
+            "reason": "Captured",
+            "action": "Install",
+            "reportingController": "x",
+            "reportingInstance": "y",
+            "type": "Normal",
+        }
+    )
     created = await client.create(ev)
     assert created.reason == "Captured"
     assert [e.metadata.name async for e in client.list(EventV1, namespace="default")] == ["e1"]

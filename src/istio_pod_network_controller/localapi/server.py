@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import discovery, errors, kubeconfig, patch
+from . import discovery, errors, kubeconfig, patch, protobuf
 from .errors import ApiError
 from .faults import Faults, RequestLog, RequestRecord
 from .rbac import ADMIN_RULES, Authorizer, Rule, User, forbidden_message, parse_rules
@@ -333,7 +333,14 @@ class LocalAPIServer:
     ) -> web.StreamResponse:
         path = request.path.rstrip("/")
         if request.method == "POST" and path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
-            return self._access_review(user, await self._body(request))
+            if request.content_type == protobuf.MEDIA_TYPE:
+                try:
+                    review = protobuf.decode_access_review(await request.read())
+                except ValueError as exc:
+                    raise errors.bad_request(f"the body of the request could not be decoded: {exc}") from None
+            else:
+                review = await self._body(request)
+            return self._access_review(user, review)
         if request.method != "GET":
             raise ApiError(
                 405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
@@ -375,7 +382,6 @@ class LocalAPIServer:
                 **body,
                 "status": {
                     "allowed": allowed,
-                    **({} if allowed else {"reason": "not allowed by the emulator's rules"}),
                 },
             },
             201,

@@ -419,9 +419,13 @@ class Store:
             return dropped
 
     def compact(self) -> None:
-        """Forget the history: every resourceVersion before now answers 410 Expired to a watch."""
+        """Forget the history: every resourceVersion handed out so far answers 410 Expired to a watch.
+
+        The counter moves on by one so that even the newest RV a client holds is older than the window.
+        """
         with self._lock:
             self._history.clear()
+            self._rv += 1
             self._min_rv = self._rv
 
     # -- convenience for tests (copies, so callers cannot corrupt the store) ---------------------------
