@@ -1,0 +1,56 @@
+"""Suite-wide rules: `root` tests run only as root, and under CI=true none of them may be skipped."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+_skipped_root: list[str] = []
+_names = itertools.count()
+
+
+def unique_name(prefix: str) -> str:
+    """A name no parallel run can collide with (netns, veth and cgroup names are host-global)."""
+    return f"{prefix}{os.getpid() % 100000}x{next(_names)}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs root (network namespaces, iptables, cgroups)"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "root" in report.keywords:
+        _skipped_root.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI") == "true" and _skipped_root:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _skipped_root:
+        verdict = "FAILS the run (CI=true)" if os.environ.get("CI") == "true" else "allowed outside CI"
+        terminalreporter.write_line(f"{len(_skipped_root)} root test(s) skipped: {verdict}", red=True)
+        for nodeid in _skipped_root:
+            terminalreporter.write_line(f"  {nodeid}")
+
+
+@pytest.fixture
+def netns_name() -> Iterator[str]:
+    """A fresh named network namespace with lo up, deleted afterwards whatever happens."""
+    name = unique_name("ipnc")
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -1,0 +1,183 @@
+"""Pure rendering: the reference rule set, golden files per configuration, and the apply transactions.
+
+Regenerate goldens after an intended change with `UPDATE_GOLDEN=1 make pytest` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from istio_pod_network_controller import annotations as ann
+from istio_pod_network_controller.rules import iptables, nftables, plan
+from istio_pod_network_controller.spec import IPv6Policy, build_spec
+
+GOLDEN = Path(__file__).parent / "golden"
+
+# Istio's default sidecar REDIRECT rule set (istio-iptables, includeInboundPorts=*), as listed in
+# shared/reference/istio-interception.md.
+ISTIO_DEFAULT_NAT = """\
+*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+"""
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "default": {},
+    "inbound-list": {ann.INCLUDE_INBOUND_PORTS: "80,8080", ann.EXCLUDE_INBOUND_PORTS: "22"},
+    "inbound-excludes": {ann.EXCLUDE_INBOUND_PORTS: "22,15021"},
+    "no-inbound": {ann.INCLUDE_INBOUND_PORTS: ""},
+    "no-outbound": {ann.INCLUDE_OUTBOUND_IP_RANGES: ""},
+    "outbound-ranges": {
+        ann.INCLUDE_OUTBOUND_IP_RANGES: "10.96.0.0/12,fd00:96::/108",
+        ann.EXCLUDE_OUTBOUND_IP_RANGES: "10.96.0.1/32",
+    },
+    "outbound-ports": {
+        ann.INCLUDE_OUTBOUND_IP_RANGES: "",
+        ann.INCLUDE_OUTBOUND_PORTS: "443,8443",
+        ann.EXCLUDE_OUTBOUND_PORTS: "5432",
+    },
+    "exclusions": {
+        ann.EXCLUDE_OUTBOUND_IP_RANGES: "169.254.169.254/32,fd00:ec2::254/128",
+        ann.EXCLUDE_OUTBOUND_PORTS: "3306,5432",
+        ann.EXCLUDE_INTERFACES: "net1",
+    },
+    "reroute-virtual": {ann.REROUTE_VIRTUAL_INTERFACES: "k6t-eth0,tap0"},
+    "tproxy": {ann.INTERCEPTION_MODE: "TPROXY"},
+    "dns": {ann.CAPTURE_DNS: "true"},
+    "legacy-2018": {ann.ENVOY_PORT: "15001", ann.ENVOY_USERID: "1000", ann.ENVOY_GROUPID: "1000"},
+    "ipv6-capture": {ann.IPV6: "capture", ann.EXCLUDE_OUTBOUND_IP_RANGES: "fd00::/8"},
+    "tproxy-dns-ipv6": {ann.INTERCEPTION_MODE: "TPROXY", ann.CAPTURE_DNS: "true", ann.IPV6: "capture"},
+}
+
+
+def _rendered(name: str) -> tuple[str, str]:
+    spec = build_spec(CONFIGS[name])
+    if spec.ipv6 is IPv6Policy.AUTO:
+        spec = spec.with_ipv6(False)
+    ruleset = plan.build(spec)
+    text = "".join(f"# IPv{f.family}\n{iptables.render(f)}" for f in ruleset.families)
+    text += "".join(f"# ip -{r.family} rule fwmark {r.mark} lookup {r.table}\n" for r in ruleset.routes)
+    return text, nftables.render(ruleset)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_golden(name: str) -> None:
+    ipt, nft = _rendered(name)
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        (GOLDEN / f"{name}.iptables").write_text(ipt)
+        (GOLDEN / f"{name}.nft").write_text(nft)
+    assert ipt == (GOLDEN / f"{name}.iptables").read_text()
+    assert nft == (GOLDEN / f"{name}.nft").read_text()
+
+
+def test_default_matches_istio_reference_rule_set() -> None:
+    ruleset = plan.build(build_spec({}).with_ipv6(False))
+    v4 = ruleset.family(4)
+    assert v4 is not None
+    assert iptables.render(v4) == ISTIO_DEFAULT_NAT
+
+
+def test_rendering_is_deterministic() -> None:
+    for name in CONFIGS:
+        assert _rendered(name) == _rendered(name)
+
+
+def test_none_mode_renders_nothing() -> None:
+    ruleset = plan.build(build_spec({ann.INTERCEPTION_MODE: "NONE"}).with_ipv6(True))
+    assert ruleset.families == ()
+    assert ruleset.routes == ()
+
+
+def test_auto_ipv6_must_be_resolved_first() -> None:
+    with pytest.raises(ValueError, match="resolve the IPv6 policy"):
+        plan.build(build_spec({}))
+
+
+def test_ipv6_block_rejects_new_inbound_except_loopback() -> None:
+    v6 = plan.build(build_spec({}).with_ipv6(False)).family(6)
+    assert v6 is not None
+    assert iptables.render(v6) == (
+        "*filter\n:ISTIO_BLOCK_INBOUND - [0:0]\n-A INPUT -j ISTIO_BLOCK_INBOUND\n"
+        "-A ISTIO_BLOCK_INBOUND -i lo -j RETURN\n"
+        "-A ISTIO_BLOCK_INBOUND -p tcp -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset\n"
+        "-A ISTIO_BLOCK_INBOUND -p udp -m conntrack --ctstate NEW "
+        "-j REJECT --reject-with icmp6-port-unreachable\n"
+        "COMMIT\n"
+    )
+
+
+LIVE_SAVE = """\
+# Generated by iptables-save
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_OUTPUT_DNS - [0:0]
+:FOREIGN - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -j FOREIGN
+-A OUTPUT -j ISTIO_OUTPUT_DNS
+-A ISTIO_INBOUND -p tcp -j RETURN
+-A ISTIO_OUTPUT_DNS -p udp -j RETURN
+-A FOREIGN -p udp -j RETURN
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+-A INPUT -p icmp -j ACCEPT
+COMMIT
+"""
+
+
+def test_apply_transaction_replaces_ours_and_never_names_foreign_rules() -> None:
+    desired = plan.build(build_spec({}).with_ipv6(False)).family(4)
+    assert desired is not None
+    text = iptables.apply_transaction(desired, iptables.parse_save(LIVE_SAVE))
+    lines = text.splitlines()
+    assert lines[0] == "*nat"
+    assert ":ISTIO_INBOUND - [0:0]" in lines and ":ISTIO_OUTPUT_DNS - [0:0]" in lines
+    assert "-D PREROUTING -p tcp -j ISTIO_INBOUND" in lines
+    assert "-D OUTPUT -j ISTIO_OUTPUT_DNS" in lines
+    assert "-I PREROUTING 1 -p tcp -j ISTIO_INBOUND" in lines
+    assert "-I OUTPUT 1 -j ISTIO_OUTPUT" in lines
+    assert "-X ISTIO_OUTPUT_DNS" in lines
+    assert not any("FOREIGN" in line for line in lines)
+    assert "*filter" not in lines
+
+
+def test_clean_transaction_only_touches_ours() -> None:
+    text = iptables.clean_transaction(iptables.parse_save(LIVE_SAVE))
+    assert text.splitlines() == [
+        "*nat",
+        ":ISTIO_INBOUND - [0:0]",
+        ":ISTIO_OUTPUT_DNS - [0:0]",
+        "-D PREROUTING -p tcp -j ISTIO_INBOUND",
+        "-D OUTPUT -j ISTIO_OUTPUT_DNS",
+        "-X ISTIO_INBOUND",
+        "-X ISTIO_OUTPUT_DNS",
+        "COMMIT",
+    ]
+    assert iptables.clean_transaction(iptables.parse_save("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")) == ""
