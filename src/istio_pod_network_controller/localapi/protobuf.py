@@ -1,8 +1,9 @@
-"""Just enough of the Kubernetes protobuf encoding to read the one body kubectl only sends that way.
+"""Just enough of the Kubernetes protobuf encoding to read the bodies kubectl only sends that way.
 
-`kubectl auth can-i` POSTs its SelfSubjectAccessReview as `application/vnd.kubernetes.protobuf` (and accepts a
-JSON answer). The envelope is the magic `k8s\\0` followed by a `runtime.Unknown` message whose field 2 holds
-the encoded object.
+kubectl's typed clients (`auth can-i`, `create namespace`) POST `application/vnd.kubernetes.protobuf` and
+accept a JSON answer. The envelope is the magic `k8s\\0` followed by a `runtime.Unknown` message: field 1 its
+TypeMeta (apiVersion 1, kind 2), field 2 the encoded object. Only objects whose content is all metadata
+(Namespace) or resource attributes (SelfSubjectAccessReview) are decoded; anything else stays 415.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def fields(data: bytes) -> dict[int, bytes]:
-    """Length-delimited fields of a message by number (the last occurrence wins); other types skipped."""
-    out: dict[int, bytes] = {}
+def fields(data: bytes) -> dict[int, list[bytes]]:
+    """Length-delimited fields of a message by number, in order; other wire types are skipped."""
+    out: dict[int, list[bytes]] = {}
     pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos)
@@ -51,7 +52,7 @@ def fields(data: bytes) -> dict[int, bytes]:
             pos += 4
         elif wire == 2:
             length, pos = _varint(data, pos)
-            out[number] = data[pos : pos + length]
+            out.setdefault(number, []).append(data[pos : pos + length])
             pos += length
         else:
             raise ValueError(f"unsupported wire type {wire}")
@@ -60,19 +61,50 @@ def fields(data: bytes) -> dict[int, bytes]:
     return out
 
 
-def decode_access_review(body: bytes) -> dict[str, Any]:
-    """A SelfSubjectAccessReview in protobuf -> its JSON form (resource attributes only)."""
+def _one(msg: dict[int, list[bytes]], number: int) -> bytes:
+    values = msg.get(number)
+    return values[-1] if values else b""
+
+
+def _string_map(entries: list[bytes]) -> dict[str, str]:
+    out = {}
+    for entry in entries:
+        kv = fields(entry)
+        out[_one(kv, 1).decode()] = _one(kv, 2).decode()
+    return out
+
+
+def _metadata(data: bytes) -> dict[str, Any]:
+    msg = fields(data)
+    meta: dict[str, Any] = {}
+    for number, name in ((1, "name"), (2, "generateName"), (3, "namespace")):
+        if number in msg:
+            meta[name] = _one(msg, number).decode()
+    for number, name in ((11, "labels"), (12, "annotations")):
+        if number in msg:
+            meta[name] = _string_map(msg[number])
+    return meta
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Decode an enveloped Namespace or SelfSubjectAccessReview into its JSON form."""
     if not body.startswith(_MAGIC):
         raise ValueError("not a Kubernetes protobuf envelope")
-    raw = fields(body[len(_MAGIC) :]).get(2, b"")
-    spec = fields(raw).get(2, b"")
-    attrs = fields(fields(spec).get(1, b""))
-    resource_attributes = {
-        name: attrs[num].decode() for num, name in _RESOURCE_ATTRIBUTES.items() if num in attrs
-    }
-    return {
-        "kind": "SelfSubjectAccessReview",
-        "apiVersion": "authorization.k8s.io/v1",
-        "metadata": {},
-        "spec": {"resourceAttributes": resource_attributes},
-    }
+    envelope = fields(body[len(_MAGIC) :])
+    type_meta = fields(_one(envelope, 1))
+    api_version, kind = _one(type_meta, 1).decode(), _one(type_meta, 2).decode()
+    obj = fields(_one(envelope, 2))
+    if kind == "Namespace":
+        return {"apiVersion": api_version, "kind": kind, "metadata": _metadata(_one(obj, 1))}
+    if kind == "SelfSubjectAccessReview":
+        attrs = fields(_one(fields(_one(obj, 2)), 1))
+        resource_attributes = {
+            name: _one(attrs, num).decode() for num, name in _RESOURCE_ATTRIBUTES.items() if num in attrs
+        }
+        return {
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": {},
+            "spec": {"resourceAttributes": resource_attributes},
+        }
+    raise ValueError(f"protobuf bodies of kind {kind!r} are not supported, send JSON")

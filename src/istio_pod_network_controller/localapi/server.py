@@ -333,14 +333,7 @@ class LocalAPIServer:
     ) -> web.StreamResponse:
         path = request.path.rstrip("/")
         if request.method == "POST" and path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
-            if request.content_type == protobuf.MEDIA_TYPE:
-                try:
-                    review = protobuf.decode_access_review(await request.read())
-                except ValueError as exc:
-                    raise errors.bad_request(f"the body of the request could not be decoded: {exc}") from None
-            else:
-                review = await self._body(request)
-            return self._access_review(user, review)
+            return self._access_review(user, await self._body(request))
         if request.method != "GET":
             raise ApiError(
                 405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
@@ -391,6 +384,11 @@ class LocalAPIServer:
     async def _body(request: web.Request) -> Obj:
         ctype = request.content_type
         raw = await request.read()
+        if ctype == protobuf.MEDIA_TYPE:
+            try:
+                return protobuf.decode(raw)
+            except ValueError as exc:
+                raise ApiError(415, "UnsupportedMediaType", str(exc)) from None
         try:
             if ctype in ("application/json", "application/octet-stream", ""):
                 data = json.loads(raw)
