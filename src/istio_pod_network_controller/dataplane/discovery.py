@@ -25,7 +25,7 @@ _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12
 # cgroupfs "/pod<uid>" or systemd "kubepods[-<qos>]-pod<uid_>.slice", somewhere below a kubepods root (kind
 # nests it under /docker/<node>/...). The optional container segment names the runtime's container.
 _CGROUP_LINE = re.compile(
-    r"^[0-9]+:[^:\n]*:[^\n]*?/kubepods\b[^\n]*?[/-]pod(?P<uid>" + _UID + r")(?:\.slice)?(?=/|$)"
+    r"^[0-9]+:[^:\n]*:[^\n]*?[/-]kubepods\b[^\n]*?[/-]pod(?P<uid>" + _UID + r")(?:\.slice)?(?=/|$)"
     r"(?:/(?:(?P<conmon>crio-conmon-)|cri-containerd-|crio-|docker-)?(?P<cid>[0-9a-f]{64})"
     r"(?:\.scope)?(?=/|$))?",
     re.MULTILINE,
@@ -56,6 +56,12 @@ class PodNetns:
     container_id: str | None
     netns: PinnedNetns
     matched_ips: tuple[str, ...]
+
+    def __enter__(self) -> PodNetns:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.netns.close()
 
 
 def normalize_uid(uid: str) -> str:
@@ -265,6 +271,7 @@ class ProcIndex:
                 (a for a in (_local_ips(self.proc_root, p.pid, ns) for p in procs) if a is not None), None
             )
             if local is None:
+                seen[ns] = ["(unreadable: its processes exited)"]
                 continue
             seen[ns] = sorted(a for a in local if not ipaddress.ip_address(a).is_loopback)
             if hits := tuple(sorted(ips & local)):
@@ -288,8 +295,8 @@ class ProcIndex:
                 return PodNetns(uid, proc.pid, proc.container_id, pinned, ips)
             pinned.close()
         raise PodNetnsNotFound(
-            f"pod {uid}: processes {[p.pid for p in procs]} of {ns} exited or were replaced before the "
-            "namespace could be pinned"
+            f"pod {uid}: {ns} could not be pinned: its processes {[p.pid for p in procs]} exited, were "
+            "replaced by other processes (PID reuse), or had no usable namespace link"
         )
 
 
