@@ -16,6 +16,8 @@ import click
 SUBCOMMANDS: dict[str, str] = {
     "rules": ".rules:rules",
     "local-apiserver": ".local_apiserver:local_apiserver",
+    "wait": ".wait:wait",
+    "init": ".wait:init",
 }
 
 
