@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import lightkube
 import pytest
 from lightkube import operators as op
@@ -309,7 +311,24 @@ async def test_cluster_scoped_and_events(client: lightkube.AsyncClient) -> None:
 
 def test_sync_client_against_threaded_server(threaded: ThreadedServer) -> None:
     c = lightkube.Client(config=lightkube.KubeConfig.from_file(threaded.kubeconfig_path))
-    c.create(make_pod("s"))
-    assert [p.metadata.name for p in c.list(Pod, namespace="default")] == ["s"]
+    try:
+        c.create(make_pod("s"))
+        assert [p.metadata.name for p in c.list(Pod, namespace="default")] == ["s"]
+    finally:
+        c.close()
     assert threaded.requests.count(verb="create", resource="pods") == 1
     assert threaded.requests.count(verb="list", resource="pods") == 1
+
+
+def test_store_writes_from_another_thread_reach_watchers(threaded: ThreadedServer) -> None:
+    c = lightkube.Client(config=lightkube.KubeConfig.from_file(threaded.kubeconfig_path))
+    rv = str(threaded.store.resource_version)
+    timer = threading.Timer(0.2, threaded.store.seed, args=(PODS, [pod_manifest("from-thread")]))
+    timer.start()
+    try:
+        kind, obj = next(iter(c.watch(Pod, namespace="default", resource_version=rv)))
+    finally:
+        timer.cancel()
+        c.close()
+    assert (kind, obj.metadata.name) == ("ADDED", "from-thread")
+    assert threaded.store.objects(PODS)[0]["metadata"]["resourceVersion"] == obj.metadata.resourceVersion

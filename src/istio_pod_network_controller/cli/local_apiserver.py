@@ -44,9 +44,7 @@ async def _serve(api: LocalAPIServer) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write a kubeconfig for the admin user.",
 )
-@click.option(
-    "--tls", is_flag=True, help="Serve https with a fresh self-signed CA (put in the kubeconfig)."
-)
+@click.option("--tls", is_flag=True, help="Serve https with a fresh self-signed CA (put in the kubeconfig).")
 @click.option("--user", default="admin", show_default=True, help="Name of the admin user.")
 @click.option("--token", default=None, help="Bearer token of the admin user (random by default).")
 @click.option(

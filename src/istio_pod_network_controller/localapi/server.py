@@ -229,7 +229,13 @@ class LocalAPIServer:
                     self.requests.clear()
                 return _json_response([r.to_dict() for r in self.requests.records()])
             if what == "healthz":
-                return _json_response({"url": self.url, "resourceVersion": self.store.resource_version})
+                return _json_response(
+                    {
+                        "url": self.url,
+                        "resourceVersion": self.store.resource_version,
+                        "watchers": self.store.watcher_count(),
+                    }
+                )
         except (ValueError, TypeError) as exc:
             return _error_response(errors.bad_request(str(exc)))
         return _error_response(ApiError(404, "NotFound", f"unknown emulator endpoint {what!r}"))
