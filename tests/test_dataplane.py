@@ -202,6 +202,9 @@ def test_ipv6_auto_captures_only_with_a_global_address(netns_name: str, pinned: 
     assert dp.apply(pinned, build_spec({}), "legacy").ipv6_captured
     v6 = sh(netns_name, "ip6tables-legacy-save")
     assert "ISTIO_BLOCK_INBOUND" not in v6 and "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN" in v6
+    assert "inet6 ::6/128" in sh(netns_name, "ip", "-6", "addr", "show", "dev", "lo")
+    dp.clean(pinned)
+    assert "::6/128" not in sh(netns_name, "ip", "-6", "addr", "show", "dev", "lo")
 
 
 def test_host_netns_is_refused_without_override() -> None:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from ..dataplane import apply as dataplane
+from ..dataplane.discovery import find_pod_netns
 from ..dataplane.netns import PinnedNetns
 from ..downward import read_annotations
 from ..errors import ControllerError
@@ -214,3 +215,23 @@ def clean(
     except ControllerError as exc:
         _fail(exc)
     click.echo(f"cleaned {target.description}: {', '.join(cleaned) or 'no rule tables present'}")
+
+
+@rules.command("find-netns")
+@click.option("--pod-uid", required=True, help="metadata.uid of the pod")
+@click.option("--pod-ip", "pod_ips", multiple=True, help="an IP the pod's namespace must hold (repeatable)")
+@click.option("--container-id", "container_ids", multiple=True, help="prefer this container's processes")
+@click.option("--proc-root", default="/proc", show_default=True, help="the host's /proc")
+def find_netns(
+    pod_uid: str, pod_ips: tuple[str, ...], container_ids: tuple[str, ...], proc_root: str
+) -> None:
+    """Print the network namespace that discovery finds for a pod."""
+    try:
+        with find_pod_netns(pod_uid, container_ids, pod_ips, proc_root=proc_root) as found:
+            click.echo(
+                f"pod {found.pod_uid}: {found.netns.id} via pid {found.pid} "
+                f"(container {found.container_id or 'unknown'}; "
+                f"matched IPs: {', '.join(found.matched_ips) or 'none given'})"
+            )
+    except (ControllerError, ValueError) as exc:
+        _fail(exc)

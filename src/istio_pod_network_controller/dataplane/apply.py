@@ -110,6 +110,22 @@ def has_global_ipv6() -> bool:
     return False
 
 
+PASSTHROUGH_V6 = "00000000000000000000000000000006"
+
+
+def _sync_passthrough_v6(wanted: bool) -> None:
+    """::6 on lo: the IPv6 source Envoy's inbound passthrough binds to (IPv4 has all of 127/8 on lo)."""
+    present = any(
+        line.split()[0] == PASSTHROUGH_V6 and line.split()[-1] == "lo"
+        for line in _read("/proc/thread-self/net/if_inet6").splitlines()
+        if line.strip()
+    )
+    if wanted and not present:
+        run(["ip", "-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])
+    elif present and not wanted:
+        run(["ip", "-6", "addr", "del", "::6/128", "dev", "lo"])
+
+
 def _ruleset(spec: InterceptSpec) -> tuple[InterceptSpec, Ruleset]:
     resolved = spec.with_ipv6(has_global_ipv6()) if spec.ipv6 is IPv6Policy.AUTO else spec
     return resolved, plan.build(resolved)
@@ -140,6 +156,7 @@ def apply(
             if other != chosen and found.holds(other):
                 make(other).clean()
         sync_routes(ruleset.routes, all_ours=ALL_ROUTES)
+        _sync_passthrough_v6(resolved.intercepts and resolved.ipv6 is IPv6Policy.CAPTURE)
         return ApplyResult(
             chosen,
             netns.id,
@@ -194,6 +211,7 @@ def clean(
         for item in cleaned:
             item.clean()
         sync_routes((), all_ours=ALL_ROUTES, flush=True)
+        _sync_passthrough_v6(False)
         return names
 
     return ns_mod.run_in(netns, work)

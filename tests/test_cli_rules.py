@@ -1,0 +1,106 @@
+"""`istio-pod-network-controller rules …` as a user runs it: a real process, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "istio_pod_network_controller", "rules"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_render_prints_istio_rules_and_routes() -> None:
+    done = cli("render", "--interception-mode", "TPROXY", "--exclude-outbound-ports", "5432")
+    assert done.returncode == 0, done.stderr
+    assert "-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006" in done.stdout
+    assert "-A ISTIO_OUTPUT -p tcp --dport 5432 -j RETURN" in done.stdout
+    assert "# ip -4 rule add fwmark 1337 lookup 133" in done.stdout
+
+
+def test_render_nftables_and_annotations_file(tmp_path: Path) -> None:
+    annotations = tmp_path / "pod_annotations"
+    annotations.write_text('pod-network-controller.istio.io/envoy-port="15100"\n')
+    done = cli("render", "--format", "nftables", "--annotations", str(annotations), "--envoy-port", "15001")
+    assert done.returncode == 0, done.stderr
+    assert "redirect to :15100" in done.stdout and "redirect to :15001" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["render", "--include-inbound-ports", "80,abc"], "--include-inbound-ports: invalid value '80,abc'"),
+        (["render", "--interception-mode", "MAGIC"], "--interception-mode: invalid value 'MAGIC'"),
+        (["render", "--annotations", "/nonexistent/file"], "/nonexistent/file: No such file"),
+        (["apply", "--netns", "/nonexistent"], "cannot open network namespace /nonexistent"),
+        (["apply"], "give exactly one of --netns PATH or --pid PID"),
+        (
+            ["find-netns", "--pod-uid", "0e0e0e0e-0000-4000-8000-000000000000"],
+            "no process in a cgroup of this pod",
+        ),
+    ],
+)
+def test_errors_are_one_clear_line_without_traceback(args: list[str], message: str) -> None:
+    done = cli(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_annotation_error_names_annotation_and_value(tmp_path: Path) -> None:
+    annotations = tmp_path / "pod_annotations"
+    annotations.write_text('traffic.sidecar.istio.io/excludeOutboundIPRanges="10.0.0.0/8,not-a-cidr"\n')
+    done = cli("render", "--annotations", str(annotations))
+    assert done.returncode == 2
+    assert (
+        "annotation traffic.sidecar.istio.io/excludeOutboundIPRanges: invalid value '10.0.0.0/8,not-a-cidr'"
+        in done.stderr
+    )
+
+
+@pytest.mark.root
+def test_apply_verify_clean_round_trip(netns_name: str) -> None:
+    target = ["--netns", f"/run/netns/{netns_name}", "--backend", "legacy"]
+    applied = cli("apply", *target, "--capture-dns", "true")
+    assert applied.returncode == 0, applied.stderr
+    assert "with legacy" in applied.stdout
+    assert cli("verify", *target, "--capture-dns", "true").returncode == 0
+    drifted = cli("verify", *target)
+    assert drifted.returncode == 1
+    assert "chain ISTIO_OUTPUT_DNS should not exist" in drifted.stdout
+    cleaned = cli("clean", *target)
+    assert cleaned.returncode == 0, cleaned.stderr
+    saved = subprocess.run(
+        ["ip", "netns", "exec", netns_name, "iptables-legacy-save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "ISTIO" not in saved
+
+
+@pytest.mark.root
+def test_host_netns_refused_by_pid() -> None:
+    done = cli("apply", "--pid", str(os.getpid()), "--backend", "legacy")
+    assert done.returncode == 2
+    assert "is the host's network namespace" in done.stderr
+
+
+@pytest.mark.root
+def test_find_netns_with_a_proc_root(netns_name: str, tmp_path: Path) -> None:
+    uid = "5c1e5a9e-1111-4222-8333-944455556666"
+    proc = tmp_path / "proc" / "4242"
+    (proc / "ns").mkdir(parents=True)
+    slice_name = f"kubepods-pod{uid.replace('-', '_')}.slice"
+    (proc / "cgroup").write_text(f"0::/kubepods.slice/{slice_name}/cri-containerd-{'ab' * 32}.scope\n")
+    (proc / "ns" / "net").symlink_to(f"/run/netns/{netns_name}")
+    done = cli("find-netns", "--pod-uid", uid, "--proc-root", str(tmp_path / "proc"))
+    assert done.returncode == 0, done.stderr
+    inode = os.stat(f"/run/netns/{netns_name}").st_ino
+    assert f"pod {uid}: net:[{inode}] via pid 4242 (container {'ab' * 32}" in done.stdout
