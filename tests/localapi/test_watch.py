@@ -288,3 +288,23 @@ async def test_client_disconnect_unregisters_the_watcher(raw: Raw) -> None:
             break
         await asyncio.sleep(0.01)
     assert raw.api.store.watcher_count() == 0
+
+
+async def test_lightkube_reconnects_after_server_timeout(
+    client: lightkube.AsyncClient, api: LocalAPIServer
+) -> None:
+    await client.create(make_pod("a"))
+    stream = client.watch(Pod, namespace="default", server_timeout=1)
+
+    async def later() -> None:
+        while api.requests.count(verb="watch") < 2:  # wait for the reconnect after the clean end
+            await asyncio.sleep(0.05)
+        await client.create(make_pod("b"))
+
+    task = asyncio.create_task(later())
+    events = await collect(stream, 2, timeout=5)
+    await task
+    assert summary(events) == [("ADDED", "a"), ("ADDED", "b")]
+    first, second = [r for r in api.requests.records() if r.verb == "watch"][:2]
+    assert first.query["timeoutSeconds"] == "1"
+    assert second.query["resourceVersion"] == events[0][1].metadata.resourceVersion
