@@ -15,6 +15,7 @@ from typing import Literal, TypeAlias
 from ..rules import nftables, plan
 from ..rules.model import PolicyRoute, Ruleset
 from ..spec import InterceptSpec, IPv6Policy
+from . import netlink
 from . import netns as ns_mod
 from .backends import BACKENDS, Backend, BackendName, make, route_drift, sync_routes
 from .netns import NetnsId, PinnedNetns
@@ -72,12 +73,11 @@ def _read(path: str) -> str:
 
 
 def _footprints() -> Footprints:
-    legacy = any(
-        _read(f"/proc/thread-self/net/{name}").strip() for name in ("ip_tables_names", "ip6_tables_names")
-    )
-    tables = [line.split() for line in run(["nft", "list", "tables"]).splitlines()]
-    iptables_nft = any(len(t) == 3 and t[1] in {"ip", "ip6"} for t in tables)
-    ours = any(t[1:] == ["inet", nftables.TABLE] for t in tables)
+    names = ("ip_tables_names", "ip6_tables_names")
+    legacy = any(_read(f"/proc/thread-self/net/{name}").strip() for name in names)
+    tables = netlink.nft_tables()
+    iptables_nft = any(family in {"ip", "ip6"} for family, _ in tables)
+    ours = ("inet", nftables.TABLE) in tables
     return Footprints(legacy, iptables_nft, ours)
 
 
@@ -151,7 +151,7 @@ def apply(
         resolved, ruleset = _ruleset(spec)
         found = _footprints()
         chosen = _choose(backend, found, proc_root)
-        make(chosen).apply(ruleset)
+        make(chosen).apply(ruleset, present=found.holds(chosen))
         for other in BACKENDS:
             if other != chosen and found.holds(other):
                 make(other).clean()

@@ -16,7 +16,7 @@ from typing import Literal, Protocol, TypeAlias
 from ..rules import iptables, nftables
 from ..rules.model import Family, PolicyRoute, Ruleset
 from . import netns
-from .fibrules import FibRule, list_rules
+from .netlink import FibRule, fib_rules
 from .tools import run
 
 BackendName: TypeAlias = Literal["legacy", "nft", "nftables"]
@@ -27,7 +27,8 @@ FAMILIES: tuple[Family, Family] = (4, 6)
 class Backend(Protocol):
     name: BackendName
 
-    def apply(self, ruleset: Ruleset) -> None: ...
+    def apply(self, ruleset: Ruleset, *, present: bool) -> None:
+        """Make our rules exactly `ruleset`; `present`: the backend holds tables here (else skip reading)."""
 
     def drift(self, ruleset: Ruleset) -> list[str]: ...
 
@@ -50,10 +51,10 @@ class IptablesBackend:
         if text:
             run([self._tool(family, "restore"), "--noflush", "--wait=10"], stdin=text)
 
-    def apply(self, ruleset: Ruleset) -> None:
+    def apply(self, ruleset: Ruleset, *, present: bool) -> None:
         for family in FAMILIES:
             desired = ruleset.family(family)
-            live = self._live(family)
+            live = self._live(family) if present else {}
             if desired is None:
                 self._restore(family, iptables.clean_transaction(live))
             else:
@@ -129,8 +130,8 @@ class NftablesBackend:
 
     name: BackendName = "nftables"
 
-    def apply(self, ruleset: Ruleset) -> None:
-        run(["nft", "-f", "-"], stdin=nftables.apply_script(ruleset))
+    def apply(self, ruleset: Ruleset, *, present: bool) -> None:
+        run(["nft", "-f", "-"], stdin=nftables.apply_script(ruleset, replace=present))
 
     def clean(self) -> None:
         run(["nft", "-f", "-"], stdin=nftables.clean_script())
@@ -183,7 +184,7 @@ def sync_routes(
 
     Without `flush`, a family that has neither a wanted nor a leftover rule costs no process at all.
     """
-    rules = list_rules()
+    rules = fib_rules()
     for route in all_ours:
         wanted = route in routes
         existing = _count(route, rules)
@@ -200,7 +201,7 @@ def sync_routes(
 
 def route_drift(routes: tuple[PolicyRoute, ...], *, all_ours: tuple[PolicyRoute, ...]) -> list[str]:
     report = []
-    rules = list_rules()
+    rules = fib_rules()
     for route in all_ours:
         count = _count(route, rules)
         wanted = 1 if route in routes else 0

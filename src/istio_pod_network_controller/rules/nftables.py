@@ -157,9 +157,14 @@ def _chain(name: str, header: str | None, rules: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def apply_script(ruleset: Ruleset) -> str:
-    """One `nft -f` transaction: ensure the table exists, delete it, define it anew."""
-    return f"table inet {TABLE}\ndelete table inet {TABLE}\n" + render(ruleset)
+def apply_script(ruleset: Ruleset, *, replace: bool) -> str:
+    """One `nft -f` transaction: (when our table may exist) ensure it, delete it; then define it anew.
+
+    Deleting a table with nat chains costs the kernel about as much as creating one, so a namespace known
+    to hold no table of ours gets the definition alone.
+    """
+    prefix = f"table inet {TABLE}\ndelete table inet {TABLE}\n" if replace else ""
+    return prefix + render(ruleset) if ruleset.families else prefix
 
 
 def clean_script() -> str:
