@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -176,7 +175,3 @@ class RequestLog:
             and (namespace is None or r.namespace == namespace)
             and (status is None or r.status == status)
         )
-
-
-def now() -> float:
-    return time.time()

@@ -11,7 +11,6 @@ from typing import Any
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-APPLY = "application/apply-patch+yaml"
 SUPPORTED = (JSON_PATCH, MERGE, STRATEGIC)
 
 

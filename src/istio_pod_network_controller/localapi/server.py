@@ -32,7 +32,7 @@ from .tls import ServerCertificates, generate_certificates
 log = logging.getLogger(__name__)
 
 _TRUE = ("1", "true", "True")
-_PATCH_VERBS = {"PATCH": "patch", "PUT": "update", "DELETE": "delete", "GET": "get"}
+_ITEM_VERBS = {"PATCH": "patch", "PUT": "update", "DELETE": "delete", "GET": "get"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,7 @@ def _verb(method: str, target: Target, query: Mapping[str, str]) -> str:
             "DELETE": "deletecollection",
         }
     else:
-        verbs = _PATCH_VERBS
+        verbs = _ITEM_VERBS
     verb = verbs.get(method)
     if verb is None:
         raise ApiError(
@@ -572,8 +572,13 @@ class LocalAPIServer:
                 if line is not None:
                     await response.write(line)
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the client went away
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Headers are sent: the stream can only end. The client re-watches, as after any drop.
+            log.exception("watch stream failed for %s", request.path_qs)
         finally:
             self.store.unwatch(watcher)
         return response
