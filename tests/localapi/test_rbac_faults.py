@@ -224,3 +224,24 @@ async def test_bad_input_never_crashes(
     assert "kaboom" in caplog.text
     status, _, _ = await raw.request("GET", pods)
     assert status == 200  # the server carries on
+
+
+async def test_a_failing_watch_stream_ends_and_is_logged(
+    raw: Raw, api: LocalAPIServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from istio_pod_network_controller.localapi.store import Watcher
+
+    def broken(self: Watcher, change: object) -> bytes:
+        raise RuntimeError("translate broke")
+
+    rv = str(api.store.resource_version)
+    monkeypatch.setattr(Watcher, "translate", broken)
+    task = asyncio.create_task(raw.watch_lines("/api/v1/pods", count=1, resourceVersion=rv))
+    while api.store.watcher_count() == 0:
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.ERROR):
+        await raw.request("POST", "/api/v1/namespaces/default/pods", {"metadata": {"name": "p"}})
+        assert await asyncio.wait_for(task, 5) == []  # the stream ended without an event
+    assert "translate broke" in caplog.text
+    assert api.store.watcher_count() == 0
+    assert (await raw.request("GET", "/api/v1/pods"))[0] == 200
