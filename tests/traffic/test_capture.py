@@ -60,8 +60,9 @@ def test_inbound_explicit_port_list(topo: Topology, capture: Capture) -> None:
     lands(topo.connect(topo.peer, topo.pod4, 15008), "app:15008")
 
 
-def test_inbound_passthrough_from_127_0_0_6_reaches_app(topo: Topology, capture: Capture) -> None:
-    capture.apply(spec())
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_inbound_passthrough_from_127_0_0_6_reaches_app(topo: Topology, capture: Capture, mode: str) -> None:
+    capture.apply(spec({ann.INTERCEPTION_MODE: mode}))
     reply = topo.connect(topo.pod, topo.pod4, 8080, uid=PROXY_ID, gid=PROXY_ID, src="127.0.0.6")
     lands(reply, "app:8080")
     assert reply.client is not None

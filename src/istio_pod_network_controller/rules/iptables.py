@@ -15,7 +15,7 @@ from .model import (
     OUR_CHAINS,
     TABLE_ORDER,
     Accept,
-    CtStateNew,
+    CtState,
     CtZone,
     DPort,
     Dst,
@@ -37,7 +37,6 @@ from .model import (
     TableRules,
     Target,
     Tproxy,
-    TransparentSocket,
     UidOwner,
 )
 
@@ -66,10 +65,8 @@ def _match(match: Match, family: Family) -> list[str]:
             return ["-m", "owner", *_neg(negate), "--uid-owner", str(uid)]
         case GidOwner(gid, negate):
             return ["-m", "owner", *_neg(negate), "--gid-owner", str(gid)]
-        case TransparentSocket():
-            return ["-m", "socket", "--transparent"]
-        case CtStateNew():
-            return ["-m", "conntrack", "--ctstate", "NEW"]
+        case CtState(states):
+            return ["-m", "conntrack", "--ctstate", ",".join(states)]
     raise AssertionError(match)
 
 

@@ -67,28 +67,13 @@ class GidOwner:
 
 
 @dataclass(frozen=True, slots=True)
-class TransparentSocket:
-    """An established connection that already belongs to a transparent (TPROXY) socket."""
+class CtState:
+    """Conntrack state of the packet's connection, e.g. ("NEW",) or ("RELATED", "ESTABLISHED")."""
+
+    states: tuple[Literal["NEW", "RELATED", "ESTABLISHED"], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class CtStateNew:
-    """The first packet of a connection."""
-
-
-Match: TypeAlias = (
-    Proto
-    | DPort
-    | SPort
-    | Src
-    | Dst
-    | InIface
-    | OutIface
-    | UidOwner
-    | GidOwner
-    | TransparentSocket
-    | CtStateNew
-)
+Match: TypeAlias = Proto | DPort | SPort | Src | Dst | InIface | OutIface | UidOwner | GidOwner | CtState
 
 
 @dataclass(frozen=True, slots=True)

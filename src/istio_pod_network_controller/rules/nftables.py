@@ -11,7 +11,7 @@ from __future__ import annotations
 from .model import (
     TABLE_ORDER,
     Accept,
-    CtStateNew,
+    CtState,
     CtZone,
     DPort,
     Dst,
@@ -33,7 +33,6 @@ from .model import (
     TableName,
     Target,
     Tproxy,
-    TransparentSocket,
     UidOwner,
 )
 
@@ -82,10 +81,8 @@ def _match(match: Match, family: Family, proto: str) -> str | None:
             return f"meta skuid {_op(negate)}{uid}"
         case GidOwner(gid, negate):
             return f"meta skgid {_op(negate)}{gid}"
-        case TransparentSocket():
-            return "socket transparent 1"
-        case CtStateNew():
-            return "ct state new"
+        case CtState(states):
+            return "ct state " + ",".join(state.lower() for state in states)
     raise AssertionError(match)
 
 

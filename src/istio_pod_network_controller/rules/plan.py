@@ -24,7 +24,7 @@ from ..spec import (
 from .model import (
     Accept,
     Chain,
-    CtStateNew,
+    CtState,
     CtZone,
     DPort,
     Dst,
@@ -49,7 +49,6 @@ from .model import (
     TableRules,
     Target,
     Tproxy,
-    TransparentSocket,
     UidOwner,
 )
 
@@ -124,9 +123,13 @@ def _inbound_port_rules(spec: InterceptSpec, capture: Target) -> list[Rule]:
 
 
 def _tproxy_inbound(spec: InterceptSpec, family: Family) -> TableRules:
+    # Loopback-routed traffic is left to the nat OUTPUT rules, as in REDIRECT mode; packets of connections
+    # conntrack already knows (replies to the pod's own outbound calls, TPROXY'd inbound) skip TPROXY, whose
+    # kernel target would otherwise drop them on finding a non-transparent socket.
     inbound = [
         *_interface_exclusions(spec),
-        rule(Jump("ISTIO_DIVERT"), TCP, TransparentSocket()),
+        rule(Return(), InIface("lo")),
+        rule(Jump("ISTIO_DIVERT"), TCP, CtState(("RELATED", "ESTABLISHED"))),
         *_inbound_port_rules(spec, Jump("ISTIO_TPROXY")),
     ]
     return TableRules(
@@ -246,8 +249,8 @@ def _block_inbound() -> TableRules:
                 "ISTIO_BLOCK_INBOUND",
                 (
                     rule(Return(), InIface("lo")),
-                    rule(Reject("tcp-reset"), TCP, CtStateNew()),
-                    rule(Reject("port-unreachable"), UDP, CtStateNew()),
+                    rule(Reject("tcp-reset"), TCP, CtState(("NEW",))),
+                    rule(Reject("port-unreachable"), UDP, CtState(("NEW",))),
                 ),
             ),
         ),
