@@ -18,6 +18,10 @@ SUBCOMMANDS: dict[str, str] = {
     "local-apiserver": ".local_apiserver:local_apiserver",
     "wait": ".wait:wait",
     "init": ".wait:init",
+    "run": ".run:run",
+    "inject": ".inject:inject",
+    "webhook": ".webhook:webhook",
+    "demo": ".demo:demo",
 }
 
 
