@@ -36,7 +36,6 @@ pytest: deps
 
 demo: deps
 	$(BIN)/istio-pod-network-controller rules render --annotations examples/pod_annotations
-	$(BIN)/python bench/demo_capture.py
 
 bench: deps
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
