@@ -37,6 +37,9 @@ pytest: deps
 demo: deps
 	$(BIN)/istio-pod-network-controller rules render --annotations examples/pod_annotations
 
+soak: deps
+	HYPOTHESIS_PROFILE=soak $(BIN)/pytest -m "root or not root" tests/test_fuzz_spec.py $(PYTEST_ARGS)
+
 bench: deps
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
 

@@ -8,6 +8,11 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("default", max_examples=60)
+settings.register_profile("soak", max_examples=10_000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _skipped_root: list[str] = []
 _names = itertools.count()

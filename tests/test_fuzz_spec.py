@@ -1,0 +1,92 @@
+"""Property tests: any annotation map is either refused with our own error naming the annotation, or it
+renders rules that the real tools accept (iptables-restore --test for both variants and families, nft -c).
+
+`make soak` runs >= 10,000 examples (HYPOTHESIS_PROFILE=soak); `make test` a smaller profile.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from istio_pod_network_controller import annotations as ann
+from istio_pod_network_controller.dataplane import netns
+from istio_pod_network_controller.errors import SpecError
+from istio_pod_network_controller.rules import iptables, nftables, plan
+from istio_pod_network_controller.spec import SPEC_ANNOTATIONS, build_spec
+
+PORT = st.integers(min_value=-5, max_value=70000).map(str)
+CIDR4 = st.builds(
+    lambda a, b, p: f"10.{a}.{b}.0/{p}", st.integers(0, 300), st.integers(0, 255), st.integers(8, 33)
+)
+CIDR6 = st.builds(lambda a, p: f"fd00:{a:x}::/{p}", st.integers(0, 0xFFFF), st.integers(16, 129))
+IFACE = st.text(alphabet="abcdefghijklmnop0123456789-_.@:;/ ", min_size=0, max_size=18)
+
+
+def _list(item: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.lists(item, max_size=6).map(",".join)
+
+
+VALUE_FOR = {
+    ann.INTERCEPTION_MODE: st.sampled_from(["REDIRECT", "TPROXY", "NONE", "redirect", "", "MAGIC"]),
+    ann.ENVOY_PORT: PORT,
+    ann.ENVOY_USERID: st.integers(-1, 2**32).map(str),
+    ann.ENVOY_GROUPID: st.integers(-1, 2**32).map(str),
+    ann.INCLUDE_INBOUND_PORTS: st.one_of(st.just("*"), _list(PORT)),
+    ann.EXCLUDE_INBOUND_PORTS: _list(PORT),
+    ann.INCLUDE_OUTBOUND_IP_RANGES: st.one_of(st.just("*"), _list(st.one_of(CIDR4, CIDR6))),
+    ann.EXCLUDE_OUTBOUND_IP_RANGES: _list(st.one_of(CIDR4, CIDR6)),
+    ann.INCLUDE_OUTBOUND_PORTS: _list(PORT),
+    ann.EXCLUDE_OUTBOUND_PORTS: _list(PORT),
+    ann.EXCLUDE_INTERFACES: _list(IFACE),
+    ann.REROUTE_VIRTUAL_INTERFACES: _list(IFACE),
+    ann.KUBEVIRT_INTERFACES: _list(IFACE),
+    ann.CAPTURE_DNS: st.sampled_from(["true", "false", "yes", ""]),
+    ann.IPV6: st.sampled_from(["auto", "capture", "block", "on"]),
+}
+ANNOTATIONS = st.dictionaries(
+    st.sampled_from(sorted(SPEC_ANNOTATIONS)),
+    st.one_of(st.text(max_size=40), st.just("")),
+    max_size=4,
+) | st.fixed_dictionaries({}, optional={key: VALUE_FOR[key] for key in sorted(SPEC_ANNOTATIONS)})
+
+
+def _check_with_tools(texts: dict[str, str]) -> list[str]:
+    """Run every checker inside one scratch namespace; return the failures."""
+    failures = []
+    for argv, text in texts.items():
+        done = subprocess.run(argv.split(), input=text, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            failures.append(f"{argv}: {done.stderr.strip()}\n{text}")
+    return failures
+
+
+@pytest.mark.root
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(annotations=ANNOTATIONS, capture_v6=st.booleans())
+def test_any_annotations_are_refused_clearly_or_render_valid_rules(
+    annotations: dict[str, str], capture_v6: bool
+) -> None:
+    try:
+        spec = build_spec(annotations)
+    except SpecError as exc:
+        refused: SpecError | None = exc
+    else:
+        refused = None
+    event("refused" if refused else "accepted")
+    if refused is not None:
+        key = refused.source.removeprefix("annotation ")
+        assert refused.source == f"annotation {key}"
+        assert refused.value == annotations[key]
+        return
+    ruleset = plan.build(spec.with_ipv6(capture_v6))
+    texts: dict[str, str] = {"nft -c -f -": nftables.render(ruleset) if ruleset.families else ""}
+    for family in ruleset.families:
+        tool = "iptables" if family.family == 4 else "ip6tables"
+        for variant in ("legacy", "nft"):
+            texts[f"{tool}-{variant}-restore --test"] = iptables.render(family)
+    failures = netns.run_in_scratch(lambda: _check_with_tools(texts))
+    assert not failures, "\n".join(failures)
