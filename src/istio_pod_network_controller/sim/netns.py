@@ -1,0 +1,59 @@
+"""Named network namespaces (`ip netns add`) that the simulation creates and always deletes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..dataplane.netns import PinnedNetns, run_in
+
+T = TypeVar("T")
+
+
+def ip(*args: str) -> str:
+    """Run `ip ARGS` in the caller's namespace; raise with ip's own message on failure."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+class NamedNetns:
+    """A named namespace (`ip netns add`), pinned by fd for run_in; delete() removes it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        ip("netns", "add", name)
+        try:
+            self.pinned = PinnedNetns.open_path(f"/run/netns/{name}")
+        except BaseException:
+            ip("netns", "del", name)
+            raise
+
+    def run(self, work: Callable[[], T]) -> T:
+        return run_in(self.pinned, work)
+
+    def exec(self, argv: list[str], stdin: str | None = None, timeout: float = 10) -> str:
+        """Run a tool inside the namespace (spawned from a thread that entered it); stdout, or raise."""
+
+        def work() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+            )
+
+        done = self.run(work)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv} in {self.name}: {(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def sysctl(self, key: str, value: str) -> None:
+        def work() -> None:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+
+        self.run(work)
+
+    def delete(self) -> None:
+        self.pinned.close()
+        ip("netns", "del", self.name)
