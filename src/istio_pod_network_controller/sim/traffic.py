@@ -144,7 +144,8 @@ class _Listen:
 class Server:
     """One thread serving every listening socket of a topology; records what each listener received."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_receive: Callable[[Received], None] | None = None) -> None:
+        self._on_receive = on_receive
         self.selector = selectors.DefaultSelector()
         self.received: list[Received] = []
         self._listens: list[_Listen] = []
@@ -153,7 +154,7 @@ class Server:
 
     def add(
         self,
-        ns: NamedNetns,
+        ns: NamedNetns | None,
         label: str,
         port: int,
         proto: str = "tcp",
@@ -187,7 +188,7 @@ class Server:
         for family, host in ((socket.AF_INET, bind4), (socket.AF_INET6, bind6)):
             if host is None:
                 continue
-            sock = ns.run(lambda f=family, h=host: make(f, h))  # type: ignore[misc]
+            sock = make(family, host) if ns is None else ns.run(lambda f=family, h=host: make(f, h))  # type: ignore[misc]
             listen = _Listen(sock, label, proto)
             self._listens.append(listen)
             self.selector.register(sock, selectors.EVENT_READ, listen)
@@ -211,6 +212,8 @@ class Server:
     def _answer(self, listen: _Listen, token: str, source: Any, orig: Any, local: Any) -> bytes:
         entry = Received(listen.label, listen.proto, token, tuple(source[:2]), orig, tuple(local[:2]))
         self.received.append(entry)
+        if self._on_receive is not None:
+            self._on_receive(entry)
         body = {"label": listen.label, "token": token, "orig": orig, "local": list(local[:2])}
         return json.dumps(body).encode() + b"\n"
 

@@ -1,0 +1,200 @@
+"""One simulated Kubernetes node: pods as real network namespaces, real processes, kubelet-style cgroups.
+
+    node netns: bridge br0 10.S.0.254/24  <-veth->  pod netns eth0 10.S.0.N/24   (one per pod)
+
+Each pod's "sandbox" is a `sleep` inside its namespace, placed in the cgroup the kubelet's systemd driver
+would use (`kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope`), so pod discovery finds it by the
+pod UID exactly as on a real node. A hostNetwork pod gets the cgroup but no namespace of its own. Nothing is
+routed to or from the host namespace; everything is removed by close(), also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .netns import NamedNetns, ip
+
+
+def cgroup2_mount() -> Path:
+    """Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts."""
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    raise RuntimeError("no cgroup2 hierarchy is mounted")
+
+
+@dataclass
+class SimPod:
+    name: str
+    namespace: str
+    uid: str
+    ip: str | None
+    netns: NamedNetns | None
+    cgroup: Path
+    container_id: str
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def host_network(self) -> bool:
+        return self.netns is None
+
+
+class SimNode:
+    """Create with a short unique name; use as a context manager so everything is removed at the end."""
+
+    def __init__(self, name: str, subnet: int = 77) -> None:
+        self.name = name
+        self.subnet = subnet
+        self.pods: list[SimPod] = []
+        self._lock = threading.Lock()
+        self._next_host = 1
+        self.cgroup_root = cgroup2_mount() / f"ipnc-{name}"
+        self.node = NamedNetns(f"{name}-node")
+        try:
+            ip("-n", self.node.name, "link", "set", "lo", "up")
+            ip("-n", self.node.name, "link", "add", "br0", "type", "bridge")
+            ip("-n", self.node.name, "addr", "add", f"{self.gateway}/24", "dev", "br0")
+            ip("-n", self.node.name, "link", "set", "br0", "up")
+            self.cgroup_root.mkdir()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def gateway(self) -> str:
+        """The node namespace's own address: an in-simulation "outside" for inbound and outbound traffic."""
+        return f"10.{self.subnet}.0.254"
+
+    def __enter__(self) -> SimNode:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def add_pod(self, name: str, namespace: str, uid: str, *, host_network: bool = False) -> SimPod:
+        """Namespace (unless host_network), cgroup and sandbox process for a pod the API already knows."""
+        with self._lock:
+            number = self._next_host
+            self._next_host += 1
+        slice_name = f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+        container_id = secrets.token_hex(32)
+        cgroup = (
+            self.cgroup_root / "kubepods.slice" / "kubepods-besteffort.slice" / slice_name
+            / f"cri-containerd-{container_id}.scope"
+        )  # fmt: skip
+        cgroup.mkdir(parents=True)
+        netns = None if host_network else NamedNetns(f"{self.name}-p{number}")
+        pod = SimPod(name, namespace, uid, None, netns, cgroup, container_id)
+        self.pods.append(pod)
+        if netns is not None:
+            pod.ip = f"10.{self.subnet}.0.{number}"
+            veth = f"v{self.name[-6:]}{number}"[:15]
+            ip(
+                "-n",
+                netns.name,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                veth,
+                "netns",
+                self.node.name,
+            )
+            ip("-n", self.node.name, "link", "set", veth, "master", "br0", "up")
+            ip("-n", netns.name, "link", "set", "lo", "up")
+            ip("-n", netns.name, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+            ip("-n", netns.name, "link", "set", "eth0", "up")
+        self.spawn(pod, ["sleep", "infinity"])
+        return pod
+
+    def spawn(
+        self,
+        pod: SimPod,
+        argv: Sequence[str],
+        *,
+        uid: int = 0,
+        gid: int = 0,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[str]:
+        """Start a process in the pod's namespace as uid/gid and put it in the pod's cgroup."""
+
+        def start() -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                user=uid,
+                group=gid,
+                extra_groups=[],
+                env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                cwd="/",
+            )
+
+        process = start() if pod.netns is None else pod.netns.run(start)
+        pod.processes.append(process)
+        (pod.cgroup / "cgroup.procs").write_text(str(process.pid))
+        return process
+
+    def remove_pod(self, pod: SimPod) -> None:
+        """Stop the pod's processes and delete its namespace and cgroup (the pod is gone from the node)."""
+        for process in pod.processes:
+            _stop(process)
+        pod.processes.clear()
+        if pod.netns is not None:
+            pod.netns.delete()
+            pod.netns = None
+        _remove_tree(pod.cgroup, stop_at=self.cgroup_root)
+        if pod in self.pods:
+            self.pods.remove(pod)
+
+    def close(self) -> None:
+        for pod in list(self.pods):
+            with contextlib.suppress(Exception):
+                self.remove_pod(pod)
+        with contextlib.suppress(Exception):
+            self.node.delete()
+        if self.cgroup_root.exists():
+            _remove_tree(self.cgroup_root, stop_at=self.cgroup_root.parent)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=3)
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _remove_tree(leaf: Path, *, stop_at: Path) -> None:
+    """rmdir every empty cgroup from the deepest up; a cgroup dir holds no files we could delete."""
+    if leaf.exists():
+        for root, _, _ in sorted(os.walk(leaf), key=lambda entry: -len(entry[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+    parent = leaf.parent
+    while parent != stop_at and parent.is_relative_to(stop_at):
+        try:
+            os.rmdir(parent)
+        except OSError:
+            break
+        parent = parent.parent
