@@ -1,0 +1,133 @@
+"""`wait` and its 2018 name `init`: the mesh pod's first init container (see docs/waiter.md).
+
+Import-light on purpose: click, the stdlib-only spec module and the waiter package, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from .. import annotations as ann
+from ..spec import SETTINGS
+from ..waiter import exitcodes
+from ..waiter.wait import DEFAULT_FILE, Config, run
+
+F = TypeVar("F", bound=Callable[..., Any])
+ENV_PREFIX = "IPNC_"
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def _source(name: str) -> str:
+    return f"--{name.replace('_', '-')} (or {env_name(name)})"
+
+
+EPILOG = (
+    "\b\nExit codes:\n"
+    + exitcodes.describe()
+    + "\n\nThe probe needs the waiter to run as the proxy uid (1337 unless --proxy-uid / envoy-userid say "
+    "otherwise), with no capabilities. Settings: flag, then IPNC_<NAME> environment variable; the pod's "
+    "annotations in --file override both, exactly as in the controller."
+)
+
+
+def _common(delay_default: float) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        options = [
+            click.option(
+                "--file",
+                default=DEFAULT_FILE,
+                show_default=True,
+                envvar=env_name("annotations_file"),
+                show_envvar=True,
+                help="The pod's downward-API annotations file; missing: none.",
+            ),
+            click.option(
+                "--annotation-key",
+                default=ann.STATUS,
+                show_default=True,
+                help="Status annotation written by the controller (secondary signal).",
+            ),
+            click.option(
+                "--annotation-value",
+                default=ann.STATUS_INITIALIZED,
+                show_default=True,
+                help="Value of --annotation-key that means initialized.",
+            ),
+            click.option(
+                "--timeout",
+                type=click.FloatRange(min=0),
+                default=300.0,
+                show_default=True,
+                help="Seconds before giving up (exit 124).",
+            ),
+            click.option(
+                "--delay",
+                type=click.FloatRange(min=0),
+                default=delay_default,
+                show_default=True,
+                help="Seconds between re-reads of the annotations file (the probe retries faster).",
+            ),
+            click.option(
+                "--trust-annotation",
+                is_flag=True,
+                help="Accept the status annotation alone as proof (2018 behaviour; forgeable).",
+            ),
+            click.option(
+                "--require-probe",
+                is_flag=True,
+                help="Fail (exit 5) instead of falling back to the annotation when no probe fits.",
+            ),
+            click.option("-v", "--verbose", is_flag=True, help="Debug lines (first probe timestamp...)."),
+        ]
+        for setting in SETTINGS:
+            flag = "--" + setting.name.replace("_", "-")
+            env = env_name(setting.name)
+            options.append(
+                click.option(
+                    flag, setting.name, envvar=env, show_envvar=True, metavar="TEXT", help=setting.help
+                )
+            )
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _run(ctx: click.Context, params: dict[str, Any]) -> None:
+    defaults = {s.name: params[s.name] for s in SETTINGS if params.get(s.name) is not None}
+    config = Config(
+        file=params["file"],
+        annotation_key=params["annotation_key"],
+        annotation_value=params["annotation_value"],
+        timeout=params["timeout"],
+        delay=params["delay"],
+        trust_annotation=params["trust_annotation"],
+        require_probe=params["require_probe"],
+        verbose=params["verbose"],
+        defaults=defaults,
+        default_source=_source,
+    )
+    ctx.exit(run(config))
+
+
+@click.command(epilog=EPILOG)
+@_common(delay_default=2.0)
+@click.pass_context
+def wait(ctx: click.Context, /, **params: Any) -> None:
+    """Exit 0 once this pod's traffic is really captured (loopback probe), else time out with advice."""
+    _run(ctx, params)
+
+
+@click.command(epilog=EPILOG)
+@_common(delay_default=10.0)
+@click.pass_context
+def init(ctx: click.Context, /, **params: Any) -> None:
+    """2018 name of `wait` (same flags and meanings; --delay defaults to 10 s as it did then)."""
+    _run(ctx, params)

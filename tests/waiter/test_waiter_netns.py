@@ -1,0 +1,296 @@
+"""The waiter as a real init container: its own process in a real netns, uid 1337, no capabilities (root)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from waiter_helpers import apply_rules, capabilities, write_annotations
+
+from conftest import StartWaiter
+from istio_pod_network_controller import annotations as ann
+from istio_pod_network_controller.waiter import exitcodes
+
+pytestmark = pytest.mark.root
+ZERO_CAPS = "0000000000000000"
+FORGED = {ann.STATUS: ann.STATUS_INITIALIZED}
+
+
+def assert_unprivileged(pid: int) -> None:
+    status = capabilities(pid)
+    assert status["Uid"].split() == ["1337"] * 4, status
+    assert status["Gid"].split() == ["1337"] * 4, status
+    assert status["Groups"] == "", status
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert status[key] == ZERO_CAPS, (key, status)
+    assert status["NoNewPrivs"] == "1"
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+def test_times_out_without_rules_unprivileged(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path
+) -> None:
+    waiter = start_waiter(netns_name, ["--file", str(workdir / "absent"), "--timeout", "1.5"])
+    waiter.wait_for_log("probe IPv4: dial 127.0.0.6:15002")
+    assert_unprivileged(waiter.pid)
+    rc = waiter.finish()
+    log = waiter.log()
+    assert rc == exitcodes.TIMEOUT, log
+    assert "ECONNREFUSED" in log
+    assert "timed out after 1.5s" in log
+    assert "kubectl -n istio-pod-network-controller get pods -o wide" in log
+    assert "selection rules" in log and "describe pod" in log
+    assert "last probe" in log
+    assert "is missing: using flag and built-in defaults" in log
+    no_traceback(log)
+
+
+@pytest.mark.parametrize(
+    ("backend", "mode"),
+    [("legacy", "REDIRECT"), ("nftables", "REDIRECT"), ("nft", "TPROXY"), ("legacy", "TPROXY")],
+)
+def test_exits_once_rules_are_applied(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path, backend: str, mode: str
+) -> None:
+    pod = {ann.INTERCEPTION_MODE: mode}
+    path = write_annotations(workdir / "pod_annotations", pod)
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "10"])
+    waiter.wait_for_log("ECONNREFUSED")
+    time.sleep(0.2)
+    assert waiter.proc.poll() is None, waiter.log()
+    assert_unprivileged(waiter.pid)
+    apply_rules(netns_name, pod, backend)
+    applied = time.monotonic()
+    rc = waiter.finish()
+    took = time.monotonic() - applied
+    log = waiter.log()
+    assert rc == exitcodes.CAPTURED, log
+    assert "redirected to 127.0.0.1:15006 (SO_ORIGINAL_DST 127.0.0.6:15002, token round trip ok)" in log
+    assert "traffic capture confirmed" in log
+    assert took < 1.0, (took, log)
+
+
+def test_forged_annotation_is_not_enough(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    path = write_annotations(workdir / "pod_annotations", FORGED)
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "1", "--delay", "0.1"])
+    rc = waiter.finish()
+    log = waiter.log()
+    assert rc == exitcodes.TIMEOUT, log
+    assert "present but not trusted on its own" in log
+    trusted = start_waiter(netns_name, ["--file", str(path), "--timeout", "5", "--trust-annotation"])
+    rc = trusted.finish()
+    assert rc == exitcodes.CAPTURED, trusted.log()
+    assert "(--trust-annotation): done" in trusted.log()
+
+
+def test_custom_port_from_2018_annotation(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    pod = {ann.ENVOY_PORT: "15100"}
+    path = write_annotations(workdir / "pod_annotations", pod)
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "10"])
+    waiter.wait_for_log("expect it at 127.0.0.1:15100")
+    # Rules redirecting to the default port must not satisfy a waiter that expects 15100.
+    apply_rules(netns_name, {}, "legacy")
+    time.sleep(0.5)
+    assert waiter.proc.poll() is None, waiter.log()
+    apply_rules(netns_name, pod, "legacy")
+    rc = waiter.finish()
+    assert rc == exitcodes.CAPTURED, waiter.log()
+    assert "redirected to 127.0.0.1:15100" in waiter.log()
+
+
+def test_custom_ports_from_flags_and_env(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    defaults = {"inbound_port": "15200", "outbound_port": "15201"}
+    apply_rules(netns_name, {}, "nftables", defaults)
+    by_flag = start_waiter(
+        netns_name,
+        [
+            "--file",
+            str(workdir / "absent"),
+            "--timeout",
+            "5",
+            "--inbound-port",
+            "15200",
+            "--outbound-port",
+            "15201",
+        ],
+    )
+    assert by_flag.finish() == exitcodes.CAPTURED, by_flag.log()
+    assert "redirected to 127.0.0.1:15200" in by_flag.log()
+    by_env = start_waiter(
+        netns_name, ["--file", str(workdir / "absent"), "--timeout", "5"], env={"IPNC_INBOUND_PORT": "15200"}
+    )
+    assert by_env.finish() == exitcodes.CAPTURED, by_env.log()
+    assert "redirected to 127.0.0.1:15200" in by_env.log()
+
+
+def _ipv6_only(ns: str) -> None:
+    """A veth pair inside the netns holds the pod's only non-loopback address: a global IPv6 one."""
+
+    def ip(*argv: str) -> None:
+        subprocess.run(["ip", "-n", ns, *argv], check=True, capture_output=True)
+
+    ip("link", "add", "a0", "type", "veth", "peer", "name", "a1")
+    ip("link", "set", "a0", "up")
+    ip("link", "set", "a1", "up")
+    ip("-6", "addr", "add", "2001:db8:1::2/64", "dev", "a0", "nodad")
+
+
+@pytest.mark.parametrize("policy", ["capture", "auto"])
+def test_ipv6_only_pod(netns_name: str, start_waiter: StartWaiter, workdir: Path, policy: str) -> None:
+    _ipv6_only(netns_name)
+    pod = {ann.IPV6: policy}
+    path = write_annotations(workdir / "pod_annotations", pod)
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "10"])
+    waiter.wait_for_log("probe: IPv6: dial [::6]:15002 from ::1")
+    waiter.wait_for_log("::6 is not on lo yet")
+    # IPv4 capture alone (IPv6 blocked, no ::6) proves nothing about IPv6: keep waiting.
+    apply_rules(netns_name, {ann.IPV6: "block"}, "legacy")
+    waiter.wait_for_log("IPv4: 127.0.0.1 -> 127.0.0.6:15002 was redirected")
+    time.sleep(0.4)
+    assert waiter.proc.poll() is None, waiter.log()
+    apply_rules(netns_name, pod, "legacy")
+    rc = waiter.finish()
+    log = waiter.log()
+    assert rc == exitcodes.CAPTURED, log
+    assert "IPv6: ::1 -> [::6]:15002 was redirected to [::1]:15006 (SO_ORIGINAL_DST [::6]:15002" in log
+
+
+def test_inbound_only_capture_is_probed(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    pod = {ann.INCLUDE_OUTBOUND_IP_RANGES: ""}
+    path = write_annotations(workdir / "pod_annotations", pod)
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "10"])
+    waiter.wait_for_log("ECONNREFUSED")
+    apply_rules(netns_name, pod, "nftables")
+    assert waiter.finish() == exitcodes.CAPTURED, waiter.log()
+
+
+def test_outbound_only_falls_back_to_annotation(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path
+) -> None:
+    pod = {ann.INCLUDE_INBOUND_PORTS: ""}
+    apply_rules(netns_name, pod, "legacy")
+    path = write_annotations(workdir / "pod_annotations", pod)
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "1", "--delay", "0.2"])
+    assert waiter.finish() == exitcodes.TIMEOUT, waiter.log()
+    log = waiter.log()
+    assert "no probe can prove capture for this pod: inbound capture is off" in log
+    assert "falling back to the annotation pod-network-controller.istio.io/status='initialized'" in log
+
+    strict = start_waiter(netns_name, ["--file", str(path), "--timeout", "1", "--require-probe"])
+    assert strict.finish() == exitcodes.PROBE_UNAVAILABLE, strict.log()
+
+    # The controller marks the pod; the kubelet refreshes the file while the waiter runs.
+    late = start_waiter(netns_name, ["--file", str(path), "--timeout", "10", "--delay", "0.2"])
+    late.wait_for_log("falling back")
+    write_annotations(path, {**pod, **FORGED})
+    assert late.finish() == exitcodes.CAPTURED, late.log()
+    assert "(no probe applies): done" in late.log()
+
+
+def test_non_proxy_uid_says_why_and_falls_back(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path
+) -> None:
+    apply_rules(netns_name, {}, "legacy")
+    waiter = start_waiter(netns_name, ["--file", str(workdir / "absent"), "--timeout", "0.5"], uid=1000)
+    assert waiter.finish() == exitcodes.TIMEOUT, waiter.log()
+    assert "runs as uid 1000, not the proxy uid 1337" in waiter.log()
+
+
+def test_capture_port_in_use_is_reported(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    apply_rules(netns_name, {}, "legacy")
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", netns_name, "/usr/bin/python3", "-c",
+         "import socket,time;s=socket.socket();s.bind(('127.0.0.1',15006));s.listen();print('ok',flush=True);"
+         "time.sleep(30)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"ok"
+        waiter = start_waiter(netns_name, ["--file", str(workdir / "absent"), "--timeout", "0.8"])
+        assert waiter.finish() == exitcodes.TIMEOUT, waiter.log()
+        assert "cannot listen on 127.0.0.1:15006: EADDRINUSE" in waiter.log()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_bad_file_and_bad_annotation(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    garbage = workdir / "garbage"
+    garbage.write_bytes(b"this is not an annotations file\n")
+    garbage.chmod(0o644)
+    waiter = start_waiter(netns_name, ["--file", str(garbage), "--timeout", "5"])
+    assert waiter.finish() == exitcodes.BAD_FILE, waiter.log()
+    assert "expected key=" in waiter.log()
+    no_traceback(waiter.log())
+
+    secret = workdir / "secret"
+    secret.write_text(f'{ann.STATUS}="initialized"\n')
+    secret.chmod(0o600)
+    waiter = start_waiter(netns_name, ["--file", str(secret), "--timeout", "5"])
+    assert waiter.finish() == exitcodes.BAD_FILE, waiter.log()
+    assert "Permission denied" in waiter.log()
+    no_traceback(waiter.log())
+
+    bad = write_annotations(workdir / "bad", {ann.INTERCEPTION_MODE: "SIDEWAYS"})
+    waiter = start_waiter(netns_name, ["--file", str(bad), "--timeout", "5"])
+    assert waiter.finish() == exitcodes.BAD_ANNOTATION, waiter.log()
+    assert f"annotation {ann.INTERCEPTION_MODE}: invalid value 'SIDEWAYS'" in waiter.log()
+    no_traceback(waiter.log())
+
+    flag = start_waiter(netns_name, ["--file", str(bad), "--inbound-port", "99999"])
+    assert flag.finish() == exitcodes.USAGE, flag.log()
+    assert "--inbound-port (or IPNC_INBOUND_PORT): invalid value '99999'" in flag.log()
+    no_traceback(flag.log())
+
+
+def test_init_accepts_2018_flags(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    path = write_annotations(workdir / "pod_annotations", {"example.com/state": "ready"})
+    args = [
+        "--file", str(path), "--annotation-key", "example.com/state", "--annotation-value", "ready",
+        "--timeout", "1", "--delay", "10",
+    ]  # fmt: skip
+    waiter = start_waiter(netns_name, args, command="init")
+    assert waiter.finish() == exitcodes.TIMEOUT, waiter.log()  # annotation alone: not trusted
+    assert "example.com/state='ready' present but not trusted" in waiter.log()
+    apply_rules(netns_name, {}, "legacy")
+    waiter = start_waiter(netns_name, args, command="init")
+    assert waiter.finish() == exitcodes.CAPTURED, waiter.log()
+    trusted = start_waiter(netns_name, [*args, "--trust-annotation"], command="init")
+    assert trusted.finish() == exitcodes.CAPTURED, trusted.log()
+    unknown = start_waiter(netns_name, ["--no-such-flag"], command="init")
+    assert unknown.finish() == exitcodes.USAGE
+    no_traceback(unknown.log())
+
+
+def test_probe_never_leaves_the_netns(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    """Without rules the IPv6 probe does not dial ::6 at all, and the IPv4 one stays on lo (127/8)."""
+    _ipv6_only(netns_name)
+    path = write_annotations(workdir / "pod_annotations", {ann.IPV6: "capture"})
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "0.6"])
+    assert waiter.finish() == exitcodes.TIMEOUT
+    stats = subprocess.run(
+        ["ip", "-n", netns_name, "-s", "-j", "link", "show", "a0"], capture_output=True, text=True, check=True
+    ).stdout
+    tx = json.loads(stats)[0]["stats64"]["tx"]["packets"]
+    # Router/neighbour solicitations may go out when a0 comes up; a probe would add TCP SYNs every attempt.
+    assert tx < 10, stats
+
+
+def test_tproxy_waits_for_policy_routing(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    """The controller adds `fwmark 1337 lookup 133` and its local route after the packet rules."""
+    pod = {ann.INTERCEPTION_MODE: "TPROXY"}
+    apply_rules(netns_name, pod, "nftables")
+    subprocess.run(["ip", "-n", netns_name, "rule", "del", "fwmark", "1337", "lookup", "133"], check=True)
+    path = write_annotations(workdir / "pod_annotations", pod)
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "10"])
+    waiter.wait_for_log("TPROXY's policy rule 'fwmark 1337 lookup 133' is missing")
+    time.sleep(0.3)
+    assert waiter.proc.poll() is None, waiter.log()
+    subprocess.run(["ip", "-n", netns_name, "rule", "add", "fwmark", "1337", "lookup", "133"], check=True)
+    assert waiter.finish() == exitcodes.CAPTURED, waiter.log()

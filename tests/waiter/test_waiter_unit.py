@@ -1,0 +1,299 @@
+"""The waiter's pure parts: probe choice, backoff, file and spec errors, the loop with fakes."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from istio_pod_network_controller import annotations as ann
+from istio_pod_network_controller.cli import cli
+from istio_pod_network_controller.spec import build_spec
+from istio_pod_network_controller.waiter import exitcodes
+from istio_pod_network_controller.waiter.probe import Outcome, has_global_ipv6, has_passthrough_v6
+from istio_pod_network_controller.waiter.probeplan import ProbePlan, plan_probe
+from istio_pod_network_controller.waiter.wait import (
+    MAX_INTERVAL,
+    Config,
+    Failure,
+    Waiter,
+    next_interval,
+    read_file,
+    resolve_spec,
+)
+
+PROXY = 1337
+
+
+# --- which probe -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pod", "global_v6", "families"),
+    [
+        ({}, False, (4,)),
+        ({}, True, (4, 6)),
+        ({ann.IPV6: "capture"}, False, (4, 6)),
+        ({ann.IPV6: "block"}, True, (4,)),
+        ({ann.INTERCEPTION_MODE: "TPROXY"}, False, (4,)),
+        ({ann.INCLUDE_OUTBOUND_IP_RANGES: ""}, False, (4,)),
+        ({ann.INCLUDE_INBOUND_PORTS: "8080,9090"}, False, (4,)),
+    ],
+)
+def test_probe_applies(pod: dict[str, str], global_v6: bool, families: tuple[int, ...]) -> None:
+    plan = plan_probe(build_spec(pod), PROXY, global_v6)
+    assert plan.families == families
+    assert (plan.inbound_port, plan.outbound_port, plan.target_port) == (15006, 15001, 15002)
+
+
+@pytest.mark.parametrize(
+    ("pod", "euid", "reason"),
+    [
+        ({ann.INTERCEPTION_MODE: "NONE"}, PROXY, "interceptionMode is NONE"),
+        ({ann.INCLUDE_INBOUND_PORTS: ""}, PROXY, "inbound capture is off"),
+        ({}, 1000, "runs as uid 1000, not the proxy uid 1337"),
+        ({ann.ENVOY_USERID: "2000"}, PROXY, "runs as uid 1337, not the proxy uid 2000"),
+        ({ann.EXCLUDE_INTERFACES: "eth0,lo"}, PROXY, "excludeInterfaces contains lo"),
+    ],
+)
+def test_no_probe_applies(pod: dict[str, str], euid: int, reason: str) -> None:
+    plan = plan_probe(build_spec(pod), euid, True)
+    assert plan.families == ()
+    assert reason in plan.reason
+
+
+def test_probe_follows_ports_and_uid() -> None:
+    plan = plan_probe(build_spec({ann.ENVOY_PORT: "15100", ann.ENVOY_USERID: "2000"}), 2000, False)
+    assert (plan.families, plan.inbound_port, plan.outbound_port) == ((4,), 15100, 15100)
+    excluded = plan_probe(build_spec({ann.EXCLUDE_OUTBOUND_PORTS: "15002,15003"}), PROXY, False)
+    assert excluded.target_port == 15004
+    flags = plan_probe(build_spec({}, {"inbound_port": "15200"}), PROXY, False)
+    assert flags.inbound_port == 15200
+
+
+def test_if_inet6_parsing() -> None:
+    rows = [
+        ["00000000000000000000000000000001", "01", "80", "10", "80", "lo"],
+        ["00000000000000000000000000000006", "01", "80", "10", "80", "lo"],
+        ["fe800000000000000000000000000001", "02", "40", "20", "80", "a0"],
+    ]
+    assert not has_global_ipv6(rows)
+    assert has_passthrough_v6(rows)
+    rows.append(["20010db8000100000000000000000002", "02", "40", "00", "80", "a0"])
+    assert has_global_ipv6(rows)
+    assert not has_passthrough_v6(rows[:1])
+
+
+# --- timing ------------------------------------------------------------------------------------------------
+
+
+def test_backoff_starts_fast_and_is_capped() -> None:
+    assert next_interval(0.0) <= 0.020
+    waits = [next_interval(t / 100) for t in range(0, 10_000)]
+    assert waits == sorted(waits)
+    assert max(waits) == MAX_INTERVAL <= 0.5
+
+
+# --- file and spec errors ----------------------------------------------------------------------------------
+
+
+def test_read_file(tmp_path: Path) -> None:
+    missing = read_file(str(tmp_path / "absent"))
+    assert (missing.present, missing.annotations) == (False, {})
+    good = tmp_path / "good"
+    good.write_text(f'{ann.STATUS}="initialized"\n')
+    assert read_file(str(good)).annotations == {ann.STATUS: "initialized"}
+    for content, expected in ((b"garbage\n", "expected key="), (b'a="\xff"\n', "not UTF-8")):
+        bad = tmp_path / "bad"
+        bad.write_bytes(content)
+        with pytest.raises(Failure) as caught:
+            read_file(str(bad))
+        assert caught.value.code == exitcodes.BAD_FILE and expected in caught.value.message
+    with pytest.raises(Failure) as caught:
+        read_file(str(tmp_path))
+    assert caught.value.code == exitcodes.BAD_FILE and "Is a directory" in caught.value.message
+
+
+def test_resolve_spec_errors() -> None:
+    with pytest.raises(Failure) as caught:
+        resolve_spec(Config(defaults={"inbound_port": "0"}), {})
+    assert caught.value.code == exitcodes.USAGE and "--inbound-port" in caught.value.message
+    with pytest.raises(Failure) as caught:
+        resolve_spec(Config(), {ann.INCLUDE_INBOUND_PORTS: "http"})
+    assert caught.value.code == exitcodes.BAD_ANNOTATION
+    assert f"annotation {ann.INCLUDE_INBOUND_PORTS}: invalid value 'http'" in caught.value.message
+
+
+def test_exit_codes_are_distinct() -> None:
+    codes = [code for code, _ in exitcodes.TABLE]
+    assert len(codes) == len(set(codes))
+
+
+# --- the loop with fakes -----------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeProbe:
+    def __init__(self, label: str, succeed_at: int | None) -> None:
+        self.label = label
+        self.succeed_at = succeed_at
+        self.attempts = 0
+        self.closed = False
+
+    def describe(self) -> str:
+        return f"{self.label}: fake"
+
+    def attempt(self) -> Outcome:
+        self.attempts += 1
+        if self.succeed_at is not None and self.attempts >= self.succeed_at:
+            return Outcome(True, f"{self.label} captured", f"{self.label}: captured")
+        return Outcome(False, f"{self.label} refused", f"{self.label}: refused #{self.attempts}")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_waiter(
+    tmp_path: Path,
+    annotations: dict[str, str] | None,
+    probes: dict[int, FakeProbe],
+    *,
+    euid: int = PROXY,
+    **config: object,
+) -> tuple[Waiter, FakeClock, io.StringIO]:
+    path = tmp_path / "pod_annotations"
+    if annotations is not None:
+        path.write_text("".join(f'{k}="{v}"\n' for k, v in annotations.items()))
+    clock = FakeClock()
+    err = io.StringIO()
+    waiter = Waiter(
+        Config(file=str(path), **config),  # type: ignore[arg-type]
+        err=err,
+        clock=clock,
+        sleep=clock.sleep,
+        euid=euid,
+        global_ipv6=lambda: False,
+        make_probe=lambda family, _plan: probes[family],
+    )
+    return waiter, clock, err
+
+
+def test_captured_after_a_few_attempts_logs_state_changes_only(tmp_path: Path) -> None:
+    probe = FakeProbe("IPv4", succeed_at=30)
+    waiter, clock, err = make_waiter(tmp_path, {}, {4: probe}, timeout=60.0)
+    assert waiter.run() == exitcodes.CAPTURED
+    assert probe.attempts == 30 and probe.closed
+    lines = err.getvalue().splitlines()
+    assert sum("refused" in line for line in lines) == 1, lines
+    assert clock.sleeps[0] <= 0.020 and max(clock.sleeps) <= 0.5
+
+
+def test_timeout_message(tmp_path: Path) -> None:
+    probe = FakeProbe("IPv4", succeed_at=None)
+    waiter, clock, err = make_waiter(tmp_path, None, {4: probe}, timeout=30.0)
+    assert waiter.run() == exitcodes.TIMEOUT
+    assert clock.now - 100.0 == pytest.approx(30.0)
+    text = err.getvalue()
+    assert f"last probe ({probe.attempts} attempts): IPv4: refused #{probe.attempts}" in text
+    assert "kubectl -n istio-pod-network-controller get pods -o wide" in text
+    assert "is missing" in text
+    assert 60 < probe.attempts < 150  # fast start, then 2 per second
+
+
+def test_forged_annotation_needs_trust(tmp_path: Path) -> None:
+    forged = {ann.STATUS: ann.STATUS_INITIALIZED}
+    waiter, _, err = make_waiter(tmp_path, forged, {4: FakeProbe("IPv4", None)}, timeout=5.0)
+    assert waiter.run() == exitcodes.TIMEOUT
+    assert "not trusted on its own" in err.getvalue()
+    trusted, _, _ = make_waiter(tmp_path, forged, {4: FakeProbe("IPv4", None)}, trust_annotation=True)
+    assert trusted.run() == exitcodes.CAPTURED
+
+
+def test_no_probe_falls_back_or_refuses(tmp_path: Path) -> None:
+    pod = {ann.INCLUDE_INBOUND_PORTS: ""}
+    waiter, clock, err = make_waiter(tmp_path, pod, {}, timeout=5.0, delay=1.0)
+    assert waiter.run() == exitcodes.TIMEOUT
+    assert "no probe can prove capture" in err.getvalue()
+    assert all(s >= 0.01 for s in clock.sleeps) and len(clock.sleeps) <= 10  # paced by --delay
+    marked, _, _ = make_waiter(tmp_path, {**pod, ann.STATUS: "initialized"}, {})
+    assert marked.run() == exitcodes.CAPTURED
+    strict, _, _ = make_waiter(tmp_path, pod, {}, require_probe=True)
+    with pytest.raises(Failure) as caught:
+        strict.run()
+    assert caught.value.code == exitcodes.PROBE_UNAVAILABLE
+
+
+def test_both_families_must_be_proven(tmp_path: Path) -> None:
+    v4, v6 = FakeProbe("IPv4", 1), FakeProbe("IPv6", 5)
+    waiter, _, _ = make_waiter(tmp_path, {ann.IPV6: "capture"}, {4: v4, 6: v6})
+    assert waiter.run() == exitcodes.CAPTURED
+    assert (v4.attempts, v6.attempts) == (1, 5)
+
+
+def test_plan_type() -> None:
+    assert ProbePlan((), 1, 2, 3).reason == ""
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_exit_codes() -> None:
+    result = CliRunner().invoke(cli, ["wait", "--help"])
+    assert result.exit_code == 0
+    assert " 124  capture not confirmed before --timeout" in result.output
+    from istio_pod_network_controller.cli import wait as wait_cli
+
+    def delay(command: click.Command) -> object:
+        return next(p.default for p in command.params if p.name == "delay")
+
+    assert (delay(wait_cli.init), delay(wait_cli.wait)) == (10.0, 2.0)
+
+
+def test_bad_flags_are_usage_errors() -> None:
+    assert CliRunner().invoke(cli, ["wait", "--timeout", "soon"]).exit_code == exitcodes.USAGE
+    assert CliRunner().invoke(cli, ["init", "--bogus"]).exit_code == exitcodes.USAGE
+
+
+def test_waiter_path_imports_stay_light(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from istio_pod_network_controller.cli import main\n"
+        "try:\n"
+        f"    main(['wait', '--file', {str(tmp_path / 'absent')!r}, '--timeout', '0'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('istio_pod_network_controller.rules', 'istio_pod_network_controller.dataplane',\n"
+        "         'istio_pod_network_controller.localapi', 'lightkube', 'aiohttp', 'prometheus_client',\n"
+        "         'rich', 'yaml', 'asyncio', 'ctypes')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=dict(os.environ)
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_tproxy_constants_match_the_rules() -> None:
+    from istio_pod_network_controller.rules import plan
+    from istio_pod_network_controller.waiter import routing
+
+    assert (routing.TPROXY_MARK, routing.TPROXY_ROUTE_TABLE) == (plan.TPROXY_MARK, plan.TPROXY_ROUTE_TABLE)
+    assert plan_probe(build_spec({ann.INTERCEPTION_MODE: "TPROXY"}), PROXY, False).tproxy

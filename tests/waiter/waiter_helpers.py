@@ -1,0 +1,125 @@
+"""Helpers for the waiter tests: a runtime other uids can read, a waiter started like a real init container.
+
+The waiter runs inside a test netns as uid/gid 1337 with an empty capability set (setpriv), using Debian's
+world-readable /usr/bin/python3 and a copy of the package and click in a 0755 temp dir: the venv's pyenv
+python under /root and the clone itself may be unreadable for uid 1337.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import click
+
+import istio_pod_network_controller
+from istio_pod_network_controller.dataplane.apply import apply as dp_apply
+from istio_pod_network_controller.dataplane.netns import PinnedNetns
+from istio_pod_network_controller.spec import build_spec
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+PROXY = 1337
+
+
+def make_readable(base: Path) -> None:
+    """Directories 0755, files 0644: the waiter runs as uid 1337 and must read (never write) all of it."""
+    os.chmod(base, 0o755)  # noqa: S103 - world-readable on purpose
+    for root, dirs, files in os.walk(base):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)  # noqa: S103
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+
+
+def build_runtime() -> Path:
+    """A 0755 dir holding the package and click, byte-compiled, for /usr/bin/python3 under any uid."""
+    base = Path(tempfile.mkdtemp(prefix="ipnc-waiter-rt-"))
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    package = Path(istio_pod_network_controller.__file__).parent
+    shutil.copytree(package, base / "istio_pod_network_controller", ignore=skip)
+    shutil.copytree(Path(click.__file__).parent, base / "click", ignore=skip)
+    subprocess.run([SYSTEM_PYTHON, "-m", "compileall", "-q", str(base)], check=True, capture_output=True)
+    make_readable(base)
+    return base
+
+
+def write_annotations(path: Path, annotations: Mapping[str, str]) -> Path:
+    path.write_text("".join(f'{k}="{v}"\n' for k, v in annotations.items()))
+    os.chmod(path, 0o644)
+    return path
+
+
+@dataclass
+class Waiter:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_handle: IO[bytes]
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        raise AssertionError(f"{text!r} not logged; rc={self.proc.poll()} log:\n{self.log()}")
+
+    def finish(self, timeout: float = 10.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_handle.close()
+
+
+def waiter_argv(
+    ns: str, args: list[str], *, uid: int = PROXY, gid: int = PROXY, command: str = "wait"
+) -> list[str]:
+    return [
+        "ip", "netns", "exec", ns,
+        "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+        "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+        SYSTEM_PYTHON, "-m", "istio_pod_network_controller", command, *args,
+    ]  # fmt: skip
+
+
+def apply_rules(
+    ns: str,
+    annotations: Mapping[str, str] | None = None,
+    backend: str = "legacy",
+    defaults: Mapping[str, str] | None = None,
+) -> None:
+    spec = build_spec(annotations or {}, defaults or {})
+    with PinnedNetns.open_path(f"/run/netns/{ns}") as pinned:
+        dp_apply(pinned, spec, backend)  # type: ignore[arg-type]
+
+
+def capabilities(pid: int) -> dict[str, str]:
+    """Uid, Gid, Groups and every Cap* line of /proc/<pid>/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Cap") or key in {"Uid", "Gid", "Groups", "NoNewPrivs"}:
+            fields[key] = value.strip()
+    return fields
