@@ -1,0 +1,84 @@
+"""ControllerConfig: everything `run` was told by flags and environment, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..dataplane.apply import BackendChoice
+from ..spec import SETTINGS_BY_NAME, build_spec
+from .selection import SelectionOptions
+
+LEGACY_SPEC_FLAGS: dict[str, str] = {
+    "--istio-inbound-interception-mode": "interception_mode",
+    "--istio-include-outbound-ip-ranges": "include_outbound_ip_ranges",
+    "--istio-exclude-outbound-ip-ranges": "exclude_outbound_ip_ranges",
+    "--istio-exclude-inbound-ports": "exclude_inbound_ports",
+}
+"""2018 flag -> spec setting; the modern flag for the same setting wins when both are given."""
+
+IGNORED_LEGACY_FLAGS = ("--container-runtime", "--crio-socket", "--runc-root")
+
+
+class ConfigError(ValueError):
+    """A flag or environment value that stops the controller from starting."""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchTuning:
+    """Server-side watch timeout (jittered), the inactivity watchdog and the relist jitter."""
+
+    timeout: float = 300.0
+    jitter: float = 0.2
+    inactivity: float = 120.0
+    relist_jitter: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    node_name: str
+    kubeconfig: str | None = None
+    proc_root: str = "/proc"
+    backend: BackendChoice = "auto"
+    listen_host: str = "0.0.0.0"  # noqa: S104 - the metrics port is scraped from outside the pod
+    listen_port: int = 9102
+    concurrency: int = 2
+    repair_interval: float = 60.0
+    netns_deadline: float = 120.0
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    spec_defaults: Mapping[str, str] = field(default_factory=dict)
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_grace: float = 25.0
+    watch: WatchTuning = field(default_factory=WatchTuning)
+
+
+def default_concurrency() -> int:
+    return max(2, 2 * (os.cpu_count() or 1))
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """host:port or [v6]:port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen-address: invalid value {address!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
+
+
+def spec_defaults(modern: Mapping[str, str | None], legacy: Mapping[str, str | None]) -> dict[str, str]:
+    """Merge modern settings (by setting name) over 2018 ones (by 2018 flag), dropping unset values."""
+    merged: dict[str, str] = {}
+    for flag, value in legacy.items():
+        if value is not None:
+            merged[LEGACY_SPEC_FLAGS[flag]] = value
+    merged.update({name: value for name, value in modern.items() if value is not None})
+    unknown = set(merged) - set(SETTINGS_BY_NAME)
+    if unknown:
+        raise ConfigError(f"unknown spec settings {sorted(unknown)}")
+    return merged
+
+
+def check_spec_defaults(defaults: Mapping[str, str], flag_of: Mapping[str, str]) -> None:
+    """Parse the defaults once now, so a bad flag stops start-up instead of failing every pod."""
+    build_spec({}, defaults, default_source=lambda name: flag_of.get(name, name))

@@ -1,0 +1,111 @@
+"""core/v1 Events about pods, and the dedupe that keeps a crash-looping condition from flooding the API.
+
+A Warning is emitted once per (pod UID, reason, message): repeating the identical warning says nothing new
+and every copy is an API write. Normal events mark one-off transitions and are always sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from .cache import Obj
+
+COMPONENT: Final = "istio-pod-network-controller"
+NORMAL: Final = "Normal"
+WARNING: Final = "Warning"
+
+# Reasons
+INITIALIZED: Final = "Initialized"
+REPAIRED: Final = "Repaired"
+RECONFIGURED: Final = "Reconfigured"
+INVALID_CONFIG: Final = "InvalidInterceptionConfig"
+HOST_NETWORK_SKIPPED: Final = "HostNetworkSkipped"
+NETNS_NOT_FOUND: Final = "NetworkNamespaceNotFound"
+APPLY_FAILED: Final = "InterceptionFailed"
+
+log = logging.getLogger(__name__)
+_seq = itertools.count()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_event(pod: Obj, event_type: str, reason: str, message: str, node: str) -> dict[str, Any]:
+    """A core/v1 Event whose involvedObject pins the pod by uid and resourceVersion."""
+    meta = pod["metadata"]
+    stamp = _now()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "name": f"{meta['name']}.{time.time_ns():x}{next(_seq) % 1000:03d}",
+            "namespace": meta["namespace"],
+        },
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "resourceVersion": meta.get("resourceVersion", ""),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": event_type,
+        "source": {"component": COMPONENT, "host": node},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": node,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+
+
+class EventRecorder:
+    """Sends Events in the background (a reconcile never waits on one) with Warning dedupe."""
+
+    def __init__(self, node: str, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self.node = node
+        self._send = send
+        self._warned: dict[str, set[tuple[str, str]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def record(self, pod: Obj, event_type: str, reason: str, message: str) -> bool:
+        """Queue one Event; False when it is a Warning already sent for this pod."""
+        uid = pod["metadata"]["uid"]
+        if event_type == WARNING:
+            seen = self._warned.setdefault(uid, set())
+            if (reason, message) in seen:
+                return False
+            seen.add((reason, message))
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(build_event(pod, event_type, reason, message, self.node))
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _deliver(self, event: dict[str, Any]) -> None:
+        try:
+            await self._send(event)
+        except Exception as exc:  # an Event is best effort; the pod's state is the truth
+            log.warning(
+                "event %s not recorded: %s",
+                event["reason"],
+                exc,
+                extra={"namespace": event["metadata"]["namespace"], "pod": event["involvedObject"]["name"]},
+            )
+
+    def forget(self, uid: str) -> None:
+        self._warned.pop(uid, None)
+
+    async def flush(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)

@@ -1,0 +1,256 @@
+"""The controller process: informers feed caches and the work queue, workers reconcile, a timer repairs.
+
+Start-up lists namespaces and this node's pods and reconciles every pod once before /readyz turns green,
+which covers pods created while the controller was down. SIGTERM stops the intake, lets in-flight pods
+finish (bounded by the grace period) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .. import annotations as ann
+from . import events as ev
+from .cache import NamespaceCache, Obj, PodCache, pod_key
+from .config import ControllerConfig
+from .kube import Informer, KubeClient, load_config
+from .logs import pod_extra
+from .metrics import Metrics, StatusServer
+from .queue import QueueShutDown, WorkQueue
+from .reconcile import VERIFY, Reconciler
+
+log = logging.getLogger(__name__)
+HEARTBEAT = 1.0
+STALL_LIMIT = 30.0
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, flag_of: dict[str, str]) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.pods = PodCache()
+        self.namespaces = NamespaceCache()
+        self.queue = WorkQueue()
+        self.executor = ThreadPoolExecutor(max_workers=config.concurrency + 1, thread_name_prefix="dataplane")
+        self.kube = KubeClient(load_config(config.kubeconfig), self.metrics)
+        self.recorder = ev.EventRecorder(config.node_name, self.kube.create_event)
+        self.reconciler = Reconciler(
+            config,
+            self.pods,
+            self.namespaces,
+            self.kube,
+            self.recorder,
+            self.metrics,
+            self.executor,
+            lambda name: flag_of.get(name, name),
+        )
+        self.pod_informer = Informer(
+            "pods",
+            self.kube,
+            "/api/v1/pods",
+            {"fieldSelector": f"spec.nodeName={config.node_name}"},
+            self._pods_listed,
+            self._pod_event,
+            self.metrics,
+            config.watch,
+        )
+        self.ns_informer = Informer(
+            "namespaces",
+            self.kube,
+            "/api/v1/namespaces",
+            {},
+            self._namespaces_listed,
+            self._namespace_event,
+            self.metrics,
+            config.watch,
+        )
+        self.initial: set[str] | None = None
+        self.ready = False
+        self.beat = time.monotonic()
+        self.in_flight = 0
+        self.last_progress = time.monotonic()
+        self.stopping = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    # -- cache feeds ---------------------------------------------------------------------------------------
+
+    def _enqueue(self, uid: str, *flags: str) -> None:
+        self.reconciler.observe(uid)
+        self.queue.add(uid, *flags)
+
+    def _pods_listed(self, items: list[Obj]) -> None:
+        changed, gone = self.pods.replace(items)
+        for pod in gone:
+            self._pod_gone(pod_key(pod))
+        if self.initial is None:
+            self.initial = set(changed)
+        for uid in changed:
+            self._enqueue(uid)
+        self.metrics.pods_cached.set(len(self.pods))
+        log.info(
+            "pods on node %s listed: %d (%d changed, %d gone)",
+            self.config.node_name,
+            len(self.pods),
+            len(changed),
+            len(gone),
+        )
+
+    def _pod_event(self, kind: str, pod: Obj) -> None:
+        if kind == "DELETED":
+            if self.pods.remove(pod) is not None:
+                self._pod_gone(pod_key(pod))
+        else:
+            uid, changed = self.pods.upsert(pod)
+            if changed:
+                self._enqueue(uid)
+        self.metrics.pods_cached.set(len(self.pods))
+
+    def _pod_gone(self, uid: str) -> None:
+        self.queue.forget(uid)
+        self.reconciler.forget(uid)
+        if self.initial is not None:
+            self.initial.discard(uid)
+
+    def _namespaces_listed(self, items: list[Obj]) -> None:
+        changed, gone = self.namespaces.replace(items)
+        for name in changed + [ns["metadata"]["name"] for ns in gone]:
+            self._namespace_changed(name)
+
+    def _namespace_event(self, kind: str, ns: Obj) -> None:
+        name = ns["metadata"]["name"]
+        if kind == "DELETED":
+            self.namespaces.remove(name)
+        elif not self.namespaces.upsert(ns)[1]:
+            return
+        self._namespace_changed(name)
+
+    def _namespace_changed(self, name: str) -> None:
+        """A namespace's annotations can select its pods (2018 rule): look at them again."""
+        for uid in self.pods.in_namespace(name):
+            self._enqueue(uid)
+
+    # -- work ----------------------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                uid, flags = await self.queue.get()
+            except QueueShutDown:
+                return
+            self.in_flight += 1
+            try:
+                delay = await self.reconciler.reconcile(uid, flags)
+            except Exception:
+                pod = self.pods.get(uid)
+                log.exception("reconcile failed", extra=pod_extra(pod) if pod else {"pod": uid})
+                self.metrics.failed.labels("internal").inc()
+                delay = 5.0
+            finally:
+                self.in_flight -= 1
+                self.last_progress = time.monotonic()
+                self.queue.done(uid)
+            if delay is not None:
+                self.queue.add_after(uid, delay)
+            if self.initial is not None:
+                self.initial.discard(uid)
+            self.metrics.queue_depth.set(self.queue.depth)
+
+    async def _repair_loop(self) -> None:
+        """Verify every pod this node marked, every repair interval (jittered); drift is re-applied."""
+        interval = self.config.repair_interval
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311
+            marked = [
+                uid
+                for uid, pod in self.pods.objects.items()
+                if (pod["metadata"].get("annotations") or {}).get(ann.STATUS) == ann.STATUS_INITIALIZED
+                and self.reconciler.decide(pod).selected
+            ]
+            log.debug("drift check of %d pods", len(marked))
+            for uid in marked:
+                self.queue.add(uid, VERIFY)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.beat = time.monotonic()
+            self.metrics.queue_depth.set(self.queue.depth)
+            if not self.ready and self._initial_sync_done():
+                self.ready = True
+                self.metrics.ready.set(1)
+                log.info("initial sync done: %d pods on node %s", len(self.pods), self.config.node_name)
+            await asyncio.sleep(HEARTBEAT if self.ready else 0.05)
+
+    def _initial_sync_done(self) -> bool:
+        return (
+            self.pod_informer.synced.is_set()
+            and self.ns_informer.synced.is_set()
+            and self.initial is not None
+            and not self.initial
+        )
+
+    def healthy(self) -> bool:
+        now = time.monotonic()
+        if now - self.beat > 10 * HEARTBEAT:
+            return False
+        stuck = self.in_flight > 0 and now - self.last_progress > STALL_LIMIT + self.config.netns_deadline
+        return not stuck and not any(t.done() for t in self._background)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        status = StatusServer(self.metrics, self.healthy, lambda: self.ready)
+        port = await status.start(self.config.listen_host, self.config.listen_port)
+        log.info(
+            "controller for node %s started; status on %s:%d; %d workers",
+            self.config.node_name,
+            self.config.listen_host,
+            port,
+            self.config.concurrency,
+        )
+        self._background.append(asyncio.create_task(self._heartbeat()))
+        ns_task = asyncio.create_task(self.ns_informer.run())
+        self._background.append(ns_task)
+        # Pods wait for the first namespace list, so the 2018 namespace rule is known when they are judged.
+        synced = asyncio.create_task(self.ns_informer.synced.wait())
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({synced, stop}, return_when=asyncio.FIRST_COMPLETED)
+        synced.cancel()
+        informers = [ns_task]
+        workers: list[asyncio.Task[None]] = []
+        if not self.stopping.is_set():
+            informers.append(asyncio.create_task(self.pod_informer.run()))
+            self._background.append(informers[-1])
+            workers = [asyncio.create_task(self._worker()) for _ in range(self.config.concurrency)]
+            if self.config.repair_interval > 0:
+                self._background.append(asyncio.create_task(self._repair_loop()))
+        await stop
+        log.info("SIGTERM: no new work; finishing %d in-flight pods", self.in_flight)
+        for task in self._background:
+            if task not in workers:
+                task.cancel()
+        self.queue.shutdown()
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=self.config.shutdown_grace)
+            for task in pending:
+                task.cancel()
+        await self.recorder.flush(timeout=3.0)
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await status.stop()
+        await self.kube.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+        return 0
+
+
+async def run(config: ControllerConfig, flag_of: dict[str, str]) -> int:
+    return await Controller(config, flag_of).run()
