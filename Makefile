@@ -35,7 +35,7 @@ pytest: deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: deps
-	$(BIN)/istio-pod-network-controller rules render --annotations examples/pod_annotations
+	$(BIN)/istio-pod-network-controller demo $(DEMO_ARGS)
 
 soak: deps
 	HYPOTHESIS_PROFILE=soak $(BIN)/pytest -m "root or not root" tests/test_fuzz_spec.py $(PYTEST_ARGS)
