@@ -1,0 +1,442 @@
+"""The one pod rewrite shared by `inject` and `webhook`: Istio's privileged istio-init out, our waiter in.
+
+Pure functions over plain dicts (the shape of Kubernetes JSON/YAML); nothing here touches the network, a file
+or the clock. What a rewrite does to an Istio-injected pod:
+
+1. `istio-init` (NET_ADMIN + NET_RAW, runs istio-iptables) is removed, and the waiter
+   (`istio-pod-network-wait`) is put FIRST among the init containers: uid/gid of the proxy, no capabilities
+   (drop ALL), no privilege escalation, read-only root, RuntimeDefault seccomp. Being first, every app init
+   container runs with capture already in place, exactly like Istio CNI's `istio-validation` container.
+2. The `podinfo` downward-API volume (pod annotations -> /etc/podinfo/pod_annotations) is added for it.
+3. The capture settings that istio-init carried as istio-iptables arguments (Istio's injector computes them
+   from mesh-wide values such as global.proxy.includeIPRanges) become the pod annotations the node
+   controller reads, unless the pod already has that annotation or the value is Istio's default; so the
+   controller installs the same rules istio-init would have.
+4. In REDIRECT mode NET_ADMIN/NET_RAW are also removed from the `istio-proxy` sidecar's added capabilities
+   (Envoy needs neither there). In TPROXY mode Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays,
+   with a warning. The application's own containers are never changed: a pod that was not Pod Security
+   `restricted` because of them stays so (the rewrite is not a silent policy fixer).
+5. `sidecar.istio.io/status` is updated (istio-init -> the waiter, + the volume) so Istio's tooling that
+   reads it (uninject, `istioctl x check-inject`) still sees a consistent picture.
+
+A pod without `istio-init`, or with the opt-out annotation, is left untouched: the rewrite is idempotent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from . import annotations as ann
+from .spec import ALWAYS_EXCLUDED_INBOUND, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PROXY_ID
+
+JSON = dict[str, Any]
+
+IMAGE_REPOSITORY: Final = "ghcr.io/istio-pod-network-controller/istio-pod-network-controller"
+IMAGE_TAG: Final = "0.1.0"
+"""Same as the chart's appVersion / image.tag (tests/install check they agree)."""
+DEFAULT_IMAGE: Final = f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"
+PODINFO_VOLUME: Final = "podinfo"
+PODINFO_FALLBACK_VOLUME: Final = "istio-pod-network-podinfo"
+PODINFO_MOUNT: Final = "/etc/podinfo"
+PODINFO_FILE: Final = "pod_annotations"
+ISTIO_PROXY_CONTAINER: Final = "istio-proxy"
+OPT_OUT_ANNOTATION: Final = "pod-network-controller.istio.io/inject"
+"""`"false"` on a pod (template) keeps Istio's own istio-init: inject and webhook leave it alone."""
+REMOVED_CAPABILITIES: Final = frozenset({"NET_ADMIN", "NET_RAW"})
+
+#: kind -> path from the object to its pod template (metadata + spec); () means the object is the pod.
+WORKLOAD_TEMPLATE_PATHS: Final[dict[str, tuple[str, ...]]] = {
+    "Pod": (),
+    "PodTemplate": ("template",),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "DeploymentConfig": ("spec", "template"),
+}
+
+# istio-iptables flag (short and long spellings) -> setting name.
+_IPTABLES_FLAGS: Final[dict[str, str]] = {
+    "-p": "outbound_port",
+    "--envoy-port": "outbound_port",
+    "-z": "inbound_port",
+    "--inbound-capture-port": "inbound_port",
+    "-u": "proxy_uid",
+    "--proxy-uid": "proxy_uid",
+    "-g": "proxy_gid",
+    "--proxy-gid": "proxy_gid",
+    "-m": "interception_mode",
+    "--istio-inbound-interception-mode": "interception_mode",
+    "-b": "include_inbound_ports",
+    "--istio-inbound-ports": "include_inbound_ports",
+    "-d": "exclude_inbound_ports",
+    "--istio-local-exclude-ports": "exclude_inbound_ports",
+    "-i": "include_outbound_ip_ranges",
+    "--istio-service-cidr": "include_outbound_ip_ranges",
+    "-x": "exclude_outbound_ip_ranges",
+    "--istio-service-exclude-cidr": "exclude_outbound_ip_ranges",
+    "-q": "include_outbound_ports",
+    "--istio-include-outbound-ports": "include_outbound_ports",
+    "-o": "exclude_outbound_ports",
+    "--istio-local-outbound-ports-exclude": "exclude_outbound_ports",
+    "-k": "reroute_virtual_interfaces",
+    "--kube-virt-interfaces": "reroute_virtual_interfaces",
+    "-c": "exclude_interfaces",
+    "--exclude-interfaces": "exclude_interfaces",
+}
+_IPTABLES_BOOL_FLAGS: Final[dict[str, str]] = {"--redirect-dns": "capture_dns"}
+
+#: setting -> (pod annotation, Istio's default value: no annotation is written for it)
+_SETTING_ANNOTATIONS: Final[dict[str, tuple[str, str]]] = {
+    "interception_mode": (ann.INTERCEPTION_MODE, "REDIRECT"),
+    "include_inbound_ports": (ann.INCLUDE_INBOUND_PORTS, "*"),
+    "exclude_inbound_ports": (ann.EXCLUDE_INBOUND_PORTS, ""),
+    "include_outbound_ip_ranges": (ann.INCLUDE_OUTBOUND_IP_RANGES, "*"),
+    "exclude_outbound_ip_ranges": (ann.EXCLUDE_OUTBOUND_IP_RANGES, ""),
+    "include_outbound_ports": (ann.INCLUDE_OUTBOUND_PORTS, ""),
+    "exclude_outbound_ports": (ann.EXCLUDE_OUTBOUND_PORTS, ""),
+    "exclude_interfaces": (ann.EXCLUDE_INTERFACES, ""),
+    "reroute_virtual_interfaces": (ann.REROUTE_VIRTUAL_INTERFACES, ""),
+    "proxy_uid": (ann.ENVOY_USERID, str(PROXY_ID)),
+    "proxy_gid": (ann.ENVOY_GROUPID, str(PROXY_ID)),
+    "capture_dns": (ann.CAPTURE_DNS, "false"),
+}
+#: settings with no per-pod annotation: passed to the waiter, and the controller must be started with them.
+_PORT_FLAGS: Final[dict[str, tuple[str, int]]] = {
+    "outbound_port": ("--outbound-port", OUTBOUND_CAPTURE_PORT),
+    "inbound_port": ("--inbound-port", INBOUND_CAPTURE_PORT),
+}
+
+
+class InjectionError(ValueError):
+    """The object cannot be rewritten (malformed where a rewrite needs it to be well-formed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InjectOptions:
+    """How the waiter container is built."""
+
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    timeout: float = 300.0
+    requests: Mapping[str, str] = field(default_factory=lambda: {"cpu": "10m", "memory": "32Mi"})
+    limits: Mapping[str, str] = field(default_factory=lambda: {"cpu": "200m", "memory": "64Mi"})
+    translate_istio_init_args: bool = True
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class PodRewrite:
+    changed: bool
+    metadata: JSON
+    spec: JSON
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def _containers(spec: Mapping[str, Any], key: str) -> list[Any]:
+    value = spec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InjectionError(f"spec.{key} must be a list, not {type(value).__name__}")
+    return value
+
+
+def _name(container: Any) -> str | None:
+    return container.get("name") if isinstance(container, dict) else None
+
+
+def is_mesh_pod(pod_spec: Mapping[str, Any], annotations: Mapping[str, Any] | None = None) -> bool:
+    """True when the pod carries an Istio sidecar (istio-proxy, istio-init, our waiter, or Istio's status)."""
+    if annotations and ann.SIDECAR_STATUS in annotations:
+        return True
+    try:
+        names = {_name(c) for c in _containers(pod_spec, "initContainers")} | {
+            _name(c) for c in _containers(pod_spec, "containers")
+        }
+    except InjectionError:
+        return False
+    return bool(names & {ann.ISTIO_INIT_CONTAINER, ann.WAITER_CONTAINER, ISTIO_PROXY_CONTAINER})
+
+
+def needs_rewrite(pod_spec: Mapping[str, Any], annotations: Mapping[str, Any] | None = None) -> bool:
+    """True when the pod still has Istio's istio-init and has not opted out."""
+    if annotations and str(annotations.get(OPT_OUT_ANNOTATION, "")).lower() == "false":
+        return False
+    return any(_name(c) == ann.ISTIO_INIT_CONTAINER for c in _containers(pod_spec, "initContainers"))
+
+
+def parse_istio_iptables_args(args: list[Any]) -> dict[str, str]:
+    """istio-init's arguments -> {setting: raw value}; unknown flags are ignored (they change no rule)."""
+    settings: dict[str, str] = {}
+    items = [str(a) for a in args]
+    index = 0
+    while index < len(items):
+        item = items[index]
+        index += 1
+        flag, sep, inline = item.partition("=")
+        if flag in _IPTABLES_BOOL_FLAGS:
+            settings[_IPTABLES_BOOL_FLAGS[flag]] = "false" if sep and inline.lower() == "false" else "true"
+            continue
+        setting = _IPTABLES_FLAGS.get(flag)
+        if setting is None:
+            continue
+        if sep:
+            settings[setting] = inline
+        elif index < len(items):
+            settings[setting] = items[index]
+            index += 1
+    return settings
+
+
+def _istio_init_settings(container: Mapping[str, Any]) -> dict[str, str]:
+    command = container.get("command") or []
+    args = container.get("args") or []
+    if not isinstance(command, list) or not isinstance(args, list):
+        raise InjectionError("istio-init command/args must be lists")
+    return parse_istio_iptables_args([*command, *args])
+
+
+def _normalised(setting: str, value: str) -> str:
+    """Istio's -d always lists the health/metrics ports; our controller adds those itself."""
+    value = value.strip()
+    if setting == "exclude_inbound_ports":
+        always = {str(p) for p in ALWAYS_EXCLUDED_INBOUND}
+        kept = [p.strip() for p in value.split(",") if p.strip() and p.strip() not in always]
+        return ",".join(kept)
+    return value
+
+
+# --- building -----------------------------------------------------------------------------------------------
+
+
+def _int_value(raw: object, default: int) -> int:
+    text = str(raw if raw is not None else "").strip()
+    return int(text) if text.isdigit() else default
+
+
+def waiter_container(
+    options: InjectOptions, volume_name: str, proxy_uid: int, proxy_gid: int, port_args: list[str]
+) -> JSON:
+    """The waiter init container: the only thing of ours that runs inside a mesh pod."""
+    timeout = f"{options.timeout:g}"
+    return {
+        "name": ann.WAITER_CONTAINER,
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "args": [
+            "wait",
+            "--file",
+            f"{PODINFO_MOUNT}/{PODINFO_FILE}",
+            "--timeout",
+            timeout,
+            *port_args,
+            *options.extra_args,
+        ],
+        "resources": {"requests": dict(options.requests), "limits": dict(options.limits)},
+        "securityContext": {
+            "runAsUser": proxy_uid,
+            "runAsGroup": proxy_gid,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": volume_name, "mountPath": PODINFO_MOUNT, "readOnly": True}],
+    }
+
+
+def podinfo_volume(name: str = PODINFO_VOLUME) -> JSON:
+    return {
+        "name": name,
+        "downwardAPI": {
+            "items": [{"path": PODINFO_FILE, "fieldRef": {"fieldPath": "metadata.annotations"}}],
+        },
+    }
+
+
+def _is_our_podinfo(volume: Mapping[str, Any]) -> bool:
+    items = (volume.get("downwardAPI") or {}).get("items") or []
+    return any(
+        isinstance(item, dict)
+        and item.get("path") == PODINFO_FILE
+        and (item.get("fieldRef") or {}).get("fieldPath") == "metadata.annotations"
+        for item in items
+    )
+
+
+def _place_volume(volumes: list[Any]) -> str:
+    """Add the podinfo volume unless an equivalent one is there; returns the volume name to mount."""
+    by_name = {v.get("name"): v for v in volumes if isinstance(v, dict)}
+    for name in (PODINFO_VOLUME, PODINFO_FALLBACK_VOLUME):
+        existing = by_name.get(name)
+        if existing is None:
+            volumes.append(podinfo_volume(name))
+            return name
+        if _is_our_podinfo(existing):
+            return name
+    raise InjectionError(f"volumes {PODINFO_VOLUME!r} and {PODINFO_FALLBACK_VOLUME!r} are both taken")
+
+
+def _strip_capabilities(container: JSON) -> bool:
+    caps = (container.get("securityContext") or {}).get("capabilities") or {}
+    add = caps.get("add")
+    if not isinstance(add, list):
+        return False
+    kept = [c for c in add if str(c).upper().removeprefix("CAP_") not in REMOVED_CAPABILITIES]
+    if len(kept) == len(add):
+        return False
+    if kept:
+        caps["add"] = kept
+    else:
+        del caps["add"]
+    return True
+
+
+def _update_status(annotations: JSON, volume_name: str) -> None:
+    raw = annotations.get(ann.SIDECAR_STATUS)
+    if not isinstance(raw, str):
+        return
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        return
+    if not isinstance(status, dict):
+        return
+    inits = status.get("initContainers")
+    if isinstance(inits, list):
+        status["initContainers"] = [
+            ann.WAITER_CONTAINER if i == ann.ISTIO_INIT_CONTAINER else i for i in inits
+        ]
+    volumes = status.get("volumes")
+    if isinstance(volumes, list) and volume_name not in volumes:
+        status["volumes"] = [*volumes, volume_name]
+    annotations[ann.SIDECAR_STATUS] = json.dumps(status, separators=(",", ":"))
+
+
+def rewrite_pod(
+    metadata: Mapping[str, Any] | None, pod_spec: Mapping[str, Any], options: InjectOptions
+) -> PodRewrite:
+    """Rewrite one pod (or pod template): returns new metadata/spec; the inputs are never modified."""
+    meta: JSON = copy.deepcopy(dict(metadata or {}))
+    spec: JSON = copy.deepcopy(dict(pod_spec))
+    annotations_in = meta.get("annotations") or {}
+    if not isinstance(annotations_in, dict):
+        raise InjectionError("metadata.annotations must be a map")
+    if not needs_rewrite(spec, annotations_in):
+        return PodRewrite(False, meta, spec)
+
+    warnings: list[str] = []
+    inits = _containers(spec, "initContainers")
+    istio_init = next(c for c in inits if _name(c) == ann.ISTIO_INIT_CONTAINER)
+    settings = _istio_init_settings(istio_init) if options.translate_istio_init_args else {}
+
+    annotations: JSON = dict(annotations_in)
+    for setting, (key, default) in _SETTING_ANNOTATIONS.items():
+        if setting not in settings or key in annotations:
+            continue
+        value = _normalised(setting, settings[setting])
+        if value != default:
+            annotations[key] = value
+
+    mode = str(annotations.get(ann.INTERCEPTION_MODE, "REDIRECT")).upper()
+    if mode == "NONE":
+        warnings.append("interception mode NONE: the waiter will only wait for the controller's status mark")
+    proxy_uid = _int_value(annotations.get(ann.ENVOY_USERID), PROXY_ID)
+    proxy_gid = _int_value(annotations.get(ann.ENVOY_GROUPID), PROXY_ID)
+    if proxy_uid == 0:
+        raise InjectionError("the proxy uid is 0: the waiter must run as the (non-root) proxy uid")
+
+    port_args: list[str] = []
+    for setting, (flag, default_port) in _PORT_FLAGS.items():
+        port = _int_value(settings.get(setting), default_port)
+        if port != default_port:
+            port_args += [flag, str(port)]
+            warnings.append(
+                f"istio-init used {flag.removeprefix('--')} {port}: start the controller with {flag} {port} "
+                "too (no pod annotation carries it)"
+            )
+
+    volumes = spec.get("volumes")
+    if volumes is None:
+        volumes = spec["volumes"] = []
+    if not isinstance(volumes, list):
+        raise InjectionError("spec.volumes must be a list")
+    volume_name = _place_volume(volumes)
+
+    waiter = waiter_container(options, volume_name, proxy_uid, proxy_gid, port_args)
+    spec["initContainers"] = [
+        waiter,
+        *(c for c in inits if _name(c) not in {ann.ISTIO_INIT_CONTAINER, ann.WAITER_CONTAINER}),
+    ]
+
+    for container in _containers(spec, "containers"):
+        if _name(container) != ISTIO_PROXY_CONTAINER or not isinstance(container, dict):
+            continue
+        if mode == "TPROXY":
+            warnings.append("TPROXY mode: istio-proxy keeps NET_ADMIN (Envoy needs IP_TRANSPARENT)")
+        else:
+            _strip_capabilities(container)
+
+    _update_status(annotations, volume_name)
+    meta["annotations"] = annotations
+    return PodRewrite(True, meta, spec, warnings)
+
+
+def rewrite_pod_spec(pod_spec: Mapping[str, Any], options: InjectOptions) -> tuple[bool, JSON]:
+    """Spec-only form of rewrite_pod (no annotations to read or write)."""
+    result = rewrite_pod(None, pod_spec, options)
+    return result.changed, result.spec
+
+
+# --- whole objects ------------------------------------------------------------------------------------------
+
+
+def _template(obj: JSON, path: tuple[str, ...]) -> JSON | None:
+    node: Any = obj
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def iter_pod_templates(obj: Any) -> Iterator[JSON]:
+    """The pod (templates) inside a workload object, or inside each item of a `kind: List`."""
+    if not isinstance(obj, dict):
+        return
+    kind = obj.get("kind")
+    if kind == "List" or (isinstance(kind, str) and kind.endswith("List") and "items" in obj):
+        for item in obj.get("items") or []:
+            yield from iter_pod_templates(item)
+        return
+    if not isinstance(kind, str) or kind not in WORKLOAD_TEMPLATE_PATHS:
+        return
+    template = _template(obj, WORKLOAD_TEMPLATE_PATHS[kind])
+    if template is not None and isinstance(template.get("spec"), dict):
+        yield template
+
+
+def rewrite_object(obj: Any, options: InjectOptions) -> tuple[bool, list[str]]:
+    """Rewrite every pod template of a Kubernetes object in place; returns (changed, warnings)."""
+    changed = False
+    warnings: list[str] = []
+    for template in iter_pod_templates(obj):
+        result = rewrite_pod(template.get("metadata"), template["spec"], options)
+        if result.changed:
+            template["metadata"] = result.metadata
+            template["spec"] = result.spec
+            changed = True
+            warnings += result.warnings
+    return changed, warnings
