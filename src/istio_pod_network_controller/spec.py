@@ -28,6 +28,8 @@ PROBE_PORT: Final = 15002
 HBONE_PORT: Final = 15008
 DNS_CAPTURE_PORT: Final = 15053
 PROXY_ID: Final = 1337
+TPROXY_MARK: Final = 1337
+TPROXY_ROUTE_TABLE: Final = 133
 ALWAYS_EXCLUDED_INBOUND: Final = (15020, 15021, 15090)
 """Merged metrics, health and Envoy's Prometheus port: never captured when inbound capture is `*`."""
 

@@ -292,8 +292,7 @@ def test_waiter_path_imports_stay_light(tmp_path: Path) -> None:
 
 
 def test_tproxy_constants_match_the_rules() -> None:
-    from istio_pod_network_controller.rules import plan
     from istio_pod_network_controller.waiter import routing
 
-    assert (routing.TPROXY_MARK, routing.TPROXY_ROUTE_TABLE) == (plan.TPROXY_MARK, plan.TPROXY_ROUTE_TABLE)
+    assert (routing.TPROXY_MARK, routing.TPROXY_ROUTE_TABLE) == (1337, 133)
     assert plan_probe(build_spec({ann.INTERCEPTION_MODE: "TPROXY"}), PROXY, False).tproxy

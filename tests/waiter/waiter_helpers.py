@@ -8,23 +8,18 @@ python under /root and the clone itself may be unreadable for uid 1337.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import click
-
-import istio_pod_network_controller
 from istio_pod_network_controller.dataplane.apply import apply as dp_apply
 from istio_pod_network_controller.dataplane.netns import PinnedNetns
+from istio_pod_network_controller.sim.runtime import SYSTEM_PYTHON
 from istio_pod_network_controller.spec import build_spec
 
-SYSTEM_PYTHON = "/usr/bin/python3"
 PROXY = 1337
 
 
@@ -36,18 +31,6 @@ def make_readable(base: Path) -> None:
             os.chmod(os.path.join(root, name), 0o755)  # noqa: S103
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
-
-
-def build_runtime() -> Path:
-    """A 0755 dir holding the package and click, byte-compiled, for /usr/bin/python3 under any uid."""
-    base = Path(tempfile.mkdtemp(prefix="ipnc-waiter-rt-"))
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    package = Path(istio_pod_network_controller.__file__).parent
-    shutil.copytree(package, base / "istio_pod_network_controller", ignore=skip)
-    shutil.copytree(Path(click.__file__).parent, base / "click", ignore=skip)
-    subprocess.run([SYSTEM_PYTHON, "-m", "compileall", "-q", str(base)], check=True, capture_output=True)
-    make_readable(base)
-    return base
 
 
 def write_annotations(path: Path, annotations: Mapping[str, str]) -> Path:

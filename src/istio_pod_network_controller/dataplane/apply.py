@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from .. import netlink
 from ..rules import nftables, plan
 from ..rules.model import PolicyRoute, Ruleset
-from ..spec import InterceptSpec, IPv6Policy
-from . import netlink
+from ..spec import TPROXY_MARK, TPROXY_ROUTE_TABLE, InterceptSpec, IPv6Policy
 from . import netns as ns_mod
 from .backends import BACKENDS, Backend, BackendName, make, route_drift, sync_routes
 from .netns import NetnsId, PinnedNetns
@@ -24,8 +24,8 @@ from .tools import run
 BackendChoice: TypeAlias = Literal["auto", "legacy", "nft", "nftables"]
 BACKEND_CHOICES: tuple[BackendChoice, ...] = ("auto", "legacy", "nft", "nftables")
 ALL_ROUTES = (
-    PolicyRoute(4, plan.TPROXY_MARK, plan.TPROXY_ROUTE_TABLE),
-    PolicyRoute(6, plan.TPROXY_MARK, plan.TPROXY_ROUTE_TABLE),
+    PolicyRoute(4, TPROXY_MARK, TPROXY_ROUTE_TABLE),
+    PolicyRoute(6, TPROXY_MARK, TPROXY_ROUTE_TABLE),
 )
 
 

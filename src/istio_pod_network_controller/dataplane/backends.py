@@ -13,10 +13,10 @@ import functools
 import json
 from typing import Literal, Protocol, TypeAlias
 
+from ..netlink import FibRule, fib_rules
 from ..rules import iptables, nftables
 from ..rules.model import Family, PolicyRoute, Ruleset
 from . import netns
-from .netlink import FibRule, fib_rules
 from .tools import run
 
 BackendName: TypeAlias = Literal["legacy", "nft", "nftables"]

@@ -114,7 +114,7 @@ class Demo:
         self.say = progress
         self.tag = f"d{os.getpid() % 100000}"
         self.workdir = Path(tempfile.mkdtemp(prefix="ipnc-demo-"))
-        os.chmod(self.workdir, 0o711)  # the waiters (uid 1337) must reach their pod's file, not list the rest
+        os.chmod(self.workdir, 0o711)  # noqa: S103 - waiters (uid 1337) reach their own file, list nothing
         self._runtime: Path | None = None
         self._api: ThreadedServer | None = None
         self._node: SimNode | None = None

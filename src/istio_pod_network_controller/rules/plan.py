@@ -15,6 +15,8 @@ from ..spec import (
     ALWAYS_EXCLUDED_INBOUND,
     DNS_CAPTURE_PORT,
     HBONE_PORT,
+    TPROXY_MARK,
+    TPROXY_ROUTE_TABLE,
     WILDCARD,
     InterceptionMode,
     InterceptSpec,
@@ -52,8 +54,6 @@ from .model import (
     UidOwner,
 )
 
-TPROXY_MARK = 1337
-TPROXY_ROUTE_TABLE = 133
 DNS_PORT = 53
 DNS_ZONE_UPSTREAM = 1
 DNS_ZONE_PROXY_REPLY = 2

@@ -1,9 +1,10 @@
-"""Minimal in-process netlink dumps: policy-routing rules and nftables tables.
+"""Minimal in-process netlink dumps: policy-routing rules, routes and nftables tables (stdlib only).
 
 Every apply must know whether our TPROXY `fwmark` rules exist and which rule systems hold tables in the
-namespace. Asking `ip rule show` and `nft list tables` costs a process spawn each (2-3 ms, more than the rule
-load itself); a netlink dump costs microseconds. The sockets are created on the calling thread, so they
-belong to the namespace that thread entered (see netns.run_in).
+namespace, and the waiter must see TPROXY's policy routing before it confirms a pod. Asking `ip rule show` or
+`nft list tables` costs a process spawn each (2-3 ms, more than the rule load itself); a netlink dump costs
+microseconds and needs no privilege. Sockets belong to the namespace of the thread that creates them (see
+dataplane.netns.run_in).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NETLINK_NETFILTER = 12
+RTM_GETROUTE = 26
 RTM_GETRULE = 34
+RTA_TABLE = 15
+RTN_LOCAL = 2
 FRA_FWMARK = 10
 FRA_TABLE = 15
+DUMP_TIMEOUT = 2.0
 NFT_MSG_GETTABLE = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE
 NFTA_TABLE_NAME = 1
 _NFPROTO = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
@@ -43,6 +48,7 @@ def _dump(protocol: int, msg_type: int, header: bytes) -> Iterator[tuple[bytes, 
     """Yield (fixed header, attributes) of every message of one NLM_F_DUMP request."""
     request = struct.pack("IHHII", 16 + len(header), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + header
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as sock:
+        sock.settimeout(DUMP_TIMEOUT)
         sock.send(request)
         while True:
             data = sock.recv(65536)
@@ -79,6 +85,19 @@ def fib_rules() -> list[FibRule]:
             full_table = struct.unpack("I", attrs[FRA_TABLE])[0] if FRA_TABLE in attrs else table
             rules.append(FibRule(_FAMILY[family], mark, full_table))
     return rules
+
+
+def local_default_route_families(table: int) -> set[int]:
+    """IP versions (4, 6) whose route table `table` holds `local default` (TPROXY's route to lo)."""
+    families = set()
+    header = struct.pack("BBBBBBBBI", socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)  # struct rtmsg
+    for fixed, attrs in _dump(socket.NETLINK_ROUTE, RTM_GETROUTE, header):
+        family, dst_len, route_table, route_type = fixed[0], fixed[1], fixed[4], fixed[7]
+        if RTA_TABLE in attrs:
+            route_table = struct.unpack("I", attrs[RTA_TABLE])[0]
+        if family in _FAMILY and route_table == table and dst_len == 0 and route_type == RTN_LOCAL:
+            families.add(_FAMILY[family])
+    return families
 
 
 def nft_tables() -> list[tuple[str, str]]:
