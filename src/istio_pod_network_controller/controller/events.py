@@ -1,13 +1,16 @@
 """core/v1 Events about pods, and the dedupe that keeps a crash-looping condition from flooding the API.
 
 A Warning is emitted once per (pod UID, reason, message): repeating the identical warning says nothing new
-and every copy is an API write. Normal events mark one-off transitions and are always sent.
+and every copy is an API write. Its name is derived from that triple, so after a controller restart the
+same Warning is refused by the API server as AlreadyExists instead of being stored twice. Normal events
+mark one-off transitions and are always sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import itertools
 import logging
 import time
@@ -41,11 +44,15 @@ def build_event(pod: Obj, event_type: str, reason: str, message: str, node: str)
     """A core/v1 Event whose involvedObject pins the pod by uid and resourceVersion."""
     meta = pod["metadata"]
     stamp = _now()
+    if event_type == WARNING:
+        suffix = hashlib.sha256(f"{meta['uid']}|{reason}|{message}".encode()).hexdigest()[:16]
+    else:
+        suffix = f"{time.time_ns():x}{next(_seq) % 1000:03d}"
     return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {
-            "name": f"{meta['name']}.{time.time_ns():x}{next(_seq) % 1000:03d}",
+            "name": f"{meta['name']}.{suffix}",
             "namespace": meta["namespace"],
         },
         "involvedObject": {

@@ -148,7 +148,7 @@ class KubeClient:
             raise self._translate(exc) from exc
 
     async def create_event(self, event: dict[str, Any], attempts: int = 4) -> None:
-        """Create a core/v1 Event, retrying 429/5xx/connection failures with backoff."""
+        """Create a core/v1 Event, retrying 429/5xx/connection failures; AlreadyExists means recorded."""
         backoff = Backoff(initial=0.2, maximum=5.0)
         obj = cast(Event, Event.from_dict(event))
         for attempt in range(attempts):
@@ -157,6 +157,8 @@ class KubeClient:
                 return
             except (httpx.HTTPError, ApiError) as exc:
                 error = self._translate(exc)
+                if error.code == 409:
+                    return
                 if (error.code not in (0, 429) and error.code < 500) or attempt == attempts - 1:
                     raise error from exc
                 await asyncio.sleep(backoff.next(error.retry_after))
