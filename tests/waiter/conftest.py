@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from waiter_helpers import PROXY, SYSTEM_PYTHON, Waiter, build_runtime, make_readable, waiter_argv
+from waiter_helpers import PROXY, Waiter, make_readable, waiter_argv
+
+from istio_pod_network_controller.sim.runtime import SYSTEM_PYTHON, build_runtime
 
 StartWaiter = Callable[..., Waiter]
 
