@@ -33,7 +33,9 @@ def _unquote(body: str, line_no: int) -> str:
     rest = _ESCAPE.sub("", body)
     if "\\" in rest:
         raise DownwardAPIError(f"line {line_no}: invalid escape sequence in value")
-    return _ESCAPE.sub(_unescape, body)
+    text = _ESCAPE.sub(_unescape, body)
+    # Go writes astral characters literally or as \U; JSON-style surrogate pairs (\ud83d\ude00) get joined.
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def parse_annotations(text: str) -> dict[str, str]:
@@ -43,7 +45,7 @@ def parse_annotations(text: str) -> dict[str, str]:
     if text.lstrip().startswith("{"):
         return _parse_json(text)
     result: dict[str, str] = {}
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+0085 is no line end
         if not line.strip():
             continue
         match = _LINE.fullmatch(line.strip())

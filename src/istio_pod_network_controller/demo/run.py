@@ -194,8 +194,10 @@ class Demo:
         """The waiter as the pod's first init container: uid 1337, no capabilities, the downward-API file."""
         podinfo = self.workdir / pod.name
         podinfo.mkdir()
-        # The kubelet writes key="value" with Go's %q quoting; JSON string escapes are a subset of it.
-        lines = [f"{key}={json.dumps(value)}" for key, value in sorted(pod.annotations.items())]
+        # The kubelet writes key="value" with Go's %q quoting: printable text literal, \" and \\ escaped.
+        lines = [
+            f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in sorted(pod.annotations.items())
+        ]
         (podinfo / "pod_annotations").write_text("\n".join(lines) + "\n")
         os.chmod(podinfo, 0o755)  # noqa: S103 - the waiter runs as uid 1337
         argv = [
