@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,10 +49,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def render_chart(values: dict[str, Any], namespace: str = NAMESPACE, release: str = RELEASE) -> dict[str, str]:
+def render_chart(
+    values: dict[str, Any], namespace: str = NAMESPACE, release: str = RELEASE
+) -> dict[str, str]:
     """Template path -> rendered text, exactly as Helm renders it."""
-    import helm_python as helm
-
     with helm.Chart.load(str(CHART)) as chart:
         return chart.render(values, name=release, namespace=namespace, is_install=True)
 
@@ -120,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files(args.out)
         for path in stale:
-            print(f"stale: deploy/{path} (run make manifests)", file=sys.stderr)  # noqa: T201
+            print(f"stale: deploy/{path} (run make manifests)", file=sys.stderr)
         return 1 if stale else 0
     for path, text in expected_files().items():
         target = args.out / path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
-        print(f"wrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")  # noqa: T201
+        print(f"wrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
     return 0
 
 

@@ -333,7 +333,9 @@ def rewrite_pod(
     """Rewrite one pod (or pod template): returns new metadata/spec; the inputs are never modified."""
     meta: JSON = copy.deepcopy(dict(metadata or {}))
     spec: JSON = copy.deepcopy(dict(pod_spec))
-    annotations_in = meta.get("annotations") or {}
+    annotations_in = meta.get("annotations")
+    if annotations_in is None:
+        annotations_in = {}
     if not isinstance(annotations_in, dict):
         raise InjectionError("metadata.annotations must be a map")
     if not needs_rewrite(spec, annotations_in):

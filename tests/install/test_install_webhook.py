@@ -1,0 +1,336 @@
+"""The webhook over real TLS (throwaway CA, certificate for 127.0.0.1) with AdmissionReview v1 requests."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import ipaddress
+import json
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pss_rules import restricted_violations
+
+from conftest import injected_pod
+from istio_pod_network_controller import annotations as ann
+from istio_pod_network_controller.injection import InjectOptions
+from istio_pod_network_controller.webhook.patch import pod_patch
+from istio_pod_network_controller.webhook.server import serving
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_pki(directory: Path, serial: int = 1) -> Path:
+    """CA + server certificate for 127.0.0.1; returns the CA file. Writes tls.crt / tls.key."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("test-ca"))
+        .issuer_name(_name("test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("webhook"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(serial + 1)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    ca_file = directory / f"ca{serial}.crt"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return ca_file
+
+
+class Hook:
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url
+
+    async def post(self, body: bytes | str | dict[str, Any]) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        async with self.session.post(
+            self.url + "/mutate", data=data, headers={"Content-Type": "application/json"}
+        ) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text)
+            except ValueError:
+                return response.status, text
+
+
+@pytest.fixture
+async def hook(tmp_path: Path) -> AsyncIterator[Hook]:
+    ca_file = make_pki(tmp_path)
+    options = InjectOptions(image="r/ipnc:test", extra_args=("--outbound-port=15011",))
+    async with serving(options, "127.0.0.1", 0, str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")) as (
+        _runner,
+        port,
+    ):
+        context = ssl.create_default_context(cafile=str(ca_file))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+            yield Hook(session, f"https://127.0.0.1:{port}")
+
+
+def review(pod: Any, uid: str = "7c5c1d0e-0000-4000-8000-000000000001", **request: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "bookinfo",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+            **request,
+        },
+    }
+
+
+async def test_istio_pod_is_rewritten_with_a_clean_json_patch(hook: Hook) -> None:
+    pod = injected_pod()
+    status, answer = await hook.post(review(pod))
+    assert status == 200
+    assert answer["apiVersion"] == "admission.k8s.io/v1"
+    assert answer["kind"] == "AdmissionReview"
+    response = answer["response"]
+    assert response["uid"] == "7c5c1d0e-0000-4000-8000-000000000001"
+    assert response["allowed"] is True
+    assert response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    patched = jsonpatch.apply_patch(pod, patch)
+    assert pod == injected_pod()  # apply_patch copies
+    assert restricted_violations(patched["spec"], patched["metadata"]) == []
+    inits = patched["spec"]["initContainers"]
+    assert [c["name"] for c in inits] == [ann.WAITER_CONTAINER]
+    assert inits[0]["args"][-1] == "--outbound-port=15011"
+    assert patched["spec"]["containers"] == pod["spec"]["containers"]
+    assert json.loads(patched["metadata"]["annotations"][ann.SIDECAR_STATUS])["initContainers"] == [
+        ann.WAITER_CONTAINER
+    ]
+
+
+async def test_reinvocation_changes_nothing(hook: Hook) -> None:
+    pod = injected_pod()
+    _, first = await hook.post(review(pod))
+    patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(first["response"]["patch"])))
+    status, second = await hook.post(review(patched))
+    assert status == 200
+    assert second["response"] == {"uid": second["response"]["uid"], "allowed": True}
+
+
+async def test_pod_without_annotations_or_volumes_gets_them_added(hook: Hook) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "x-"},
+        "spec": {
+            "initContainers": [
+                {"name": "istio-init", "image": "proxyv2", "args": ["istio-iptables", "-m", "TPROXY"]}
+            ],
+            "containers": [{"name": "app", "image": "app"}],
+        },
+    }
+    _, answer = await hook.post(review(pod))
+    patch = json.loads(base64.b64decode(answer["response"]["patch"]))
+    patched = jsonpatch.apply_patch(pod, patch)
+    assert patched["metadata"]["annotations"] == {ann.INTERCEPTION_MODE: "TPROXY"}
+    assert patched["spec"]["volumes"][0]["name"] == "podinfo"
+
+
+async def test_annotation_keys_with_slashes_are_escaped(hook: Hook) -> None:
+    pod = injected_pod()
+    args = pod["spec"]["initContainers"][0]["args"]
+    args[args.index("-x") + 1] = "10.0.0.1/32"
+    _, answer = await hook.post(review(pod))
+    patch = json.loads(base64.b64decode(answer["response"]["patch"]))
+    assert any(
+        op["path"] == "/metadata/annotations/traffic.sidecar.istio.io~1excludeOutboundIPRanges"
+        for op in patch
+    )
+    assert jsonpatch.apply_patch(pod, patch)["metadata"]["annotations"][ann.EXCLUDE_OUTBOUND_IP_RANGES] == (
+        "10.0.0.1/32"
+    )
+
+
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"operation": "UPDATE"},
+        {"kind": {"group": "apps", "version": "v1", "kind": "Deployment"}},
+        {
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "subResource": "ephemeralcontainers",
+        },
+    ],
+)
+async def test_other_requests_are_allowed_unchanged(hook: Hook, request_fields: dict[str, Any]) -> None:
+    status, answer = await hook.post(review(injected_pod(), **request_fields))
+    assert status == 200
+    assert answer["response"]["allowed"] is True
+    assert "patch" not in answer["response"]
+
+
+async def test_non_mesh_pod_is_allowed_unchanged(hook: Hook) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "a"}]},
+    }
+    _, answer = await hook.post(review(pod))
+    assert answer["response"] == {"uid": answer["response"]["uid"], "allowed": True}
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "not JSON"),
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (
+            b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1beta1", "request": {"uid": "x"}}',
+            "v1",
+        ),
+        (b'{"kind": "Pod", "apiVersion": "admission.k8s.io/v1"}', "kind must be AdmissionReview"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}', "request is missing"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"uid": 5}}', "uid"),
+    ],
+)
+async def test_malformed_reviews_are_400(hook: Hook, body: bytes, reason: str) -> None:
+    status, text = await hook.post(body)
+    assert status == 400
+    assert reason in text
+
+
+@pytest.mark.parametrize(
+    ("pod", "reason"),
+    [
+        (None, "not a Pod object"),
+        ("pod", "not a Pod object"),
+        ({"metadata": [], "spec": {}}, "metadata"),
+        ({"metadata": {}}, "spec"),
+        ({"metadata": {}, "spec": {"initContainers": {"name": "istio-init"}}}, "must be a list"),
+        (
+            {"metadata": {"annotations": "x"}, "spec": {"initContainers": [{"name": "istio-init"}]}},
+            "annotations",
+        ),
+        (
+            {"metadata": {}, "spec": {"initContainers": [{"name": "istio-init", "args": "istio-iptables"}]}},
+            "lists",
+        ),
+    ],
+)
+async def test_malformed_pods_are_denied_with_a_reason(hook: Hook, pod: Any, reason: str) -> None:
+    status, answer = await hook.post(review(copy.deepcopy(pod)))
+    assert status == 200
+    response = answer["response"]
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 400
+    assert reason in response["status"]["message"]
+
+
+async def test_health_and_wrong_methods(hook: Hook) -> None:
+    async with hook.session.get(hook.url + "/healthz") as response:
+        assert response.status == 200
+    async with hook.session.get(hook.url + "/readyz") as response:
+        assert response.status == 200
+    async with hook.session.get(hook.url + "/mutate") as response:
+        assert response.status == 405
+    # the server is still fine after everything above
+    status, _ = await hook.post(review(injected_pod()))
+    assert status == 200
+
+
+async def test_plain_http_is_refused(hook: Hook) -> None:
+    plain = hook.url.replace("https://", "http://")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(plain + "/mutate", data=b"{}") as response:
+                await response.read()
+
+
+async def test_certificate_rotation(tmp_path: Path) -> None:
+    ca1 = make_pki(tmp_path, serial=1)
+    async with serving(
+        InjectOptions(), "127.0.0.1", 0, str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), 0.05
+    ) as (
+        _runner,
+        port,
+    ):
+        import asyncio
+
+        url = f"https://127.0.0.1:{port}/healthz"
+        for ca, expect_ok in ((ca1, True),):
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca)))
+                ) as session,
+                session.get(url) as response,
+            ):
+                assert (response.status == 200) is expect_ok
+        ca2 = make_pki(tmp_path, serial=10)  # rotate: new CA, new pair in place
+        await asyncio.sleep(0.3)
+        async with (
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca2)))
+            ) as session,
+            session.get(url) as response,
+        ):
+            assert response.status == 200
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca1)))
+        ) as session:
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await session.get(url)
+
+
+def test_pod_patch_add_replace_remove() -> None:
+    before = {"metadata": {"annotations": {"a/b": "1", "gone": "x"}}, "spec": {"x": 1, "y": [1], "old": True}}
+    after = {"metadata": {"annotations": {"a/b": "2", "new~": "3"}}, "spec": {"x": 1, "y": [2], "z": {}}}
+    assert jsonpatch.apply_patch(before, pod_patch(before, after)) == after
+    assert pod_patch(after, after) == []
+    assert jsonpatch.apply_patch(
+        {"spec": {}}, pod_patch({"spec": {}}, {"metadata": {"annotations": {"k": "v"}}, "spec": {}})
+    ) == {
+        "spec": {},
+        "metadata": {"annotations": {"k": "v"}},
+    }
