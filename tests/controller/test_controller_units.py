@@ -178,3 +178,17 @@ def test_candidate_digests_cover_ipv6_resolution() -> None:
     }
     fixed = InterceptSpec(ipv6=IPv6Policy.BLOCK)
     assert candidate_digests(fixed) == {fixed.fingerprint()}
+
+
+def test_log_lines_about_a_pod_carry_namespace_and_name() -> None:
+    import json
+    import logging
+
+    from istio_pod_network_controller.controller.logs import JsonFormatter, TextFormatter, pod_extra
+
+    extra = pod_extra(slim_pod(_pod()))
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "initialized %s", ("ok",), None)
+    record.__dict__.update(extra)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "initialized ok" and entry["namespace"] == "d" and entry["pod"] == "p"
+    assert TextFormatter().format(record).endswith("namespace=d pod=p")
