@@ -40,7 +40,11 @@ demo: deps
 soak: deps
 	HYPOTHESIS_PROFILE=soak $(BIN)/pytest -m "root or not root" tests/test_fuzz_spec.py $(PYTEST_ARGS)
 
-bench: deps
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: deps $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
 
 clean:

@@ -19,6 +19,8 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from samples import save
+
 from istio_pod_network_controller.dataplane import apply as dataplane
 from istio_pod_network_controller.dataplane import netns
 from istio_pod_network_controller.dataplane.netns import PinnedNetns
@@ -79,13 +81,17 @@ def main() -> None:
     print("| backend | apply (ms) | bare restore, setns (ms) | bare restore, ip netns exec (ms) "
           "| apply / bare setns | apply / bare ip netns exec |")  # fmt: skip
     print("|---|---|---|---|---|---|")
+    raw: dict[str, list[float]] = {}
     for backend in ("legacy", "nft", "nftables"):
-        series = {way: statistics.median(v) * 1000 for way, v in _series(backend).items()}
+        measured = _series(backend)
+        raw.update({f"{backend}: {way}": samples for way, samples in measured.items()})
+        series = {way: statistics.median(v) * 1000 for way, v in measured.items()}
         apply_ms, setns_ms, exec_ms = series["apply"], series["bare (setns)"], series["bare (ip netns exec)"]
         print(
             f"| {backend} | {apply_ms:.1f} | {setns_ms:.1f} | {exec_ms:.1f} "
             f"| {apply_ms / setns_ms:.2f}x | {apply_ms / exec_ms:.2f}x |"
         )
+    save("dataplane", raw)
     print(
         "\n`apply` also reads the live rules of every family (for idempotency), checks which rule systems "
         "hold tables, and syncs TPROXY policy routes over netlink; the bare loads do none of that.\n"

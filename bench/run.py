@@ -11,7 +11,10 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from plots import plot_all
 
 HERE = Path(__file__).parent
 SCRIPTS = [
@@ -29,6 +32,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these scripts (others keep no section)")
     args = parser.parse_args()
     sections = []
+    data_dir = Path(tempfile.mkdtemp(prefix="ipnc-bench-"))
+    env = {**os.environ, "IPNC_BENCH_DATA": str(data_dir)}
     for script in SCRIPTS:
         if args.only and script not in args.only:
             continue
@@ -36,20 +41,28 @@ def main() -> None:
         if not path.exists():
             continue
         print(f"running {script} ...", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, str(path)], capture_output=True, text=True, check=False, env=env
+        )
         if done.returncode != 0:
             sections.append(
                 f"## {script} FAILED (exit {done.returncode})\n\n```\n{done.stderr[-3000:]}\n```\n"
             )
         else:
             sections.append(done.stdout.strip() + "\n")
+    out = Path(args.out)
+    plots = plot_all(data_dir, out.parent / "img")
+    if plots:
+        sections.append(
+            "## Plots\n\n" + "\n\n".join(f"{title}\n\n![{title}](img/{name})" for title, name in plots) + "\n"
+        )
     header = (
         "# Benchmarks\n\n"
         f"Written by `make bench` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"{os.cpu_count()} cores, kernel {platform.release()}, Python {platform.python_version()}. "
         "Every figure below was measured in that run; none is a timed assertion in the tests.\n"
     )
-    Path(args.out).write_text(header + "\n" + "\n".join(sections))
+    out.write_text(header + "\n" + "\n".join(sections))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
