@@ -7,9 +7,9 @@ import base64
 import kubernetes_validate
 import pytest
 import yaml
+from install_helpers import K8S_VERSION, ROOT, by_kind, one, render
 from pss_rules import restricted_violations
 
-from conftest import K8S_VERSION, ROOT, by_kind, one, render
 from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.injection import IMAGE_REPOSITORY, IMAGE_TAG
 from istio_pod_network_controller.rbac import CLUSTER_ROLE_RULES, cluster_role_rules

@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
+from install_helpers import KUBE_INJECT, injected_deployment, istio_init, status_annotation
 from pss_rules import baseline_violations, restricted_violations
 
-from conftest import KUBE_INJECT, injected_deployment, istio_init, status_annotation
 from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.cli import cli
 from istio_pod_network_controller.cli.inject import inject_stream, split_documents

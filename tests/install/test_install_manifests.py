@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import kubernetes_validate
 import yaml
-
-from conftest import K8S_VERSION, ROOT, render_tool
+from install_helpers import K8S_VERSION, ROOT, render_tool
 
 
 def test_deploy_manifests_are_up_to_date() -> None:

@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from install_helpers import injected_pod
 from pss_rules import restricted_violations
 
-from conftest import injected_pod
 from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.injection import InjectOptions
 from istio_pod_network_controller.webhook.patch import pod_patch
