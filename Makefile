@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := iptables nftables iproute2 util-linux conntrack python3 python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: test lint typecheck pytest demo bench soak deps system-deps clean
+.PHONY: test lint typecheck pytest demo bench soak deps system-deps clean manifests
 
 test: deps lint typecheck pytest
 
@@ -46,6 +46,9 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench: deps $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
+
+manifests: deps
+	$(BIN)/python tools/render_manifests.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
