@@ -1,34 +1,39 @@
-"""Controller benchmark: a burst of 200 mesh pods on one node, then RSS with 1000 pods on the node.
+"""Controller benchmark: a burst of 200 mesh pods on one node, RSS with 1000 pods, and a concurrency sweep.
 
-Pods are real (a netns, a veth, a `sleep` in a kubelet-named cgroup), the API is the emulator, the
-controller a real subprocess with the DaemonSet's RBAC. "Visible" is the moment the pod is stored in the
-emulator; "marked" is when the controller's patch reached the emulator (its request log).
-Prints a Markdown section `## Controller`. Needs root.
+Pods are real (a netns, a veth, a `sleep` in a kubelet-named cgroup; `istio_pod_network_controller.sim`),
+the API is the emulator, the controller a real subprocess with the chart's RBAC. "Visible" is the moment
+the pod is stored in the emulator; "marked" is when the controller's patch reached the emulator (its
+request log). Prints a Markdown section `## Controller` and saves the raw samples as `controller`.
+Needs root.
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "controller"))
-
-from controller_nodesim import CONTROLLER_USER, SimPod, pod_manifest, simulated_node, wait_for
+from samples import save
 
 from istio_pod_network_controller.localapi import PODS
+from istio_pod_network_controller.sim.cluster import CONTROLLER_USER, SimCluster, pod_manifest
+from istio_pod_network_controller.sim.controller import ControllerProcess, wait_for
+from istio_pod_network_controller.sim.node import SimNode
 
 BURST = 200
 TOTAL = 1000
+SWEEP_PODS = 100
+SWEEP = (1, 2, 4, 8)
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+@dataclass
+class Burst:
+    controller: ControllerProcess
+    latencies_ms: list[float]
+    seconds: float
+    calls: Counter[str]
+    setup_s: float
 
 
 def pct(values: list[float], q: float) -> float:
@@ -36,42 +41,63 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def main() -> None:
-    with simulated_node("ipncb", history_size=5000) as node:
-        setup = time.monotonic()
-        pods = [node.make_netns(f"burst-{i}") for i in range(BURST)]
-        setup = time.monotonic() - setup
-        ctl = node.start_controller("--log-level", "warning")
-        ctl.wait_ready(30)
-        node.api.requests.clear()
-        created: dict[str, float] = {}
-        started = time.time()
-        for pod in pods:
-            node.create(pod)
-            created[pod.name] = time.time()
-        wait_for(lambda: all(node.initialized(p) for p in pods), 120, "burst initialized")
-        time.sleep(0.5)  # let the last Events land before counting
-        records = [r for r in node.api.requests.records() if r.user == CONTROLLER_USER]
-        marked = {
-            r.name: r.time + (r.duration or 0) for r in records if r.verb == "patch" and r.status == 200
-        }
-        latencies = [(marked[p.name] - created[p.name]) * 1000 for p in pods]
-        elapsed = max(marked.values()) - started
-        calls = Counter(f"{r.verb} {r.resource}" for r in records if r.verb not in ("watch", "list"))
-        rss_burst = rss_mib(ctl.proc.pid)
+def burst(cluster: SimCluster, node: SimNode, prefix: str, count: int, extra: list[str]) -> Burst:
+    """Namespaces first (not timed), then a ready controller, then `count` pod objects at once."""
+    setup = time.monotonic()
+    sims = [node.add_pod(f"{prefix}-{i}", "default") for i in range(count)]
+    setup = time.monotonic() - setup
+    ctl = cluster.start_controller(node, extra)
+    ctl.wait_ready(30)
+    cluster.api.requests.clear()
+    created: dict[str, float] = {}
+    started = time.time()
+    for sim in sims:
+        cluster.create_pod(node, sim, sim.name)
+        created[sim.name] = time.time()
+    cluster.wait_initialized(sims, 120, ctl.log)
+    time.sleep(0.5)  # let the last Events land before counting
+    records = [r for r in cluster.api.requests.records() if r.user == CONTROLLER_USER]
+    marked = {r.name: r.time + (r.duration or 0) for r in records if r.verb == "patch" and r.status == 200}
+    latencies = [(marked[s.name] - created[s.name]) * 1000 for s in sims]
+    calls = Counter(f"{r.verb} {r.resource}" for r in records if r.verb not in ("watch", "list"))
+    return Burst(ctl, latencies, max(marked.values()) - started, calls, setup)
 
-        extra = [SimPod(f"idle-{i}", None, None, None) for i in range(TOTAL - BURST)]
-        node.api.store.seed(PODS, [pod_manifest(p.name, "default", node.name, mesh=False) for p in extra])
+
+def main() -> None:
+    with SimCluster(history_size=5000) as cluster:
+        node = cluster.add_node("ipncb")
+        main_burst = burst(cluster, node, "burst", BURST, ["--log-level", "warning"])
+        ctl = main_burst.controller
+        rss_burst = ctl.rss_mib()
+
+        idle = [pod_manifest(f"idle-{i}", "default", node.name, mesh=False) for i in range(TOTAL - BURST)]
+        cluster.store.seed(PODS, idle)
         wait_for(lambda: ctl.metric("istio_pod_network_controller_pods_cached") == TOTAL, 60, "1000 cached")
         wait_for(lambda: ctl.metric("istio_pod_network_controller_queue_depth") == 0, 60, "queue drained")
         time.sleep(1.0)
-        rss_full = rss_mib(ctl.proc.pid)
+        rss_full = ctl.rss_mib()
         assert ctl.terminate() == 0
+        for sim in list(node.pods):
+            cluster.delete_pod(node, sim)
+        for body in idle:
+            cluster.store.delete(PODS, "default", body["metadata"]["name"])
 
+        sweep = []
+        for concurrency in SWEEP:
+            extra = ["--log-level", "warning", "--concurrency", str(concurrency)]
+            run = burst(cluster, node, f"c{concurrency}", SWEEP_PODS, extra)
+            assert run.controller.terminate() == 0
+            sweep.append({"concurrency": concurrency, "pods_per_s": SWEEP_PODS / run.seconds})
+            for sim in list(node.pods):
+                cluster.delete_pod(node, sim)
+
+    latencies, elapsed, calls = main_burst.latencies_ms, main_burst.seconds, main_burst.calls
+    save("controller", {"latency_ms": latencies, "concurrency_sweep": sweep})
     print("## Controller\n")
-    print(f"{BURST} mesh pods created in the emulator in one burst on one node (netns, veth, `sleep` in a "
-          f"kubelet-named cgroup made beforehand, {setup:.1f} s of set-up not counted); controller as a "
-          "subprocess with default flags (concurrency 2 x cores), RBAC-restricted user.\n")  # fmt: skip
+    print(f"{BURST} mesh pods created in the emulator in one burst on one node (netns, veth, `sleep` made "
+          f"beforehand, {main_burst.setup_s:.1f} s of set-up not counted, then moved into the kubelet-named "
+          "cgroup of the UID the API assigned); controller as a subprocess with default flags "
+          "(concurrency 2 x cores), RBAC-restricted user.\n")  # fmt: skip
     print("| measure | value |\n|---|---|")
     print(f"| pod visible → marked, p50 | {statistics.median(latencies):.0f} ms |")
     print(f"| pod visible → marked, p99 | {pct(latencies, 0.99):.0f} ms |")
@@ -83,7 +109,11 @@ def main() -> None:
     print(f"| controller RSS with {TOTAL} pods on the node | {rss_full:.1f} MiB |")
     print(f"\nThe {TOTAL}-pod RSS adds {TOTAL - BURST} non-mesh pods (no netns, never selected) to the "
           f"{BURST} initialized mesh pods; VmRSS from /proc/<pid>/status. Targets: >= 100 pods/s, "
-          "RSS <= 80 MiB.")  # fmt: skip
+          "RSS <= 80 MiB.\n")  # fmt: skip
+    print(f"Throughput against `--concurrency` (a fresh controller and a burst of {SWEEP_PODS} pods each):\n")
+    print("| --concurrency | pods/s |\n|---|---|")
+    for row in sweep:
+        print(f"| {row['concurrency']} | {row['pods_per_s']:.0f} |")
 
 
 if __name__ == "__main__":

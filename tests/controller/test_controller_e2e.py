@@ -1,6 +1,8 @@
 """End to end: the controller as a subprocess, the API emulator, pods as real processes in real netns.
 
-Every assertion is about traffic or API state; see controller_nodesim for the simulated node.
+Every assertion is about traffic or API state; the simulated cluster is `istio_pod_network_controller.sim`
+(SimCluster: emulator + SimNode + ControllerProcess), the controller runs as a user with exactly the
+chart's ClusterRole.
 """
 
 from __future__ import annotations
@@ -8,193 +10,193 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
-from controller_nodesim import (
-    CONTROLLER_USER,
-    Node,
-    SimPod,
-    events_for,
-    host_rules,
-    simulated_node,
-    wait_for,
-)
 
 from istio_pod_network_controller import annotations as ann
-from istio_pod_network_controller.dataplane import apply as dataplane
-from istio_pod_network_controller.dataplane.netns import PinnedNetns
-from istio_pod_network_controller.localapi import NAMESPACES, PODS
-from istio_pod_network_controller.spec import build_spec
+from istio_pod_network_controller.sim.cluster import (
+    CONTROLLER_USER,
+    SimCluster,
+    host_rules,
+    set_status,
+)
+from istio_pod_network_controller.sim.controller import ControllerProcess, wait_for
+from istio_pod_network_controller.sim.node import SimNode, SimPod
+from istio_pod_network_controller.sim.traffic import Server, connect
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 BAD_PORTS = "80,99999"
+FAST_RELIST = ("--relist-jitter", "0.2")
 
 
-def reasons(node: Node, pod: SimPod, namespace: str = "default") -> list[str]:
-    return [e["reason"] for e in events_for(node.api, pod.name, namespace)]
+def start(cluster: SimCluster, node: SimNode, *extra: str) -> ControllerProcess:
+    return cluster.start_controller(node, [*FAST_RELIST, *extra])
 
 
-def rules_in_place(node: Node, pod: SimPod, namespace: str = "default") -> bool:
-    assert pod.netns
-    spec = build_spec(node.annotations(pod, namespace))
-    pinned = PinnedNetns.open_path(f"/run/netns/{pod.netns}")
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """Recording listeners inside pod namespaces; stopped (sockets closed) whatever happens."""
+    listeners = Server()
     try:
-        return dataplane.verify(pinned, spec).in_place
+        yield listeners
     finally:
-        pinned.close()
+        listeners.stop()
+
+
+def rules_in_place(cluster: SimCluster, pod: SimPod) -> bool:
+    return cluster.verify(pod).in_place
 
 
 def no_capture_rules(pod: SimPod) -> bool:
-    return "ISTIO" not in pod.exec(["iptables-save"]) + pod.exec(["iptables-legacy-save"]) + pod.exec(
-        ["nft", "list", "ruleset"]
-    )
+    assert pod.netns
+    saved = [
+        pod.netns.exec(argv)
+        for argv in (["iptables-save"], ["iptables-legacy-save"], ["nft", "list", "ruleset"])
+    ]
+    return "ISTIO" not in "".join(saved)
 
 
-def annotate(node: Node, pod: SimPod, notes: dict[str, str], namespace: str = "default") -> None:
-    def change(obj: dict) -> dict:  # type: ignore[type-arg]
-        meta = {**obj["metadata"], "annotations": {**obj["metadata"].get("annotations", {}), **notes}}
-        return {**obj, "metadata": meta}
+def dial(node: SimNode, pod: SimPod, port: int) -> str:
+    """From the node side to the pod's address: `<listener label> <original dst port>`, or the error."""
+    assert pod.ip
+    reply = connect(node.node, pod.ip, port)
+    if not reply.ok:
+        return f"error {reply.error}"
+    return f"{reply.label} {reply.orig[1] if reply.orig else 0}"
 
-    node.api.store.mutate(PODS, namespace, pod.name, change)
 
-
-def test_node_selection_traffic_events_api_budget_repair_and_restart() -> None:
-    with simulated_node("ipnce") as node:
-        node.api.store.seed(NAMESPACES, [{"metadata": {"name": "legacy", "annotations": {
-            ann.LEGACY_INITIALIZE: "true"}}}])  # fmt: skip
-        mesh = node.make_netns("mesh")
-        node.create(mesh)
-        legacy = node.make_netns("legacy-pod")
-        node.create(legacy, mesh=False, annotations={ann.LEGACY_INITIALIZE: "true"})
-        in_ns = node.make_netns("in-legacy-ns")
-        node.create(in_ns, "legacy", mesh=False)
-        plain = node.make_netns("plain")
-        node.create(plain, mesh=False)
-        bad = node.make_netns("bad")
-        node.create(bad, annotations={ann.INCLUDE_INBOUND_PORTS: BAD_PORTS})
-        opted_out = node.make_netns("opted-out")
-        node.create(opted_out, labels={ann.SIDECAR_INJECT: "false"})
-        host = node.host_pod("host")
-        node.create(host, host_network=True)
+def test_node_selection_traffic_events_api_budget_repair_and_restart(server: Server) -> None:
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipnce")
+        cluster.add_namespace("legacy", {ann.LEGACY_INITIALIZE: "true"})
+        mesh = cluster.add_pod(node, "mesh")
+        legacy = cluster.add_pod(node, "legacy-pod", mesh=False, annotations={ann.LEGACY_INITIALIZE: "true"})
+        in_ns = cluster.add_pod(node, "in-legacy-ns", "legacy", mesh=False)
+        plain = cluster.add_pod(node, "plain", mesh=False)
+        bad = cluster.add_pod(node, "bad", annotations={ann.INCLUDE_INBOUND_PORTS: BAD_PORTS})
+        opted_out = cluster.add_pod(node, "opted-out", labels={ann.SIDECAR_INJECT: "false"})
+        host = cluster.add_pod(node, "host", host_network=True)
         for pod in (mesh, plain):
-            node.listen(pod, 8080, "app")
-            node.listen(pod, 15006, "envoy-in")
+            server.add(pod.netns, "app", 8080, bind6=None)
+            server.add(pod.netns, "envoy-in", 15006, bind6=None)
+        server.start()
         before = host_rules()
 
-        ctl = node.start_controller("--repair-interval", "1")
+        ctl = start(cluster, node, "--repair-interval", "1")
         ctl.wait_ready()
-        selected = [(mesh, "default"), (legacy, "default"), (in_ns, "legacy")]
-        wait_for(lambda: all(node.initialized(p, n) for p, n in selected), 15, "selected pods marked")
-        wait_for(lambda: "HostNetworkSkipped" in reasons(node, host), 5, "hostNetwork warning")
-        wait_for(lambda: "InvalidInterceptionConfig" in reasons(node, bad), 5, "invalid config warning")
+        selected = [mesh, legacy, in_ns]
+        wait_for(lambda: all(cluster.initialized(p) for p in selected), 15, "selected pods marked")
+        wait_for(lambda: "HostNetworkSkipped" in cluster.reasons(host), 5, "hostNetwork warning")
+        wait_for(lambda: "InvalidInterceptionConfig" in cluster.reasons(bad), 5, "invalid config warning")
 
         # Traffic: the mesh pod's app port lands on the inbound capture listener; the plain pod's does not.
-        assert node.connect(mesh, 8080) == "envoy-in 8080"
-        assert node.connect(plain, 8080).startswith("app")
-        for pod, namespace in selected:
-            assert rules_in_place(node, pod, namespace)
-            assert node.annotations(pod, namespace)[ann.SPEC_DIGEST]
-            assert reasons(node, pod, namespace) == ["Initialized"]
+        assert dial(node, mesh, 8080) == "envoy-in 8080"
+        assert dial(node, plain, 8080).startswith("app")
+        for pod in selected:
+            assert rules_in_place(cluster, pod)
+            assert cluster.annotations(pod)[ann.SPEC_DIGEST]
+            assert cluster.reasons(pod) == ["Initialized"]
         for pod in (plain, bad, opted_out):
-            assert not node.initialized(pod) and no_capture_rules(pod)
-        assert not node.initialized(host)
-        (invalid,) = events_for(node.api, "bad")
+            assert not cluster.initialized(pod) and no_capture_rules(pod)
+        assert not cluster.initialized(host)
+        (invalid,) = cluster.events(bad)
         assert invalid["type"] == "Warning"
         assert ann.INCLUDE_INBOUND_PORTS in invalid["message"] and BAD_PORTS in invalid["message"]
         assert invalid["source"] == {"component": "istio-pod-network-controller", "host": node.name}
         assert invalid["involvedObject"]["uid"] == bad.uid
 
         # API budget: one patch and one Event per initialized pod, no GETs, nothing forbidden.
-        records = [r for r in node.api.requests.records() if r.resource]
+        api = cluster.api
+        records = [r for r in api.requests.records() if r.resource]
         assert {r.user for r in records} == {CONTROLLER_USER}
         assert not [r for r in records if r.status == 403]
-        for pod, _ in selected:
-            assert node.api.requests.count(verb="patch", resource="pods", name=pod.name) == 1
-        assert node.api.requests.count(verb="get") == 0
-        assert node.api.requests.count(verb="create", resource="events") == 5  # 3 Initialized + 2 Warnings
+        for pod in selected:
+            assert api.requests.count(verb="patch", resource="pods", name=pod.name) == 1
+        assert api.requests.count(verb="get") == 0
+        assert api.requests.count(verb="create", resource="events") == 5  # 3 Initialized + 2 Warnings
         assert ctl.metric("istio_pod_network_controller_pods_initialized_total") == 3
         assert ctl.metric("istio_pod_network_controller_pods_failed_total", 'reason="invalid_config"') >= 1
         assert ctl.metric("istio_pod_network_controller_stage_seconds_count", 'stage="apply"') >= 3
 
         # Reconfigured: an annotation edited after init changes the rules and the digest.
-        digest = node.annotations(mesh)[ann.SPEC_DIGEST]
-        annotate(node, mesh, {ann.EXCLUDE_INBOUND_PORTS: "8080"})
-        wait_for(lambda: node.annotations(mesh)[ann.SPEC_DIGEST] != digest, 10, "new digest")
-        wait_for(lambda: "Reconfigured" in reasons(node, mesh), 5, "Reconfigured event")
-        assert node.connect(mesh, 8080).startswith("app")
-        assert rules_in_place(node, mesh)
+        digest = cluster.annotations(mesh)[ann.SPEC_DIGEST]
+        cluster.edit_annotations(mesh, {ann.EXCLUDE_INBOUND_PORTS: "8080"})
+        wait_for(lambda: cluster.annotations(mesh)[ann.SPEC_DIGEST] != digest, 10, "new digest")
+        wait_for(lambda: "Reconfigured" in cluster.reasons(mesh), 5, "Reconfigured event")
+        assert dial(node, mesh, 8080).startswith("app")
+        assert rules_in_place(cluster, mesh)
 
         # Drift: someone flushes the legacy pod's rules; the periodic verify puts them back.
-        legacy.exec(["nft", "flush", "ruleset"])
-        legacy.exec(["iptables-legacy", "-t", "nat", "-F"])
-        wait_for(lambda: "Repaired" in reasons(node, legacy), 10, "Repaired event")
-        wait_for(lambda: rules_in_place(node, legacy), 5, "rules back")
+        assert legacy.netns
+        legacy.netns.exec(["nft", "flush", "ruleset"])
+        legacy.netns.exec(["iptables-legacy", "-t", "nat", "-F"])
+        wait_for(lambda: "Repaired" in cluster.reasons(legacy), 10, "Repaired event")
+        wait_for(lambda: rules_in_place(cluster, legacy), 5, "rules back")
         assert ctl.metric("istio_pod_network_controller_pods_repaired_total") >= 1
         assert ctl.terminate() == 0
 
         # Restart with everything in place: no write at all (repeated Warnings are refused as duplicates).
-        node.api.requests.clear()
-        again = node.start_controller()
+        api.requests.clear()
+        again = start(cluster, node)
         again.wait_ready()
         time.sleep(1.0)
-        assert node.api.requests.count(verb="patch") == 0
-        assert node.api.requests.count(verb="create", resource="events", status=201) == 0
-        assert len(events_for(node.api, "bad")) == 1 and len(events_for(node.api, "host")) == 1
+        assert api.requests.count(verb="patch") == 0
+        assert api.requests.count(verb="create", resource="events", status=201) == 0
+        assert len(cluster.events(bad)) == 1 and len(cluster.events(host)) == 1
         assert again.terminate() == 0
         assert host_rules() == before
 
 
 def test_pod_before_its_netns_gets_a_warning_then_is_initialized_when_it_appears() -> None:
-    with simulated_node("ipncl") as node:
-        late = SimPod("late", None, None, None)
-        node.pods.append(late)
-        node.create(late)
-        ctl = node.start_controller("--netns-deadline", "1")
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipncl")
+        cluster.create_pod(node, None, "late")
+        ctl = start(cluster, node, "--netns-deadline", "1")
         ctl.wait_ready()
-        wait_for(lambda: "NetworkNamespaceNotFound" in reasons(node, late), 10, "deadline warning")
-        assert not node.initialized(late)
-        made = node.make_netns("late-netns", with_process=False)
-        late.netns, late.ip4, late.peer4 = made.netns, made.ip4, made.peer4
-        node.pods.remove(made)
-        node.start_process(late)
-
-        def running(obj: dict) -> dict:  # type: ignore[type-arg]
-            return {**obj, "status": {"phase": "Running", "podIP": late.ip4, "podIPs": [{"ip": late.ip4}]}}
-
-        node.api.store.mutate(PODS, "default", "late", running, subresource="status")
-        wait_for(lambda: node.initialized(late), 10, "initialized after the netns appeared")
-        assert rules_in_place(node, late)
-        assert reasons(node, late).count("NetworkNamespaceNotFound") == 1
+        late = SimPod("late", "default", "", None, None, node.cgroup_root, "")  # not on the node yet
+        wait_for(lambda: "NetworkNamespaceNotFound" in cluster.reasons(late), 10, "deadline warning")
+        assert not cluster.initialized(late)
+        late = node.add_pod("late", "default", cluster.pod_object(late)["metadata"]["uid"])
+        set_status(
+            cluster.store,
+            "default",
+            "late",
+            {"phase": "Running", "podIP": late.ip, "podIPs": [{"ip": late.ip}]},
+        )
+        wait_for(lambda: cluster.initialized(late), 10, "initialized after the netns appeared")
+        assert rules_in_place(cluster, late)
+        assert cluster.reasons(late).count("NetworkNamespaceNotFound") == 1
         assert ctl.terminate() == 0
 
 
 def test_sigkill_mid_burst_then_restart_initializes_everything_once() -> None:
-    with simulated_node("ipnck") as node:
-        pods = [node.make_netns(f"burst-{i}") for i in range(30)]
-        for pod in pods:
-            node.create(pod)
-        ctl = node.start_controller("--concurrency", "2")
-        wait_for(lambda: sum(node.initialized(p) for p in pods) >= 3, 20, "some pods marked")
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipnck")
+        pods = [cluster.add_pod(node, f"burst-{i}") for i in range(30)]
+        ctl = start(cluster, node, "--concurrency", "2")
+        wait_for(lambda: sum(cluster.initialized(p) for p in pods) >= 3, 20, "some pods marked")
         ctl.kill()
-        done_before = sum(node.initialized(p) for p in pods)
+        done_before = sum(cluster.initialized(p) for p in pods)
         assert done_before < len(pods), "the kill came too late to test anything"
-        again = node.start_controller()
+        again = start(cluster, node)
         again.wait_ready()
-        wait_for(lambda: all(node.initialized(p) for p in pods), 20, "all pods marked")
+        wait_for(lambda: all(cluster.initialized(p) for p in pods), 20, "all pods marked")
         for pod in pods:
-            assert rules_in_place(node, pod), pod.name  # exact rules: no duplicates, nothing missing
-            assert node.api.requests.count(verb="patch", name=pod.name) == 1
+            assert rules_in_place(cluster, pod), pod.name  # exact rules: no duplicates, nothing missing
+            assert cluster.api.requests.count(verb="patch", name=pod.name) == 1
             # The Event of a pod marked just before the kill may be lost with the process: best effort.
-            assert reasons(node, pod) in (["Initialized"], [])
-        assert sum(reasons(node, p) == ["Initialized"] for p in pods) >= len(pods) - 2
+            assert cluster.reasons(pod) in (["Initialized"], [])
+        assert sum(cluster.reasons(p) == ["Initialized"] for p in pods) >= len(pods) - 2
         assert again.terminate() == 0
 
 
 def test_api_faults_drop_410_429_500_pause_lose_nothing() -> None:
-    with simulated_node("ipncf", bookmark_interval=0.5) as node:
-        ctl = node.start_controller("--watch-inactivity", "2")
+    with SimCluster(bookmark_interval=0.5) as cluster:
+        node = cluster.add_node("ipncf")
+        ctl = start(cluster, node, "--watch-inactivity", "2")
         ctl.wait_ready()
-        faults = node.api.faults
+        faults = cluster.api.faults
         scenarios = {
             "drop": faults.drop_watches,
             "restart410": faults.restart,
@@ -205,35 +207,35 @@ def test_api_faults_drop_410_429_500_pause_lose_nothing() -> None:
         pods = []
         for label, fault in scenarios.items():
             fault()
-            pod = node.make_netns(f"fault-{label}")
-            node.create(pod)
-            pods.append(pod)
+            sim = node.add_pod(f"fault-{label}", "default")
+            cluster.create_pod(node, sim, sim.name)
+            pods.append(sim)
             if label == "pause":
                 time.sleep(3)  # longer than the watchdog: the stream is restarted into a hanging request
                 faults.resume()
-            wait_for(lambda pod=pod: node.initialized(pod), 20, f"pod after {label}\n{ctl.log()}")
+            wait_for(lambda pod=sim: cluster.initialized(pod), 20, f"pod after {label}\n{ctl.log()}")
         for pod in pods:
-            assert rules_in_place(node, pod)
-            assert node.api.requests.count(verb="patch", name=pod.name, status=200) == 1
+            assert rules_in_place(cluster, pod)
+            assert cluster.api.requests.count(verb="patch", name=pod.name, status=200) == 1
         assert ctl.metric("istio_pod_network_controller_watch_restarts_total", 'reason="expired"') >= 1
         assert ctl.metric("istio_pod_network_controller_api_errors_total", 'code="429"') >= 1
         assert ctl.metric("istio_pod_network_controller_api_errors_total", 'code="500"') >= 1
         assert ctl.metric("istio_pod_network_controller_relists_total", 'resource="pods"') >= 2
-        assert node.api.requests.count(verb="get") == 0
+        assert cluster.api.requests.count(verb="get") == 0
         assert ctl.terminate() == 0
 
 
 def test_readyz_waits_for_initial_sync_and_sigterm_exits_zero() -> None:
-    with simulated_node("ipncr") as node:
-        pod = node.make_netns("early")
-        node.create(pod)
-        node.api.faults.pause()
-        ctl = node.start_controller()
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipncr")
+        pod = cluster.add_pod(node, "early")
+        cluster.api.faults.pause()
+        ctl = start(cluster, node)
         wait_for(lambda: ctl.http("/healthz")[0] == 200, 15, "healthz")
         assert ctl.http("/readyz")[0] == 503
-        node.api.faults.resume()
+        cluster.api.faults.resume()
         ctl.wait_ready()
-        assert node.initialized(pod)  # readiness came after the pods already on the node
+        assert cluster.initialized(pod)  # readiness came after the pods already on the node
         assert "istio_pod_network_controller_queue_depth" in ctl.http("/metrics")[1]
         started = time.monotonic()
         assert ctl.terminate() == 0

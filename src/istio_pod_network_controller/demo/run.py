@@ -13,9 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,13 +20,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .. import annotations as ann
 from .. import rbac
 from ..localapi import LocalAPIServer
 from ..localapi.resources import CORE_EVENTS, NAMESPACES, PODS
 from ..localapi.server import ThreadedServer
+from ..sim.cluster import CONTROLLER_USER, host_rules, kubelet_status, set_status
+from ..sim.controller import ControllerProcess
 from ..sim.node import SimNode, SimPod
 from ..sim.runtime import SYSTEM_PYTHON, build_runtime, runtime_env
 from ..sim.traffic import Reply, Server, connect
@@ -39,7 +38,6 @@ from .scenario import NAMESPACES as DEMO_NAMESPACES
 T = TypeVar("T")
 PROXY_UID = 1337
 WAITER_TIMEOUT = 30.0
-CONTROLLER_USER = "istio-pod-network-controller"
 
 
 @dataclass
@@ -74,22 +72,6 @@ class DemoResult:
     controller_exit: int | None
 
 
-def _host_rules() -> str:
-    """The host namespace's rules in every system, minus comments and counters; read, never changed."""
-    parts = []
-    for argv in (["iptables-legacy-save"], ["iptables-nft-save"], ["nft", "list", "ruleset"]):
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        parts += [line for line in done.stdout.splitlines() if not line.startswith("#") and "[" not in line]
-    return "\n".join(parts)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _started(resource: T | None) -> T:
     if resource is None:
         raise RuntimeError("the demo has not been started")
@@ -119,7 +101,7 @@ class Demo:
         self._api: ThreadedServer | None = None
         self._node: SimNode | None = None
         self.remote = Server()
-        self.controller: subprocess.Popen[str] | None = None
+        self.controller: ControllerProcess | None = None
         self.controller_log = self.workdir / "controller.log"
         self.outcomes = {p.name: PodOutcome(p) for p in self.cast}
         self.sim_pods: dict[str, SimPod] = {}
@@ -153,17 +135,12 @@ class Demo:
         self.remote.add(self.node.node, "remote", REMOTE_PORT)
         self.remote.start()
         self.say("starting the controller")
-        self.controller = subprocess.Popen(
-            [
-                sys.executable, "-m", "istio_pod_network_controller", "run",
-                "--kubeconfig", str(kubeconfig), "--node-name", self.node.name,
-                "--listen-address", f"127.0.0.1:{_free_port()}", "--log-format", "text",
-                "--backend", self.backend, "--repair-interval", "0",
-            ],
-            stdout=self.controller_log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
+        self.controller = ControllerProcess.start(
+            kubeconfig,
+            self.node.name,
+            self.controller_log,
+            ["--backend", self.backend, "--repair-interval", "0"],
+        )
 
     def create_pods(self) -> None:
         for index, pod in enumerate(self.cast, start=1):
@@ -183,12 +160,8 @@ class Demo:
                 self._start_containers(pod, sim)
 
     def _kubelet_status(self, pod: DemoPod, sim: SimPod) -> None:
-        pod_ip = sim.ip or "10.0.0.1"
-
-        def status(obj: dict[str, Any]) -> dict[str, Any]:
-            return {**obj, "status": {"phase": "Pending", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}}
-
-        self.api.store.mutate(PODS, pod.namespace, pod.name, status, subresource="status")
+        """Init containers still run: Pending, with the sandbox's address (the node's for hostNetwork)."""
+        set_status(self.api.store, pod.namespace, pod.name, kubelet_status(sim.ip or "10.0.0.1", "Pending"))
 
     def _start_init(self, pod: DemoPod, sim: SimPod) -> None:
         """The waiter as the pod's first init container: uid 1337, no capabilities, the downward-API file."""
@@ -248,9 +221,9 @@ class Demo:
                      f"{len(waiting)} waiter(s) running")  # fmt: skip
             if not pending and not waiting:
                 break
-            if self.controller is not None and self.controller.poll() is not None:
+            if self.controller is not None and not self.controller.running():
                 raise RuntimeError(
-                    f"the controller exited ({self.controller.returncode}); see {self.controller_log}"
+                    f"the controller exited ({self.controller.proc.returncode}); see {self.controller_log}"
                 )
             time.sleep(0.02)
         time.sleep(0.3)  # let late Events land before they are read
@@ -306,16 +279,7 @@ class Demo:
     # --- teardown ------------------------------------------------------------------------------------------
 
     def stop_controller(self) -> int | None:
-        if self.controller is None:
-            return None
-        if self.controller.poll() is None:
-            self.controller.send_signal(signal.SIGTERM)
-            try:
-                self.controller.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.controller.kill()
-                self.controller.wait(timeout=5)
-        return self.controller.returncode
+        return None if self.controller is None else self.controller.stop(10)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -353,7 +317,7 @@ def run_demo(
     keep: Callable[[Demo], None] | None = None,
 ) -> DemoResult:
     """Run the whole demo and return what happened; `keep` is called before cleanup (e.g. to wait)."""
-    before = _host_rules()
+    before = host_rules()
     demo = Demo(pods, backend, progress)
     with sigterm_as_interrupt():
         try:
@@ -366,7 +330,7 @@ def run_demo(
             if keep is not None:
                 keep(demo)
             code = demo.stop_controller()
-            return DemoResult(list(demo.outcomes.values()), _host_rules() == before, requests, code)
+            return DemoResult(list(demo.outcomes.values()), host_rules() == before, requests, code)
         finally:
             progress("cleaning up")
             demo.close()

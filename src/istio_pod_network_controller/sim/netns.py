@@ -19,6 +19,16 @@ def ip(*args: str) -> str:
     return done.stdout
 
 
+def ip_batch(commands: list[str], netns: str | None = None) -> None:
+    """Several `ip` commands in one process (`ip [-n NETNS] -batch -`); raise on the first failure."""
+    argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    done = subprocess.run(
+        argv, input="\n".join(commands) + "\n", capture_output=True, text=True, timeout=20, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+
+
 class NamedNetns:
     """A named namespace (`ip netns add`), pinned by fd for run_in; delete() removes it."""
 

@@ -1,6 +1,6 @@
 """One simulated Kubernetes node: pods as real network namespaces, real processes, kubelet-style cgroups.
 
-    node netns: bridge br0 10.S.0.254/24  <-veth->  pod netns eth0 10.S.0.N/24   (one per pod)
+    node netns: bridge br0 10.S.0.254/16  <-veth->  pod netns eth0 10.S.X.Y/16  (one per pod; never .0.254)
 
 Each pod's "sandbox" is a `sleep` inside its namespace, placed in the cgroup the kubelet's systemd driver
 would use (`kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope`), so pod discovery finds it by the
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .netns import NamedNetns, ip
+from .netns import NamedNetns, ip, ip_batch
 
 
 def cgroup2_mount() -> Path:
@@ -61,10 +61,11 @@ class SimNode:
         self.cgroup_root = cgroup2_mount() / f"ipnc-{name}"
         self.node = NamedNetns(f"{name}-node")
         try:
-            ip("-n", self.node.name, "link", "set", "lo", "up")
-            ip("-n", self.node.name, "link", "add", "br0", "type", "bridge")
-            ip("-n", self.node.name, "addr", "add", f"{self.gateway}/24", "dev", "br0")
-            ip("-n", self.node.name, "link", "set", "br0", "up")
+            ip_batch(
+                ["link set lo up", "link add br0 type bridge", f"addr add {self.gateway}/16 dev br0",
+                 "link set br0 up"],
+                self.node.name,
+            )  # fmt: skip
             self.cgroup_root.mkdir()
         except BaseException:
             self.close()
@@ -81,44 +82,56 @@ class SimNode:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def add_pod(self, name: str, namespace: str, uid: str, *, host_network: bool = False) -> SimPod:
-        """Namespace (unless host_network), cgroup and sandbox process for a pod the API already knows."""
+    def add_pod(
+        self, name: str, namespace: str, uid: str | None = None, *, host_network: bool = False
+    ) -> SimPod:
+        """Namespace (unless host_network), cgroup and sandbox process for a pod.
+
+        Without `uid` the sandbox waits in a cgroup no discovery matches until adopt() gives it the UID the
+        API server assigned (so namespaces can be made before a burst of API objects).
+        """
         with self._lock:
             number = self._next_host
             self._next_host += 1
-        slice_name = f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
         container_id = secrets.token_hex(32)
-        cgroup = (
+        netns = None if host_network else NamedNetns(f"{self.name}-p{number}")
+        pod = SimPod(name, namespace, uid or "", None, netns, self._cgroup(uid, container_id), container_id)
+        pod.cgroup.mkdir(parents=True)
+        self.pods.append(pod)
+        if netns is not None:
+            pod.ip = f"10.{self.subnet}.{(number - 1) // 250}.{(number - 1) % 250 + 1}"
+            veth = f"v{self.name[-6:]}{number}"[:15]
+            ip_batch(
+                [
+                    f"link add eth0 type veth peer name {veth} netns {self.node.name}",
+                    "link set lo up",
+                    f"addr add {pod.ip}/16 dev eth0",
+                    "link set eth0 up",
+                ],
+                netns.name,
+            )
+            ip("-n", self.node.name, "link", "set", veth, "master", "br0", "up")
+        self.spawn(pod, ["sleep", "infinity"])
+        return pod
+
+    def _cgroup(self, uid: str | None, container_id: str) -> Path:
+        if not uid:
+            return self.cgroup_root / "unassigned" / f"cri-containerd-{container_id}.scope"
+        slice_name = f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+        return (
             self.cgroup_root / "kubepods.slice" / "kubepods-besteffort.slice" / slice_name
             / f"cri-containerd-{container_id}.scope"
         )  # fmt: skip
+
+    def adopt(self, pod: SimPod, uid: str) -> None:
+        """Move the pod's processes into the kubelet cgroup of `uid` (the API object now exists)."""
+        cgroup = self._cgroup(uid, pod.container_id)
         cgroup.mkdir(parents=True)
-        netns = None if host_network else NamedNetns(f"{self.name}-p{number}")
-        pod = SimPod(name, namespace, uid, None, netns, cgroup, container_id)
-        self.pods.append(pod)
-        if netns is not None:
-            pod.ip = f"10.{self.subnet}.0.{number}"
-            veth = f"v{self.name[-6:]}{number}"[:15]
-            ip(
-                "-n",
-                netns.name,
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                veth,
-                "netns",
-                self.node.name,
-            )
-            ip("-n", self.node.name, "link", "set", veth, "master", "br0", "up")
-            ip("-n", netns.name, "link", "set", "lo", "up")
-            ip("-n", netns.name, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
-            ip("-n", netns.name, "link", "set", "eth0", "up")
-        self.spawn(pod, ["sleep", "infinity"])
-        return pod
+        for process in pod.processes:
+            if process.poll() is None:
+                (cgroup / "cgroup.procs").write_text(str(process.pid))
+        old, pod.cgroup, pod.uid = pod.cgroup, cgroup, uid
+        _remove_tree(old, stop_at=self.cgroup_root)
 
     def spawn(
         self,

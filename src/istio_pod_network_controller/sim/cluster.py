@@ -1,0 +1,237 @@
+"""A simulated cluster: the API emulator in a thread, SimNodes, and what the kubelet and users would write.
+
+The test or benchmark plays "the rest of the cluster" by writing straight into the emulator's store (pod
+objects, their kubelet status, annotation edits, deletions), while each controller talks to the emulator
+over HTTP as an RBAC user holding exactly the chart's rules (`rbac.cluster_role_rules()`). close() stops
+every controller started here, removes every node and stops the emulator, also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import annotations as ann
+from .. import rbac
+from ..dataplane import apply as dataplane
+from ..dataplane.apply import BackendChoice, Drift
+from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
+from ..spec import build_spec
+from .controller import ControllerProcess, wait_for
+from .node import SimNode, SimPod
+
+Obj = dict[str, Any]
+CONTROLLER_USER = "istio-pod-network-controller"
+INJECTED_STATUS = json.dumps({"initContainers": [ann.WAITER_CONTAINER], "containers": ["istio-proxy"]})
+HOST_RULE_TOOLS = (
+    "iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save", "nft",
+)  # fmt: skip
+_names = itertools.count(1)
+
+
+def unique_name(prefix: str) -> str:
+    """Short and unique across parallel runs (netns and cgroup names are host-global)."""
+    return f"{prefix}{os.getpid() % 10000}x{next(_names)}"
+
+
+def pod_manifest(
+    name: str,
+    namespace: str,
+    node: str,
+    *,
+    mesh: bool = True,
+    annotations: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    host_network: bool = False,
+) -> Obj:
+    """A pod as the injector leaves it: `mesh` adds the sidecar status and the waiter init container."""
+    notes = {**({ann.SIDECAR_STATUS: INJECTED_STATUS} if mesh else {}), **(annotations or {})}
+    inits = [{"name": ann.WAITER_CONTAINER, "image": "ipnc"}] if mesh else []
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "annotations": notes,
+            "labels": dict(labels or {}),
+        },
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": host_network,
+            "initContainers": inits,
+            "containers": [{"name": "app", "image": "app"}, {"name": "istio-proxy", "image": "proxy"}],
+        },
+    }
+
+
+def kubelet_status(pod_ip: str | None, phase: str = "Running") -> Obj:
+    """The status the kubelet reports once the sandbox exists (no IP: still Pending)."""
+    if pod_ip is None:
+        return {"phase": "Pending"}
+    return {"phase": phase, "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}
+
+
+def set_status(store: Store, namespace: str, name: str, status: Obj) -> None:
+    """Write a pod's status through the status subresource, as the kubelet does."""
+    store.mutate(PODS, namespace, name, lambda obj: {**obj, "status": status}, subresource="status")
+
+
+def host_rules() -> str:
+    """The host namespace's rules in every rule system, comments and counters removed; read only."""
+    out = []
+    for tool in HOST_RULE_TOOLS:
+        argv = ["nft", "list", "ruleset"] if tool == "nft" else [tool]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+        out.append(f"== {tool} rc={done.returncode}\n{done.stdout}")
+    text = re.sub(r"^#.*$", "", "\n".join(out), flags=re.MULTILINE)
+    return re.sub(r"\[\d+:\d+\]", "[]", text)
+
+
+class SimCluster:
+    """One emulator, any number of SimNodes and controllers; use as a context manager."""
+
+    def __init__(self, *, history_size: int = 1000, bookmark_interval: float = 60.0) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="ipnc-cluster-"))
+        self.nodes: list[SimNode] = []
+        self.controllers: list[ControllerProcess] = []
+        self._kubeconfigs: dict[str, Path] = {}
+        try:
+            server = LocalAPIServer(history_size=history_size, bookmark_interval=bookmark_interval)
+            self.api: ThreadedServer = server.start_in_thread()
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    def __enter__(self) -> SimCluster:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def store(self) -> Store:
+        return self.api.store
+
+    # -- nodes and controllers ----------------------------------------------------------------------------
+
+    def add_node(self, prefix: str = "ipnc", subnet: int | None = None) -> SimNode:
+        """A new node with a unique name; subnets differ per node unless given."""
+        node = SimNode(unique_name(prefix), subnet if subnet is not None else 100 + len(self.nodes))
+        self.nodes.append(node)
+        return node
+
+    def kubeconfig(
+        self, user: str = CONTROLLER_USER, rules: Iterable[Mapping[str, Any]] | None = None
+    ) -> Path:
+        """A kubeconfig for `user`, created once with `rules` (default: the chart's ClusterRole)."""
+        if user not in self._kubeconfigs:
+            created = self.api.add_user(user, secrets.token_hex(16), rules or rbac.cluster_role_rules())
+            path = self.workdir / f"{user}.kubeconfig"
+            self._kubeconfigs[user] = self.api.api.write_kubeconfig(path, created)
+        return self._kubeconfigs[user]
+
+    def start_controller(
+        self, node: SimNode | str, extra: Sequence[str] = (), *, user: str = CONTROLLER_USER
+    ) -> ControllerProcess:
+        """The real controller for `node` as `user`; its log is kept in the cluster's work directory."""
+        name = node if isinstance(node, str) else node.name
+        log = self.workdir / f"controller-{name}-{len(self.controllers)}.log"
+        controller = ControllerProcess.start(self.kubeconfig(user), name, log, extra)
+        self.controllers.append(controller)
+        return controller
+
+    # -- API objects --------------------------------------------------------------------------------------
+
+    def add_namespace(self, name: str, annotations: Mapping[str, str] | None = None) -> None:
+        meta = {"name": name, "annotations": dict(annotations or {})}
+        self.store.create(NAMESPACES, None, {"metadata": meta})
+
+    def create_pod(self, node: SimNode, sim: SimPod | None, name: str, namespace: str = "default",
+                   **manifest: Any) -> Obj:  # fmt: skip
+        """Store the pod object (status included when `sim` has an address) and hand its UID to `sim`."""
+        body = pod_manifest(name, namespace, node.name, **manifest)
+        body["status"] = kubelet_status(sim.ip if sim is not None else None)
+        obj = self.store.create(PODS, namespace, body)
+        if sim is not None:
+            node.adopt(sim, obj["metadata"]["uid"])
+        return obj
+
+    def add_pod(self, node: SimNode, name: str, namespace: str = "default", *, host_network: bool = False,
+                **manifest: Any) -> SimPod:  # fmt: skip
+        """API object, then the sandbox (netns, cgroup, process), then the kubelet's status with its IP."""
+        body = pod_manifest(name, namespace, node.name, host_network=host_network, **manifest)
+        obj = self.store.create(PODS, namespace, body)
+        sim = node.add_pod(name, namespace, obj["metadata"]["uid"], host_network=host_network)
+        if sim.ip is not None:
+            set_status(self.store, namespace, name, kubelet_status(sim.ip))
+        return sim
+
+    def delete_pod(self, node: SimNode, pod: SimPod) -> None:
+        """Delete the API object (if still there) and the pod's sandbox on the node."""
+        with contextlib.suppress(Exception):
+            self.store.delete(PODS, pod.namespace, pod.name)
+        node.remove_pod(pod)
+
+    def edit_annotations(self, pod: SimPod, changes: Mapping[str, str | None]) -> None:
+        """A user's annotation edit (None removes the key)."""
+
+        def edit(obj: Obj) -> Obj:
+            notes = {**(obj["metadata"].get("annotations") or {}), **changes}
+            notes = {k: v for k, v in notes.items() if v is not None}
+            return {**obj, "metadata": {**obj["metadata"], "annotations": notes}}
+
+        self.store.mutate(PODS, pod.namespace, pod.name, edit)
+
+    # -- observation --------------------------------------------------------------------------------------
+
+    def pod_object(self, pod: SimPod) -> Obj:
+        return dict(self.store.get(PODS, pod.namespace, pod.name))
+
+    def annotations(self, pod: SimPod) -> dict[str, str]:
+        return dict(self.pod_object(pod)["metadata"].get("annotations") or {})
+
+    def initialized(self, pod: SimPod) -> bool:
+        return self.annotations(pod).get(ann.STATUS) == ann.STATUS_INITIALIZED
+
+    def wait_initialized(self, pods: Sequence[SimPod], timeout: float, log: Callable[[], str] = str) -> None:
+        wait_for(lambda: all(self.initialized(p) for p in pods), timeout, f"pods marked\n{log()}", 0.1)
+
+    def events(self, pod: SimPod) -> list[Obj]:
+        """Core/v1 Events about the pod (by namespace and name), oldest first."""
+        return [
+            event
+            for event in self.store.objects(CORE_EVENTS, pod.namespace)
+            if (event.get("involvedObject") or {}).get("name") == pod.name
+        ]
+
+    def reasons(self, pod: SimPod) -> list[str]:
+        return [event["reason"] for event in self.events(pod)]
+
+    def verify(self, pod: SimPod, backend: BackendChoice = "auto") -> Drift:
+        """The pod's live rules against the spec its annotations ask for (under default controller flags)."""
+        if pod.netns is None:
+            raise ValueError(f"{pod.name} has no network namespace of its own")
+        spec = build_spec(self.annotations(pod))
+        return dataplane.verify(pod.netns.pinned, spec, backend)
+
+    # -- teardown -----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for controller in self.controllers:
+            with contextlib.suppress(Exception):
+                controller.stop(5)
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.close()
+        with contextlib.suppress(Exception):
+            self.api.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
