@@ -39,6 +39,7 @@ demo: deps
 
 soak: deps
 	HYPOTHESIS_PROFILE=soak $(BIN)/pytest -m "root or not root" tests/test_fuzz_spec.py $(PYTEST_ARGS)
+	IPNC_SOAK_SECONDS=$${IPNC_SOAK_SECONDS:-300} $(BIN)/pytest -s tests/soak/test_chaos.py $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'

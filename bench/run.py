@@ -23,6 +23,8 @@ SCRIPTS = [
     "waiter_bench.py",
     "controller_bench.py",
     "localapi_bench.py",
+    "many_nodes_bench.py",
+    "soak_report.py",
 ]
 
 

@@ -31,6 +31,7 @@ INVALID_CONFIG: Final = "InvalidInterceptionConfig"
 HOST_NETWORK_SKIPPED: Final = "HostNetworkSkipped"
 NETNS_NOT_FOUND: Final = "NetworkNamespaceNotFound"
 APPLY_FAILED: Final = "InterceptionFailed"
+CAPTURE_KEPT: Final = "CaptureKept"
 
 log = logging.getLogger(__name__)
 _seq = itertools.count()

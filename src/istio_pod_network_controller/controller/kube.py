@@ -139,13 +139,17 @@ class KubeClient:
         self._count(error.code)
         return error
 
-    async def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        """One JSON merge patch of metadata.annotations."""
+    async def patch_pod_annotations(
+        self, namespace: str, name: str, annotations: dict[str, str]
+    ) -> str | None:
+        """One JSON merge patch of metadata.annotations; the pod's resourceVersion after it."""
         body = {"metadata": {"annotations": annotations}}
         try:
-            await self._lk.patch(Pod, name, body, namespace=namespace, patch_type=PatchType.MERGE)
+            patched = await self._lk.patch(Pod, name, body, namespace=namespace, patch_type=PatchType.MERGE)
         except (httpx.HTTPError, ApiError) as exc:
             raise self._translate(exc) from exc
+        version = getattr(getattr(patched, "metadata", None), "resourceVersion", None)
+        return version if isinstance(version, str) else None
 
     async def create_event(self, event: dict[str, Any], attempts: int = 4) -> None:
         """Create a core/v1 Event, retrying 429/5xx/connection failures; AlreadyExists means recorded."""

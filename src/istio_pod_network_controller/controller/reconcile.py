@@ -46,6 +46,14 @@ class PodState:
     """The spec digest this process applied or verified in the pod; skips re-verifying our own patch echo."""
     deadline_reported: bool = False
     attempted: bool = False
+    patched_rv: int | None = None
+    """resourceVersion our last patch produced: a cached copy older than it predates our own mark."""
+
+
+def _older_than(pod: Obj, version: int | None) -> bool:
+    """Whether the pod's resourceVersion is below `version` (only when both are integers, as with etcd)."""
+    mine = pod["metadata"].get("resourceVersion") or ""
+    return version is not None and mine.isdigit() and int(mine) < version
 
 
 class ScanCache:
@@ -136,9 +144,24 @@ class Reconciler:
             state = self.states[uid]
         state.attempted = True
         extra = pod_extra(pod)
+        if _older_than(pod, state.patched_rv):
+            # A copy from before our own patch (say, the kubelet's status update, queued while we applied):
+            # acting on it would apply and mark a second time. The patch's echo queues the pod again.
+            log.debug("skipping a copy older than our patch", extra=extra)
+            return None
         decision = self.decide(pod)
+        meta_ann: dict[str, str] = pod["metadata"].get("annotations") or {}
+        marked = meta_ann.get(ann.STATUS) == ann.STATUS_INITIALIZED
         if not decision.selected:
             self.metrics.skipped.labels(decision.reason).inc()
+            if marked and decision.reason not in (selection.DELETING, selection.FINISHED):
+                # Fail closed: an annotation or label edit never removes capture from a running pod.
+                message = (
+                    f"pod no longer selected ({decision.reason}) after its capture rules were installed; "
+                    "the rules are kept (only deleting the pod removes them)"
+                )
+                if self.recorder.record(pod, ev.WARNING, ev.CAPTURE_KEPT, message):
+                    log.warning("%s", message, extra=extra)
             if decision.reason == selection.HOST_NETWORK and self._wanted_mesh(pod):
                 self.recorder.record(
                     pod,
@@ -149,17 +172,18 @@ class Reconciler:
                 )
             log.debug("not selected: %s", decision.reason, extra=extra)
             return None
-        meta_ann: dict[str, str] = pod["metadata"].get("annotations") or {}
         try:
             spec = build_spec(meta_ann, self.config.spec_defaults, default_source=self.flag_of)
         except SpecError as exc:
             self.metrics.failed.labels("invalid_config").inc()
-            message = f"{exc}; capture rules not installed (fail closed)"
+            if marked:
+                message = f"{exc}; the capture rules installed before are kept unchanged (fail closed)"
+            else:
+                message = f"{exc}; capture rules not installed (fail closed)"
             if self.recorder.record(pod, ev.WARNING, ev.INVALID_CONFIG, message):
-                log.warning("invalid interception config: %s", exc, extra=extra)
+                log.warning("invalid interception config: %s", message, extra=extra)
             return None
 
-        marked = meta_ann.get(ann.STATUS) == ann.STATUS_INITIALIZED
         digest = meta_ann.get(ann.SPEC_DIGEST)
         if marked and digest in candidate_digests(spec):
             if VERIFY not in flags and state.in_place == digest:
@@ -285,7 +309,7 @@ class Reconciler:
         extra = pod_extra(pod)
         patch_started = time.perf_counter()
         try:
-            await self.kube.patch_pod_annotations(
+            version = await self.kube.patch_pod_annotations(
                 meta["namespace"],
                 meta["name"],
                 {ann.STATUS: ann.STATUS_INITIALIZED, ann.SPEC_DIGEST: result.fingerprint},
@@ -299,6 +323,7 @@ class Reconciler:
             log.warning("marking failed (%s), retrying in %.2fs", exc, delay, extra=extra)
             return delay
         self.metrics.stage_seconds.labels("patch").observe(time.perf_counter() - patch_started)
+        state.patched_rv = int(version) if version and version.isdigit() else None
         state.in_place = result.fingerprint
         state.backoff.reset()
         state.deadline_reported = False
