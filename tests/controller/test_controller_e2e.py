@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -32,16 +31,6 @@ FAST_RELIST = ("--relist-jitter", "0.2")
 
 def start(cluster: SimCluster, node: SimNode, *extra: str) -> ControllerProcess:
     return cluster.start_controller(node, [*FAST_RELIST, *extra])
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    """Recording listeners inside pod namespaces; stopped (sockets closed) whatever happens."""
-    listeners = Server()
-    try:
-        yield listeners
-    finally:
-        listeners.stop()
 
 
 def rules_in_place(cluster: SimCluster, pod: SimPod) -> bool:
@@ -66,8 +55,8 @@ def dial(node: SimNode, pod: SimPod, port: int) -> str:
     return f"{reply.label} {reply.orig[1] if reply.orig else 0}"
 
 
-def test_node_selection_traffic_events_api_budget_repair_and_restart(server: Server) -> None:
-    with SimCluster() as cluster:
+def test_node_selection_traffic_events_api_budget_repair_and_restart() -> None:
+    with SimCluster() as cluster, Server() as server:
         node = cluster.add_node("ipnce")
         cluster.add_namespace("legacy", {ann.LEGACY_INITIALIZE: "true"})
         mesh = cluster.add_pod(node, "mesh")

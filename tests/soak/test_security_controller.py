@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 
@@ -32,15 +31,6 @@ PATH_KEYS = (
     ann.EXCLUDE_INTERFACES, ann.REROUTE_VIRTUAL_INTERFACES, ann.KUBEVIRT_INTERFACES, ann.ENVOY_PORT,
     ann.ENVOY_USERID, ann.ENVOY_GROUPID, ann.CAPTURE_DNS, ann.IPV6,
 )  # fmt: skip
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    listeners = Server()
-    try:
-        yield listeners
-    finally:
-        listeners.stop()
 
 
 def landed(node: SimNode, pod: SimPod, *, inbound: bool) -> str | None:
@@ -73,8 +63,8 @@ def test_host_network_pod_with_every_selection_rule_is_never_processed() -> None
         assert ctl.terminate() == 0
 
 
-def test_annotation_edits_after_init_reapply_visibly_and_never_remove_capture(server: Server) -> None:
-    with SimCluster() as cluster:
+def test_annotation_edits_after_init_reapply_visibly_and_never_remove_capture() -> None:
+    with SimCluster() as cluster, Server() as server:
         node = cluster.add_node("ipnsw")
         pod = cluster.add_pod(node, "app")
         server.add(pod.netns, "app", 8080, bind6=None)

@@ -193,6 +193,12 @@ class Server:
             self._listens.append(listen)
             self.selector.register(sock, selectors.EVENT_READ, listen)
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="traffic-server", daemon=True)
         self._thread.start()
