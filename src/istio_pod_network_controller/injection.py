@@ -153,7 +153,39 @@ def _containers(spec: Mapping[str, Any], key: str) -> list[Any]:
 
 
 def _name(container: Any) -> str | None:
-    return container.get("name") if isinstance(container, dict) else None
+    name = container.get("name") if isinstance(container, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _require_map(value: Any, where: str) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise InjectionError(f"{where} must be a map, not {type(value).__name__}")
+
+
+def _require_shape(spec: Mapping[str, Any]) -> None:
+    """Refuse, with our own error, the malformed shapes that a rewrite reads or edits.
+
+    The API server would reject such a pod anyway; refusing here keeps `inject` and the webhook from
+    failing with a bare TypeError on hostile or broken input.
+    """
+    for key in ("initContainers", "containers", "volumes"):
+        for index, item in enumerate(_containers(spec, key)):
+            where = f"spec.{key}[{index}]"
+            if not isinstance(item, dict):
+                raise InjectionError(f"{where} must be a map, not {type(item).__name__}")
+            if not isinstance(item.get("name"), str):
+                raise InjectionError(f"{where}.name must be a string")
+            _require_map(item.get("securityContext"), f"{where}.securityContext")
+            capabilities = (item.get("securityContext") or {}).get("capabilities")
+            _require_map(capabilities, f"{where}.securityContext.capabilities")
+            _require_map(item.get("downwardAPI"), f"{where}.downwardAPI")
+            items = (item.get("downwardAPI") or {}).get("items")
+            if items is not None and not isinstance(items, list):
+                raise InjectionError(f"{where}.downwardAPI.items must be a list")
+            for inner in items or []:
+                if not isinstance(inner, dict):
+                    raise InjectionError(f"{where}.downwardAPI.items[] must be maps")
+                _require_map(inner.get("fieldRef"), f"{where}.downwardAPI.items[].fieldRef")
 
 
 def is_mesh_pod(pod_spec: Mapping[str, Any], annotations: Mapping[str, Any] | None = None) -> bool:
@@ -331,6 +363,7 @@ def rewrite_pod(
     metadata: Mapping[str, Any] | None, pod_spec: Mapping[str, Any], options: InjectOptions
 ) -> PodRewrite:
     """Rewrite one pod (or pod template): returns new metadata/spec; the inputs are never modified."""
+    _require_map(metadata, "metadata")
     meta: JSON = copy.deepcopy(dict(metadata or {}))
     spec: JSON = copy.deepcopy(dict(pod_spec))
     annotations_in = meta.get("annotations")
@@ -340,6 +373,7 @@ def rewrite_pod(
         raise InjectionError("metadata.annotations must be a map")
     if not needs_rewrite(spec, annotations_in):
         return PodRewrite(False, meta, spec)
+    _require_shape(spec)
 
     warnings: list[str] = []
     inits = _containers(spec, "initContainers")

@@ -85,7 +85,8 @@ def inject_stream(stream: str, options: InjectOptions) -> InjectResult:
             parts.append(document.text)
             continue
         changed += 1
-        name = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name', '?')}"
+        meta = obj.get("metadata")
+        name = f"{obj.get('kind')}/{meta.get('name', '?') if isinstance(meta, dict) else '?'}"
         warnings += [f"{name}: {note}" for note in notes]
         separator = "---\n" if document.separator else ""
         dumped = yaml.safe_dump(
