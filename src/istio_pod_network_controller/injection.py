@@ -188,19 +188,6 @@ def _require_shape(spec: Mapping[str, Any]) -> None:
                 _require_map(inner.get("fieldRef"), f"{where}.downwardAPI.items[].fieldRef")
 
 
-def is_mesh_pod(pod_spec: Mapping[str, Any], annotations: Mapping[str, Any] | None = None) -> bool:
-    """True when the pod carries an Istio sidecar (istio-proxy, istio-init, our waiter, or Istio's status)."""
-    if annotations and ann.SIDECAR_STATUS in annotations:
-        return True
-    try:
-        names = {_name(c) for c in _containers(pod_spec, "initContainers")} | {
-            _name(c) for c in _containers(pod_spec, "containers")
-        }
-    except InjectionError:
-        return False
-    return bool(names & {ann.ISTIO_INIT_CONTAINER, ann.WAITER_CONTAINER, ISTIO_PROXY_CONTAINER})
-
-
 def needs_rewrite(pod_spec: Mapping[str, Any], annotations: Mapping[str, Any] | None = None) -> bool:
     """True when the pod still has Istio's istio-init and has not opted out."""
     if annotations and str(annotations.get(OPT_OUT_ANNOTATION, "")).lower() == "false":
@@ -430,12 +417,6 @@ def rewrite_pod(
     _update_status(annotations, volume_name)
     meta["annotations"] = annotations
     return PodRewrite(True, meta, spec, warnings)
-
-
-def rewrite_pod_spec(pod_spec: Mapping[str, Any], options: InjectOptions) -> tuple[bool, JSON]:
-    """Spec-only form of rewrite_pod (no annotations to read or write)."""
-    result = rewrite_pod(None, pod_spec, options)
-    return result.changed, result.spec
 
 
 # --- whole objects ------------------------------------------------------------------------------------------

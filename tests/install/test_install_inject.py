@@ -17,12 +17,10 @@ from istio_pod_network_controller.cli.inject import inject_stream, split_documen
 from istio_pod_network_controller.injection import (
     InjectionError,
     InjectOptions,
-    is_mesh_pod,
     needs_rewrite,
     parse_istio_iptables_args,
     rewrite_object,
     rewrite_pod,
-    rewrite_pod_spec,
 )
 
 OPTIONS = InjectOptions(image="registry.example/ipnc:test")
@@ -79,14 +77,15 @@ def test_rewrite_is_idempotent(deployment: dict) -> None:
     assert not second.changed
     assert second.spec == first.spec
     assert not needs_rewrite(first.spec)
-    assert is_mesh_pod(first.spec)
+    assert first.spec["initContainers"][0]["name"] == ann.WAITER_CONTAINER
 
 
 def test_app_init_containers_follow_the_waiter(deployment: dict) -> None:
     spec = deployment["spec"]["template"]["spec"]
     spec["initContainers"].insert(0, {"name": "migrate", "image": "app:1"})
-    changed, new_spec = rewrite_pod_spec(spec, OPTIONS)
-    assert changed
+    result = rewrite_pod(None, spec, OPTIONS)
+    new_spec = result.spec
+    assert result.changed
     assert [c["name"] for c in new_spec["initContainers"]] == [ann.WAITER_CONTAINER, "migrate"]
 
 
@@ -167,7 +166,7 @@ def test_opt_out_and_custom_uid(deployment: dict) -> None:
 def test_volume_name_clash_uses_the_fallback(deployment: dict) -> None:
     spec = deployment["spec"]["template"]["spec"]
     spec["volumes"].append({"name": "podinfo", "configMap": {"name": "app-podinfo"}})
-    _, new_spec = rewrite_pod_spec(spec, OPTIONS)
+    new_spec = rewrite_pod(None, spec, OPTIONS).spec
     mount = new_spec["initContainers"][0]["volumeMounts"][0]
     assert mount["name"] == "istio-pod-network-podinfo"
     assert {"name": "podinfo", "configMap": {"name": "app-podinfo"}} in new_spec["volumes"]

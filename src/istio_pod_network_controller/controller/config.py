@@ -18,8 +18,6 @@ LEGACY_SPEC_FLAGS: dict[str, str] = {
 }
 """2018 flag -> spec setting; the modern flag for the same setting wins when both are given."""
 
-IGNORED_LEGACY_FLAGS = ("--container-runtime", "--crio-socket", "--runc-root")
-
 
 class ConfigError(ValueError):
     """A flag or environment value that stops the controller from starting."""

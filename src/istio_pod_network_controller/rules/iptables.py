@@ -8,7 +8,6 @@ foreign rule alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .model import (
@@ -204,14 +203,3 @@ def apply_transaction(desired: FamilyRules, live: dict[str, SavedTable]) -> str:
 def clean_transaction(live: dict[str, SavedTable]) -> str:
     """Restore input that removes every chain of ours and every jump into them, and nothing else."""
     return _transaction(None, live)
-
-
-def iter_our_rules(tables: dict[str, SavedTable]) -> Iterator[tuple[str, str, str]]:
-    """(table, chain, rule) for every live rule of ours, hooks included, for drift reports."""
-    for name, saved in tables.items():
-        for builtin, found in saved.hooks().items():
-            for _, text in found:
-                yield name, builtin, text
-        for chain, rules in saved.ours().items():
-            for text in rules:
-                yield name, chain, text
