@@ -8,8 +8,8 @@ destination the listener saw (SO_ORIGINAL_DST for REDIRECT, getsockname() for TP
 from __future__ import annotations
 
 import pytest
+from traffic_harness import APP_UID, PROXY_ID, Capture, Reply, Topology
 
-from conftest import APP_UID, PROXY_ID, Capture, Reply, Topology
 from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.spec import InterceptSpec, build_spec
 

@@ -7,15 +7,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from waiter_helpers import PROXY, Waiter, make_readable, waiter_argv
+from waiter_helpers import PROXY, StartWaiter, Waiter, make_readable, waiter_argv
 
 from istio_pod_network_controller.sim.runtime import SYSTEM_PYTHON, build_runtime
-
-StartWaiter = Callable[..., Waiter]
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from waiter_helpers import apply_rules, capabilities, write_annotations
+from waiter_helpers import StartWaiter, apply_rules, capabilities, write_annotations
 
-from conftest import StartWaiter
 from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.waiter import exitcodes
 

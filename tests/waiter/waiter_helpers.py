@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -74,6 +74,10 @@ class Waiter:
             self.proc.kill()
             self.proc.wait()
         self.log_handle.close()
+
+
+StartWaiter = Callable[..., Waiter]
+"""The start_waiter fixture: (ns, args, uid=, gid=, command=, env=) -> Waiter."""
 
 
 def waiter_argv(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -17,6 +19,7 @@ from ..rules import iptables, nftables, plan
 from ..spec import SETTINGS, InterceptSpec, IPv6Policy, build_spec
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 #: Setting name -> CLI flag, for the settings the CLI exposes (the 2018 --envoy-port included).
 SPEC_FLAGS: dict[str, str] = {
@@ -52,25 +55,68 @@ def spec_options(func: F) -> F:
     )(func)
 
 
-def target_options(func: F) -> F:
-    func = click.option("--netns", "netns_path", metavar="PATH", help="/run/netns/NAME or /proc/PID/ns/net")(
-        func
-    )
-    func = click.option("--pid", type=int, help="a process inside the target network namespace")(func)
-    func = click.option(
-        "--backend",
-        type=click.Choice(dataplane.BACKEND_CHOICES),
-        default="auto",
-        show_default=True,
-        help="auto keeps what the namespace already uses, else follows the node (legacy if it has legacy "
-        "tables, else nft)",
-    )(func)
-    func = click.option("--proc-root", default="/proc", show_default=True, help="the host's /proc")(func)
-    return click.option(
-        "--allow-host-netns",
-        is_flag=True,
-        help="permit changing the node's own network namespace (dangerous)",
-    )(func)
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The namespace options of apply/verify/clean, and the one way they act on it."""
+
+    netns_path: str | None
+    pid: int | None
+    backend: str
+    proc_root: str
+    allow_host_netns: bool
+
+    def run(self, action: Callable[..., T], *args: object) -> tuple[str, T]:
+        """Open the namespace and run a dataplane action; our errors end the command (exit 2)."""
+        if (self.netns_path is None) == (self.pid is None):
+            raise click.UsageError("give exactly one of --netns PATH or --pid PID")
+        try:
+            if self.netns_path is not None:
+                handle = PinnedNetns.open_path(self.netns_path)
+            else:
+                handle = PinnedNetns.open_pid(int(self.pid or 0), self.proc_root)
+            with handle:
+                options = {"allow_host": self.allow_host_netns, "proc_root": self.proc_root}
+                return handle.description, action(handle, *args, _backend(self.backend), **options)
+        except ControllerError as exc:
+            _fail(exc)
+
+
+def target_options(func: Callable[..., None]) -> Callable[..., None]:
+    """The namespace options, handed to the command as one `target: Target`."""
+
+    @functools.wraps(func)
+    def command(
+        *,
+        netns_path: str | None,
+        pid: int | None,
+        backend: str,
+        proc_root: str,
+        allow_host_netns: bool,
+        **kwargs: Any,
+    ) -> None:
+        func(target=Target(netns_path, pid, backend, proc_root, allow_host_netns), **kwargs)
+
+    options = [
+        click.option("--netns", "netns_path", metavar="PATH", help="/run/netns/NAME or /proc/PID/ns/net"),
+        click.option("--pid", type=int, help="a process inside the target network namespace"),
+        click.option(
+            "--backend",
+            type=click.Choice(dataplane.BACKEND_CHOICES),
+            default="auto",
+            show_default=True,
+            help="auto keeps what the namespace already uses, else follows the node (legacy if it has "
+            "legacy tables, else nft)",
+        ),
+        click.option("--proc-root", default="/proc", show_default=True, help="the host's /proc"),
+        click.option(
+            "--allow-host-netns",
+            is_flag=True,
+            help="permit changing the node's own network namespace (dangerous)",
+        ),
+    ]
+    for option in options:
+        command = option(command)
+    return command
 
 
 def _spec(annotations_file: str | None, settings: dict[str, str | None]) -> InterceptSpec:
@@ -79,7 +125,14 @@ def _spec(annotations_file: str | None, settings: dict[str, str | None]) -> Inte
     return build_spec(annotations, defaults, default_source=lambda name: SPEC_FLAGS[name])
 
 
-def _fail(exc: Exception) -> None:
+def _parsed_spec(annotations_file: str | None, settings: dict[str, str | None]) -> InterceptSpec:
+    try:
+        return _spec(annotations_file, settings)
+    except ControllerError as exc:
+        _fail(exc)
+
+
+def _fail(exc: Exception) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     raise SystemExit(2)
 
@@ -100,10 +153,7 @@ def rules() -> None:
 )
 def render(annotations_file: str | None, output: str, **settings: str | None) -> None:
     """Print the rules a pod with these settings gets (IPv6 `auto` renders as `block` without addresses)."""
-    try:
-        spec = _spec(annotations_file, settings)
-    except ControllerError as exc:
-        _fail(exc)
+    spec = _parsed_spec(annotations_file, settings)
     if spec.ipv6 is IPv6Policy.AUTO:
         spec = spec.with_ipv6(False)
     ruleset = plan.build(spec)
@@ -122,14 +172,6 @@ def render(annotations_file: str | None, output: str, **settings: str | None) ->
             )
 
 
-def _open_target(netns_path: str | None, pid: int | None, proc_root: str) -> PinnedNetns:
-    if netns_path is not None and pid is None:
-        return PinnedNetns.open_path(netns_path)
-    if pid is not None and netns_path is None:
-        return PinnedNetns.open_pid(pid, proc_root)
-    raise click.UsageError("give exactly one of --netns PATH or --pid PID")
-
-
 def _backend(name: str) -> dataplane.BackendChoice:
     for choice in dataplane.BACKEND_CHOICES:
         if choice == name:
@@ -140,31 +182,13 @@ def _backend(name: str) -> dataplane.BackendChoice:
 @rules.command()
 @spec_options
 @target_options
-def apply(
-    annotations_file: str | None,
-    netns_path: str | None,
-    pid: int | None,
-    backend: str,
-    proc_root: str,
-    allow_host_netns: bool,
-    **settings: str | None,
-) -> None:
+def apply(target: Target, annotations_file: str | None, **settings: str | None) -> None:
     """Install the rules (idempotent; replaces ours, leaves foreign rules alone)."""
-    try:
-        spec = _spec(annotations_file, settings)
-        with _open_target(netns_path, pid, proc_root) as target:
-            result = dataplane.apply(
-                target,
-                spec,
-                _backend(backend),
-                allow_host=allow_host_netns,
-                proc_root=proc_root,
-            )
-    except ControllerError as exc:
-        _fail(exc)
+    spec = _parsed_spec(annotations_file, settings)
+    where, result = target.run(dataplane.apply, spec)
     ipv6 = "captured" if result.ipv6_captured else "blocked"
     click.echo(
-        f"applied to {target.description} ({result.netns}) with {result.backend} "
+        f"applied to {where} ({result.netns}) with {result.backend} "
         f"in {result.seconds * 1000:.1f} ms; IPv6 {ipv6}; spec {result.fingerprint}"
     )
 
@@ -172,49 +196,20 @@ def apply(
 @rules.command()
 @spec_options
 @target_options
-def verify(
-    annotations_file: str | None,
-    netns_path: str | None,
-    pid: int | None,
-    backend: str,
-    proc_root: str,
-    allow_host_netns: bool,
-    **settings: str | None,
-) -> None:
+def verify(target: Target, annotations_file: str | None, **settings: str | None) -> None:
     """Compare live rules with the spec; exit 0 when in place, 1 with a diff when they drifted."""
-    try:
-        spec = _spec(annotations_file, settings)
-        with _open_target(netns_path, pid, proc_root) as target:
-            drift = dataplane.verify(
-                target,
-                spec,
-                _backend(backend),
-                allow_host=allow_host_netns,
-                proc_root=proc_root,
-            )
-    except ControllerError as exc:
-        _fail(exc)
+    spec = _parsed_spec(annotations_file, settings)
+    _, drift = target.run(dataplane.verify, spec)
     click.echo(f"{drift.backend}: {drift.report}")
     raise SystemExit(0 if drift.in_place else 1)
 
 
 @rules.command()
 @target_options
-def clean(
-    netns_path: str | None, pid: int | None, backend: str, proc_root: str, allow_host_netns: bool
-) -> None:
+def clean(target: Target) -> None:
     """Remove every rule and route of ours, and nothing else."""
-    try:
-        with _open_target(netns_path, pid, proc_root) as target:
-            cleaned = dataplane.clean(
-                target,
-                _backend(backend),
-                allow_host=allow_host_netns,
-                proc_root=proc_root,
-            )
-    except ControllerError as exc:
-        _fail(exc)
-    click.echo(f"cleaned {target.description}: {', '.join(cleaned) or 'no rule tables present'}")
+    where, cleaned = target.run(dataplane.clean)
+    click.echo(f"cleaned {where}: {', '.join(cleaned) or 'no rule tables present'}")
 
 
 @rules.command("find-netns")
