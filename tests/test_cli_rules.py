@@ -35,8 +35,14 @@ def test_render_nftables_and_annotations_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["render", "--include-inbound-ports", "80,abc"], "--include-inbound-ports: invalid value '80,abc'"),
-        (["render", "--interception-mode", "MAGIC"], "--interception-mode: invalid value 'MAGIC'"),
+        (
+            ["render", "--include-inbound-ports", "80,abc"],
+            "--include-inbound-ports (or IPNC_INCLUDE_INBOUND_PORTS): invalid value '80,abc'",
+        ),
+        (
+            ["render", "--interception-mode", "MAGIC"],
+            "--interception-mode (or IPNC_INTERCEPTION_MODE): invalid value 'MAGIC'",
+        ),
         (["render", "--annotations", "/nonexistent/file"], "/nonexistent/file: No such file"),
         (["apply", "--netns", "/nonexistent"], "cannot open network namespace /nonexistent"),
         (["apply"], "give exactly one of --netns PATH or --pid PID"),

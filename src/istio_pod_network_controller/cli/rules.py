@@ -16,37 +16,16 @@ from ..dataplane.netns import PinnedNetns
 from ..downward import read_annotations
 from ..errors import ControllerError
 from ..rules import iptables, nftables, plan
-from ..spec import SETTINGS, InterceptSpec, IPv6Policy, build_spec
+from ..spec import InterceptSpec, IPv6Policy, build_spec
+from .spec_options import source_name, spec_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
-#: Setting name -> CLI flag, for the settings the CLI exposes (the 2018 --envoy-port included).
-SPEC_FLAGS: dict[str, str] = {
-    "interception_mode": "--interception-mode",
-    "envoy_port": "--envoy-port",
-    "outbound_port": "--outbound-port",
-    "inbound_port": "--inbound-port",
-    "proxy_uid": "--proxy-uid",
-    "proxy_gid": "--proxy-gid",
-    "include_inbound_ports": "--include-inbound-ports",
-    "exclude_inbound_ports": "--exclude-inbound-ports",
-    "include_outbound_ip_ranges": "--include-outbound-ip-ranges",
-    "exclude_outbound_ip_ranges": "--exclude-outbound-ip-ranges",
-    "include_outbound_ports": "--include-outbound-ports",
-    "exclude_outbound_ports": "--exclude-outbound-ports",
-    "exclude_interfaces": "--exclude-interfaces",
-    "reroute_virtual_interfaces": "--reroute-virtual-interfaces",
-    "capture_dns": "--capture-dns",
-    "ipv6": "--ipv6",
-}
 
-
-def spec_options(func: F) -> F:
-    """One string option per spec setting; values are validated by the spec's own parsers."""
-    for setting in reversed(SETTINGS):
-        flag = SPEC_FLAGS[setting.name]
-        func = click.option(flag, setting.name, default=None, metavar="VALUE", help=setting.help)(func)
+def pod_spec_options(func: F) -> F:
+    """The spec options plus --annotations, a pod's own annotations layered on top."""
+    func = spec_options()(func)
     return click.option(
         "--annotations",
         "annotations_file",
@@ -122,7 +101,7 @@ def target_options(func: Callable[..., None]) -> Callable[..., None]:
 def _spec(annotations_file: str | None, settings: dict[str, str | None]) -> InterceptSpec:
     annotations = read_annotations(annotations_file) if annotations_file else {}
     defaults = {name: value for name, value in settings.items() if value is not None}
-    return build_spec(annotations, defaults, default_source=lambda name: SPEC_FLAGS[name])
+    return build_spec(annotations, defaults, default_source=source_name)
 
 
 def _parsed_spec(annotations_file: str | None, settings: dict[str, str | None]) -> InterceptSpec:
@@ -143,7 +122,7 @@ def rules() -> None:
 
 
 @rules.command()
-@spec_options
+@pod_spec_options
 @click.option(
     "--format",
     "output",
@@ -180,7 +159,7 @@ def _backend(name: str) -> dataplane.BackendChoice:
 
 
 @rules.command()
-@spec_options
+@pod_spec_options
 @target_options
 def apply(target: Target, annotations_file: str | None, **settings: str | None) -> None:
     """Install the rules (idempotent; replaces ours, leaves foreign rules alone)."""
@@ -194,7 +173,7 @@ def apply(target: Target, annotations_file: str | None, **settings: str | None) 
 
 
 @rules.command()
-@spec_options
+@pod_spec_options
 @target_options
 def verify(target: Target, annotations_file: str | None, **settings: str | None) -> None:
     """Compare live rules with the spec; exit 0 when in place, 1 with a diff when they drifted."""

@@ -15,7 +15,7 @@ import click
 
 from ..dataplane.apply import BACKEND_CHOICES
 from ..spec import SETTINGS
-from .rules import SPEC_FLAGS
+from .spec_options import flag_name, spec_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 LEGACY_SPEC_OPTIONS: dict[str, str] = {
@@ -37,14 +37,7 @@ def _spec_options(func: F) -> F:
         func = click.option(flag, param, default=None, metavar="VALUE", help="2018 spelling of the setting")(
             func
         )
-    for setting in reversed(SETTINGS):
-        func = click.option(
-            SPEC_FLAGS[setting.name],
-            setting.name,
-            default=None,
-            metavar="VALUE",
-            help=f"default for every pod: {setting.help}",
-        )(func)
+    func = spec_options("default for every pod: ")(func)
     for flag, param in IGNORED_OPTIONS.items():
         func = click.option(flag, param, default=None, hidden=True)(func)
     return func
@@ -145,7 +138,7 @@ def run(**options: Any) -> None:
     node = (options["node_name"] or "").strip()
     if not node:
         raise click.UsageError("--node-name (or NODE_NAME) is required: the controller only serves its node")
-    flag_of = dict(SPEC_FLAGS)
+    flag_of = {s.name: flag_name(s.name) for s in SETTINGS}
     try:
         defaults = cfg.spec_defaults(
             {s.name: options[s.name] for s in SETTINGS},

@@ -14,17 +14,9 @@ from .. import annotations as ann
 from ..spec import SETTINGS
 from ..waiter import exitcodes
 from ..waiter.wait import DEFAULT_FILE, Config, run
+from .spec_options import env_name, source_name, spec_options
 
 F = TypeVar("F", bound=Callable[..., Any])
-ENV_PREFIX = "IPNC_"
-
-
-def env_name(setting: str) -> str:
-    return ENV_PREFIX + setting.upper()
-
-
-def _source(name: str) -> str:
-    return f"--{name.replace('_', '-')} (or {env_name(name)})"
 
 
 EPILOG = (
@@ -85,14 +77,7 @@ def _common(delay_default: float) -> Callable[[F], F]:
             ),
             click.option("-v", "--verbose", is_flag=True, help="Debug lines (first probe timestamp...)."),
         ]
-        for setting in SETTINGS:
-            flag = "--" + setting.name.replace("_", "-")
-            env = env_name(setting.name)
-            options.append(
-                click.option(
-                    flag, setting.name, envvar=env, show_envvar=True, metavar="TEXT", help=setting.help
-                )
-            )
+        options.append(spec_options())
         for option in reversed(options):
             func = option(func)
         return func
@@ -112,7 +97,7 @@ def _run(ctx: click.Context, params: dict[str, Any]) -> None:
         require_probe=params["require_probe"],
         verbose=params["verbose"],
         defaults=defaults,
-        default_source=_source,
+        default_source=source_name,
     )
     ctx.exit(run(config))
 
