@@ -38,8 +38,9 @@ demo: deps
 	$(BIN)/istio-pod-network-controller demo $(DEMO_ARGS)
 
 soak: deps
-	HYPOTHESIS_PROFILE=soak $(BIN)/pytest -m "root or not root" tests/test_fuzz_spec.py $(PYTEST_ARGS)
-	IPNC_SOAK_SECONDS=$${IPNC_SOAK_SECONDS:-300} $(BIN)/pytest -s tests/soak/test_chaos.py $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=soak $(BIN)/pytest --timeout 0 tests/test_fuzz_spec.py tests/test_security_dataplane.py \
+		tests/install/test_fuzz_install_inputs.py $(PYTEST_ARGS)
+	IPNC_SOAK_SECONDS=$${IPNC_SOAK_SECONDS:-300} $(BIN)/pytest --timeout 0 -s tests/soak/test_chaos.py $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'
