@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # after matplotlib.use: the backend must be cho
 def _box(series: dict[str, list[float]], title: str, ylabel: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.boxplot(list(series.values()), showfliers=True)
+    ax.set_ylim(bottom=0)
     ax.set_xticks(range(1, len(series) + 1), list(series), rotation=20, ha="right", fontsize=8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
@@ -29,6 +30,7 @@ def _line(
     fig, ax = plt.subplots(figsize=(8, 4))
     for label, y in ys.items():
         ax.plot(x, y, marker="o", label=label)
+    ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

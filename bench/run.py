@@ -9,6 +9,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ def main() -> None:
             sections.append(done.stdout.strip() + "\n")
     out = Path(args.out)
     plots = plot_all(data_dir, out.parent / "img")
+    shutil.rmtree(data_dir, ignore_errors=True)
     if plots:
         sections.append(
             "## Plots\n\n" + "\n\n".join(f"{title}\n\n![{title}](img/{name})" for title, name in plots) + "\n"

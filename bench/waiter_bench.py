@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import click
+from samples import save
 
 import istio_pod_network_controller
 from istio_pod_network_controller.dataplane.apply import apply
@@ -107,6 +108,13 @@ def main() -> None:
         shutil.rmtree(runtime, ignore_errors=True)
     delays = [r[0] for r in results]
     starts = [r[1] for r in results]
+    save(
+        "waiter",
+        {
+            "rules applied → exit (ms)": [d * 1000 for d in delays],
+            "start → first probe (ms)": [s * 1000 for s in starts],
+        },
+    )
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print("## Waiter")
     print()
