@@ -80,8 +80,10 @@ class Controller:
 
     # -- cache feeds ---------------------------------------------------------------------------------------
 
-    def _enqueue(self, uid: str, *flags: str) -> None:
-        self.reconciler.observe(uid)
+    def _enqueue(
+        self, uid: str, *flags: str, resource_version: str | None = None, relisted: bool = False
+    ) -> None:
+        self.reconciler.observe(uid, resource_version, relisted=relisted)
         self.queue.add(uid, *flags)
 
     def _pods_listed(self, items: list[Obj]) -> None:
@@ -91,7 +93,7 @@ class Controller:
         if self.initial is None:
             self.initial = set(changed)
         for uid in changed:
-            self._enqueue(uid)
+            self._enqueue(uid, relisted=True)
         self.metrics.pods_cached.set(len(self.pods))
         log.info(
             "pods on node %s listed: %d (%d changed, %d gone)",
@@ -108,7 +110,7 @@ class Controller:
         else:
             uid, changed = self.pods.upsert(pod)
             if changed:
-                self._enqueue(uid)
+                self._enqueue(uid, resource_version=pod["metadata"].get("resourceVersion"))
         self.metrics.pods_cached.set(len(self.pods))
 
     def _pod_gone(self, uid: str) -> None:

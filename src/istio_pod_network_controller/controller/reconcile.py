@@ -46,14 +46,13 @@ class PodState:
     """The spec digest this process applied or verified in the pod; skips re-verifying our own patch echo."""
     deadline_reported: bool = False
     attempted: bool = False
-    patched_rv: int | None = None
-    """resourceVersion our last patch produced: a cached copy older than it predates our own mark."""
+    awaiting_echo: str | None = None
+    """resourceVersion of our last mark until the watch delivers it (or a relist replaces the cache).
 
-
-def _older_than(pod: Obj, version: int | None) -> bool:
-    """Whether the pod's resourceVersion is below `version` (only when both are integers, as with etcd)."""
-    mine = pod["metadata"].get("resourceVersion") or ""
-    return version is not None and mine.isdigit() and int(mine) < version
+    Until then an unmarked cached copy predates our own patch (say, the kubelet's status update queued while
+    we applied) and acting on it would apply and mark twice. resourceVersions are opaque: only equality is
+    used, as the API conventions require.
+    """
 
 
 class ScanCache:
@@ -110,14 +109,16 @@ class Reconciler:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
 
-    def observe(self, uid: str) -> None:
-        """A change to the pod was seen (an event or a relist)."""
+    def observe(self, uid: str, resource_version: str | None = None, *, relisted: bool = False) -> None:
+        """A change to the pod was seen: a watch event carrying `resource_version`, or a relist."""
         now = time.monotonic()
         state = self.states.get(uid)
         if state is None:
             self.states[uid] = PodState(first_seen=now, changed_at=now)
-        else:
-            state.changed_at = now
+            return
+        state.changed_at = now
+        if relisted or (resource_version is not None and resource_version == state.awaiting_echo):
+            state.awaiting_echo = None
 
     def forget(self, uid: str) -> None:
         self.states.pop(uid, None)
@@ -144,14 +145,13 @@ class Reconciler:
             state = self.states[uid]
         state.attempted = True
         extra = pod_extra(pod)
-        if _older_than(pod, state.patched_rv):
-            # A copy from before our own patch (say, the kubelet's status update, queued while we applied):
-            # acting on it would apply and mark a second time. The patch's echo queues the pod again.
-            log.debug("skipping a copy older than our patch", extra=extra)
-            return None
         decision = self.decide(pod)
         meta_ann: dict[str, str] = pod["metadata"].get("annotations") or {}
         marked = meta_ann.get(ann.STATUS) == ann.STATUS_INITIALIZED
+        if state.awaiting_echo is not None and not marked:
+            # A copy from before our own patch; the patch's echo queues the pod again.
+            log.debug("skipping a copy older than our mark", extra=extra)
+            return None
         if not decision.selected:
             self.metrics.skipped.labels(decision.reason).inc()
             if marked and decision.reason not in (selection.DELETING, selection.FINISHED):
@@ -323,7 +323,7 @@ class Reconciler:
             log.warning("marking failed (%s), retrying in %.2fs", exc, delay, extra=extra)
             return delay
         self.metrics.stage_seconds.labels("patch").observe(time.perf_counter() - patch_started)
-        state.patched_rv = int(version) if version and version.isdigit() else None
+        state.awaiting_echo = version or None
         state.in_place = result.fingerprint
         state.backoff.reset()
         state.deadline_reported = False
