@@ -66,19 +66,8 @@ class Topology:
     def peer_ip(self, family: int) -> str:
         return self.peer4 if family == 4 else self.peer6
 
-    def connect(
-        self,
-        ns: NamedNetns,
-        dst: str,
-        port: int,
-        proto: str = "tcp",
-        *,
-        uid: int | None = None,
-        gid: int | None = None,
-        src: str | None = None,
-    ) -> Reply:
-        """Send a random token from inside ns (as uid/gid when given) and return who answered."""
-        return connect(ns, dst, port, proto, uid=uid, gid=gid, src=src)
+    connect = staticmethod(connect)
+    """sim.traffic.connect: a token from inside ns (as uid/gid when given); who answered."""
 
     def received(self, label: str) -> list[Received]:
         return [r for r in self.server.received if r.label == label]
