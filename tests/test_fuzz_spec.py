@@ -6,6 +6,7 @@ renders rules that the real tools accept (iptables-restore --test for both varia
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 
 import pytest
@@ -18,12 +19,28 @@ from istio_pod_network_controller.errors import SpecError
 from istio_pod_network_controller.rules import iptables, nftables, plan
 from istio_pod_network_controller.spec import SPEC_ANNOTATIONS, build_spec
 
-PORT = st.integers(min_value=-5, max_value=70000).map(str)
-CIDR4 = st.builds(
+VALID_PORT = st.integers(min_value=1, max_value=65535).map(str)
+PORT = st.one_of(VALID_PORT, VALID_PORT, VALID_PORT, st.integers(min_value=-5, max_value=70000).map(str))
+VALID_CIDR = st.one_of(
+    st.builds(
+        lambda a, p: str(ipaddress.ip_network(f"10.{a}.0.0/{p}", strict=False)),
+        st.integers(0, 255),
+        st.integers(8, 32),
+    ),
+    st.builds(
+        lambda a, p: str(ipaddress.ip_network(f"fd00:{a:x}::/{p}", strict=False)),
+        st.integers(0, 0xFFFF),
+        st.integers(16, 128),
+    ),
+)
+BAD_CIDR = st.builds(
     lambda a, b, p: f"10.{a}.{b}.0/{p}", st.integers(0, 300), st.integers(0, 255), st.integers(8, 33)
 )
-CIDR6 = st.builds(lambda a, p: f"fd00:{a:x}::/{p}", st.integers(0, 0xFFFF), st.integers(16, 129))
-IFACE = st.text(alphabet="abcdefghijklmnop0123456789-_.@:;/ ", min_size=0, max_size=18)
+CIDR = st.one_of(VALID_CIDR, VALID_CIDR, VALID_CIDR, BAD_CIDR)
+VALID_IFACE = st.from_regex(r"[a-z][a-z0-9_.-]{0,14}", fullmatch=True)
+IFACE = st.one_of(
+    VALID_IFACE, VALID_IFACE, st.text(alphabet="abcdefghijklmnop0123456789-_.@:;/ ", max_size=18)
+)
 
 
 def _list(item: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
@@ -31,21 +48,23 @@ def _list(item: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 
 
 VALUE_FOR = {
-    ann.INTERCEPTION_MODE: st.sampled_from(["REDIRECT", "TPROXY", "NONE", "redirect", "", "MAGIC"]),
+    ann.INTERCEPTION_MODE: st.sampled_from(
+        ["REDIRECT", "TPROXY", "REDIRECT", "TPROXY", "NONE", "redirect", "MAGIC"]
+    ),
     ann.ENVOY_PORT: PORT,
-    ann.ENVOY_USERID: st.integers(-1, 2**32).map(str),
-    ann.ENVOY_GROUPID: st.integers(-1, 2**32).map(str),
+    ann.ENVOY_USERID: st.one_of(st.integers(1, 65535), st.integers(-1, 2**32)).map(str),
+    ann.ENVOY_GROUPID: st.one_of(st.integers(1, 65535), st.integers(-1, 2**32)).map(str),
     ann.INCLUDE_INBOUND_PORTS: st.one_of(st.just("*"), _list(PORT)),
     ann.EXCLUDE_INBOUND_PORTS: _list(PORT),
-    ann.INCLUDE_OUTBOUND_IP_RANGES: st.one_of(st.just("*"), _list(st.one_of(CIDR4, CIDR6))),
-    ann.EXCLUDE_OUTBOUND_IP_RANGES: _list(st.one_of(CIDR4, CIDR6)),
+    ann.INCLUDE_OUTBOUND_IP_RANGES: st.one_of(st.just("*"), _list(CIDR)),
+    ann.EXCLUDE_OUTBOUND_IP_RANGES: _list(CIDR),
     ann.INCLUDE_OUTBOUND_PORTS: _list(PORT),
     ann.EXCLUDE_OUTBOUND_PORTS: _list(PORT),
     ann.EXCLUDE_INTERFACES: _list(IFACE),
     ann.REROUTE_VIRTUAL_INTERFACES: _list(IFACE),
     ann.KUBEVIRT_INTERFACES: _list(IFACE),
-    ann.CAPTURE_DNS: st.sampled_from(["true", "false", "yes", ""]),
-    ann.IPV6: st.sampled_from(["auto", "capture", "block", "on"]),
+    ann.CAPTURE_DNS: st.sampled_from(["true", "false", "true", "false", "yes"]),
+    ann.IPV6: st.sampled_from(["auto", "capture", "block", "capture", "on"]),
 }
 ANNOTATIONS = st.dictionaries(
     st.sampled_from(sorted(SPEC_ANNOTATIONS)),
