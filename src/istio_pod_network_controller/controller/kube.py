@@ -73,9 +73,16 @@ def status_error(code: int, body: bytes | str, headers: httpx.Headers | None = N
     )
 
 
-def load_config(kubeconfig: str | None) -> SingleConfig:
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def load_config(kubeconfig: str | None, service_account: str = SERVICE_ACCOUNT_DIR) -> SingleConfig:
     """--kubeconfig, else the pod's service account (its token file is re-read when the server says 401)."""
-    config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_service_account()
+    config = (
+        KubeConfig.from_file(kubeconfig)
+        if kubeconfig
+        else KubeConfig.from_service_account(service_account=service_account)
+    )
     single = config.get()
     if single is None:
         raise ValueError(f"{kubeconfig or 'service account'}: no usable context")

@@ -79,6 +79,10 @@ class Authorizer:
     def add(self, user: User) -> None:
         self._by_token[user.token] = user
 
+    def revoke(self, token: str) -> None:
+        """Forget a token (its next request gets 401), as when a service-account token is rotated away."""
+        self._by_token.pop(token, None)
+
     def authenticate(self, token: str) -> User | None:
         return self._by_token.get(token)
 

@@ -205,6 +205,9 @@ class LocalAPIServer:
         self.auth.add(user)
         return user
 
+    def revoke_token(self, token: str) -> None:
+        self.auth.revoke(token)
+
     def write_kubeconfig(self, path: Path, user: User | None = None) -> Path:
         """A kubeconfig for `user` (default: the admin user)."""
         user = user or self.admin
