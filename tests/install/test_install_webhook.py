@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime
-import ipaddress
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -15,60 +13,24 @@ from typing import Any
 import aiohttp
 import jsonpatch
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from install_helpers import injected_pod
 from pss_rules import restricted_violations
 
 from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.injection import InjectOptions
+from istio_pod_network_controller.localapi.tls import generate_certificates
 from istio_pod_network_controller.webhook.patch import pod_patch
 from istio_pod_network_controller.webhook.server import serving
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def make_pki(directory: Path, serial: int = 1) -> Path:
-    """CA + server certificate for 127.0.0.1; returns the CA file. Writes tls.crt / tls.key."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("test-ca"))
-        .issuer_name(_name("test-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(serial)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("webhook"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(serial + 1)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "tls.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    """A fresh throw-away CA and a server certificate for 127.0.0.1 (the emulator's generator), written as
+    tls.crt / tls.key; returns the CA file, named by `serial` so a rotation keeps the old one to test with."""
+    pki = generate_certificates()
+    (directory / "tls.crt").write_bytes(pki.cert_pem)
+    (directory / "tls.key").write_bytes(pki.key_pem)
     ca_file = directory / f"ca{serial}.crt"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    ca_file.write_bytes(pki.ca_pem)
     return ca_file
 
 
