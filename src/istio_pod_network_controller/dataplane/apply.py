@@ -17,7 +17,7 @@ from ..rules import nftables, plan
 from ..rules.model import PolicyRoute, Ruleset
 from ..spec import TPROXY_MARK, TPROXY_ROUTE_TABLE, InterceptSpec, IPv6Policy
 from . import netns as ns_mod
-from .backends import BACKENDS, Backend, BackendName, make, route_drift, sync_routes
+from .backends import BACKENDS, BackendName, make, route_drift, sync_routes
 from .netns import NetnsId, PinnedNetns
 from .tools import run
 
@@ -126,9 +126,24 @@ def _sync_passthrough_v6(wanted: bool) -> None:
         run(["ip", "-6", "addr", "del", "::6/128", "dev", "lo"])
 
 
-def _ruleset(spec: InterceptSpec) -> tuple[InterceptSpec, Ruleset]:
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """What apply and verify settle first, inside the namespace: the spec's IPv6 policy, rules, backend."""
+
+    spec: InterceptSpec
+    ruleset: Ruleset
+    found: Footprints
+    backend: BackendName
+
+    def other_backends(self) -> list[BackendName]:
+        """The other backends that hold tables here, and so may hold a stale copy of our rules."""
+        return [b for b in BACKENDS if b != self.backend and self.found.holds(b)]
+
+
+def _decide(spec: InterceptSpec, backend: BackendChoice, proc_root: str) -> _Decision:
     resolved = spec.with_ipv6(has_global_ipv6()) if spec.ipv6 is IPv6Policy.AUTO else spec
-    return resolved, plan.build(resolved)
+    found = _footprints()
+    return _Decision(resolved, plan.build(resolved), found, _choose(backend, found, proc_root))
 
 
 def apply(
@@ -148,20 +163,18 @@ def apply(
     started = time.perf_counter()
 
     def work() -> ApplyResult:
-        resolved, ruleset = _ruleset(spec)
-        found = _footprints()
-        chosen = _choose(backend, found, proc_root)
-        make(chosen).apply(ruleset, present=found.holds(chosen))
-        for other in BACKENDS:
-            if other != chosen and found.holds(other):
-                make(other).clean()
-        sync_routes(ruleset.routes, all_ours=ALL_ROUTES)
-        _sync_passthrough_v6(resolved.intercepts and resolved.ipv6 is IPv6Policy.CAPTURE)
+        decided = _decide(spec, backend, proc_root)
+        make(decided.backend).apply(decided.ruleset, present=decided.found.holds(decided.backend))
+        for other in decided.other_backends():
+            make(other).clean()
+        sync_routes(decided.ruleset.routes, all_ours=ALL_ROUTES)
+        captured_v6 = decided.spec.ipv6 is IPv6Policy.CAPTURE
+        _sync_passthrough_v6(decided.spec.intercepts and captured_v6)
         return ApplyResult(
-            chosen,
+            decided.backend,
             netns.id,
-            resolved.fingerprint(),
-            resolved.ipv6 is IPv6Policy.CAPTURE,
+            decided.spec.fingerprint(),
+            captured_v6,
             time.perf_counter() - started,
         )
 
@@ -180,16 +193,13 @@ def verify(
     ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
 
     def work() -> Drift:
-        _, ruleset = _ruleset(spec)
-        found = _footprints()
-        chosen = _choose(backend, found, proc_root)
-        lines = make(chosen).drift(ruleset)
+        decided = _decide(spec, backend, proc_root)
+        lines = make(decided.backend).drift(decided.ruleset)
         empty = Ruleset((), ())
-        for other in BACKENDS:
-            if other != chosen and found.holds(other):
-                lines += [f"{other}: {line}" for line in make(other).drift(empty)]
-        lines += route_drift(ruleset.routes, all_ours=ALL_ROUTES)
-        return Drift(chosen, tuple(lines))
+        for other in decided.other_backends():
+            lines += [f"{other}: {line}" for line in make(other).drift(empty)]
+        lines += route_drift(decided.ruleset.routes, all_ours=ALL_ROUTES)
+        return Drift(decided.backend, tuple(lines))
 
     return ns_mod.run_in(netns, work)
 
@@ -207,9 +217,8 @@ def clean(
     def work() -> list[BackendName]:
         found = _footprints()
         names = [b for b in BACKENDS if found.holds(b)] if backend == "auto" else [backend]
-        cleaned: list[Backend] = [make(name) for name in names]
-        for item in cleaned:
-            item.clean()
+        for name in names:
+            make(name).clean()
         sync_routes((), all_ours=ALL_ROUTES, flush=True)
         _sync_passthrough_v6(False)
         return names
