@@ -21,6 +21,7 @@ from istio_pod_network_controller.sim.cluster import (
     set_status,
 )
 from istio_pod_network_controller.sim.controller import ControllerProcess, wait_for
+from istio_pod_network_controller.sim.netns import holds_capture_rules
 from istio_pod_network_controller.sim.node import SimNode, SimPod
 from istio_pod_network_controller.sim.traffic import Server, connect
 
@@ -39,11 +40,7 @@ def rules_in_place(cluster: SimCluster, pod: SimPod) -> bool:
 
 def no_capture_rules(pod: SimPod) -> bool:
     assert pod.netns
-    saved = [
-        pod.netns.exec(argv)
-        for argv in (["iptables-save"], ["iptables-legacy-save"], ["nft", "list", "ruleset"])
-    ]
-    return "ISTIO" not in "".join(saved)
+    return not holds_capture_rules(pod.netns)
 
 
 def dial(node: SimNode, pod: SimPod, port: int) -> str:

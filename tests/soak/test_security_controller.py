@@ -16,9 +16,9 @@ import tempfile
 import pytest
 
 from istio_pod_network_controller import annotations as ann
-from istio_pod_network_controller.sim.chaos import holds_anything_of_ours
 from istio_pod_network_controller.sim.cluster import CONTROLLER_USER, SimCluster, host_rules
 from istio_pod_network_controller.sim.controller import wait_for
+from istio_pod_network_controller.sim.netns import holds_capture_rules
 from istio_pod_network_controller.sim.node import SimNode, SimPod
 from istio_pod_network_controller.sim.traffic import Server, connect
 
@@ -156,7 +156,7 @@ def test_no_annotation_value_is_ever_followed_as_a_path() -> None:
                 assert key in warning["message"]
             for pod in pods:
                 assert not cluster.initialized(pod)
-                assert pod.netns and not holds_anything_of_ours(pod.netns)
+                assert pod.netns and not holds_capture_rules(pod.netns)
             assert ctl.terminate() == 0
     finally:
         os.unlink(fifo)

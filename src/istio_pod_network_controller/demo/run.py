@@ -29,6 +29,7 @@ from ..localapi.resources import CORE_EVENTS, NAMESPACES, PODS
 from ..localapi.server import ThreadedServer
 from ..sim.cluster import CONTROLLER_USER, host_rules, kubelet_status, set_status
 from ..sim.controller import ControllerProcess
+from ..sim.netns import holds_capture_rules
 from ..sim.node import SimNode, SimPod
 from ..sim.runtime import SYSTEM_PYTHON, build_runtime, runtime_env
 from ..sim.traffic import Reply, Server, connect
@@ -76,15 +77,6 @@ def _started(resource: T | None) -> T:
     if resource is None:
         raise RuntimeError("the demo has not been started")
     return resource
-
-
-def _holds_our_rules(pod: SimPod) -> bool:
-    netns = _started(pod.netns)
-    text = ""
-    for argv in (["iptables-legacy-save"], ["iptables-nft-save"], ["nft", "list", "tables"]):
-        with contextlib.suppress(RuntimeError):
-            text += netns.exec(argv)
-    return "ISTIO" in text or "istio_pod_network" in text
 
 
 class Demo:
@@ -247,7 +239,7 @@ class Demo:
             outcome.outbound = connect(
                 sim.netns, self.node.gateway, REMOTE_PORT, uid=APP_UID, gid=APP_UID, timeout=1.0
             )
-            outcome.rules_present = _holds_our_rules(sim)
+            outcome.rules_present = holds_capture_rules(_started(sim.netns))
 
     def collect_events(self) -> None:
         for event in self.api.store.objects(CORE_EVENTS):

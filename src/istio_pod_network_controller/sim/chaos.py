@@ -24,7 +24,7 @@ from .. import annotations as ann
 from ..localapi import NODES
 from .cluster import SimCluster, host_rules
 from .controller import ControllerProcess, wait_for
-from .netns import NamedNetns
+from .netns import SAVE_TOOLS, NamedNetns, holds_capture_rules
 from .node import SimNode, SimPod
 
 FAULTS = (
@@ -39,7 +39,6 @@ CONTROLLER_FLAGS = [
 RSS_CAP_MIB = 120.0
 RSS_GROWTH_MIB = 25.0
 BUILTIN = re.compile(r"^-A (PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) .*-j ISTIO_\w+")
-SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save")
 
 
 def our_jumps(netns: NamedNetns) -> dict[str, Counter[str]]:
@@ -73,11 +72,6 @@ def our_jumps(netns: NamedNetns) -> dict[str, Counter[str]]:
 
 def _with_spec(spec: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda obj: {**obj, "spec": spec}
-
-
-def holds_anything_of_ours(netns: NamedNetns) -> bool:
-    text = "".join(netns.exec([tool]) for tool in SAVE_TOOLS) + netns.exec(["nft", "list", "tables"])
-    return "ISTIO" in text or "istio_pod_network" in text
 
 
 @dataclass
@@ -301,7 +295,7 @@ class ChaosSoak:
                 report.ineligible_checked += 1
                 if self.cluster.initialized(sim):
                     problems.append(f"ineligible {live.kind} pod {sim.name} was marked")
-                if sim.netns is not None and holds_anything_of_ours(sim.netns):
+                if sim.netns is not None and holds_capture_rules(sim.netns):
                     problems.append(f"ineligible {live.kind} pod {sim.name} holds capture rules")
                 if live.kind == "host_network" and "HostNetworkSkipped" not in self.cluster.reasons(sim):
                     problems.append(f"{sim.name}: no HostNetworkSkipped warning")

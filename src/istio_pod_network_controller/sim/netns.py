@@ -67,3 +67,12 @@ class NamedNetns:
     def delete(self) -> None:
         self.pinned.close()
         ip("netns", "del", self.name)
+
+
+SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save")
+
+
+def holds_capture_rules(netns: NamedNetns) -> bool:
+    """Whether any rule system in the namespace holds a chain or table of ours (read with the tools)."""
+    text = "".join(netns.exec([tool]) for tool in SAVE_TOOLS) + netns.exec(["nft", "list", "tables"])
+    return "ISTIO" in text or "istio_pod_network" in text
