@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -10,17 +9,13 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
+from istio_pod_network_controller.sim.cluster import unique_name
+
 settings.register_profile("default", max_examples=60)
 settings.register_profile("soak", max_examples=10_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _skipped_root: list[str] = []
-_names = itertools.count()
-
-
-def unique_name(prefix: str) -> str:
-    """A name no parallel run can collide with (netns, veth and cgroup names are host-global)."""
-    return f"{prefix}{os.getpid() % 100000}x{next(_names)}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
