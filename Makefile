@@ -16,26 +16,27 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml | system-deps
+$(VENV)/.installed: pyproject.toml lab/pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' -e ./lab
 	touch $@
 
 deps: system-deps $(VENV)/.installed
 
 lint: deps
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src lab tests bench tools
+	$(BIN)/ruff format --check src lab tests bench tools
 
 typecheck: deps
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 pytest: deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: deps
-	$(BIN)/istio-pod-network-controller demo $(DEMO_ARGS)
+	$(BIN)/ipnc-lab demo $(DEMO_ARGS)
 
 soak: deps
 	HYPOTHESIS_PROFILE=soak $(BIN)/pytest --timeout 0 tests/test_fuzz_spec.py tests/test_security_dataplane.py \
@@ -43,7 +44,7 @@ soak: deps
 	IPNC_SOAK_SECONDS=$${IPNC_SOAK_SECONDS:-300} $(BIN)/pytest --timeout 0 -s tests/soak/test_chaos.py $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench]' -e ./lab
 	touch $@
 
 bench: deps $(VENV)/.bench-installed

@@ -1,6 +1,6 @@
 """Controller benchmark: a burst of 200 mesh pods on one node, RSS with 1000 pods, and a concurrency sweep.
 
-Pods are real (a netns, a veth, a `sleep` in a kubelet-named cgroup; `istio_pod_network_controller.sim`),
+Pods are real (a netns, a veth, a `sleep` in a kubelet-named cgroup; `ipnc_lab.sim`),
 the API is the emulator, the controller a real subprocess with the chart's RBAC. "Visible" is the moment
 the pod is stored in the emulator; "marked" is when the controller's patch reached the emulator (its
 request log). Prints a Markdown section `## Controller` and saves the raw samples as `controller`.
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from samples import save
 
-from istio_pod_network_controller.localapi import PODS
-from istio_pod_network_controller.sim.cluster import CONTROLLER_USER, SimCluster, pod_manifest
-from istio_pod_network_controller.sim.controller import ControllerProcess, wait_for
-from istio_pod_network_controller.sim.node import SimNode
+from ipnc_lab.localapi import PODS
+from ipnc_lab.sim.cluster import CONTROLLER_USER, SimCluster, pod_manifest
+from ipnc_lab.sim.controller import ControllerProcess, wait_for
+from ipnc_lab.sim.node import SimNode
 
 BURST = 200
 TOTAL = 1000

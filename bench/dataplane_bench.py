@@ -25,7 +25,7 @@ from istio_pod_network_controller.dataplane import apply as dataplane
 from istio_pod_network_controller.dataplane import netns
 from istio_pod_network_controller.dataplane.netns import PinnedNetns
 from istio_pod_network_controller.rules import iptables, nftables, plan
-from istio_pod_network_controller.spec import build_spec
+from istio_pod_network_controller.settings.spec import build_spec
 
 RUNS = 25
 SPEC = build_spec({}).with_ipv6(False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from istio_pod_network_controller.localapi import NAMESPACES, PODS, Store
+from ipnc_lab.localapi import NAMESPACES, PODS, Store
 
 CREATES_IN_STORE = 20_000
 CREATES_HTTP = 5_000
@@ -54,7 +54,7 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen[str], str]:
         [
             sys.executable,
             "-m",
-            "istio_pod_network_controller",
+            "ipnc_lab",
             "local-apiserver",
             "--kubeconfig",
             str(workdir / "kubeconfig"),

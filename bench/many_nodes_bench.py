@@ -11,7 +11,7 @@ from collections import Counter
 
 from samples import save
 
-from istio_pod_network_controller.sim.cluster import SimCluster
+from ipnc_lab.sim.cluster import SimCluster
 
 # (label, pods added per node index) per round
 ROUNDS = [

@@ -12,7 +12,7 @@ import sys
 
 from samples import save
 
-from istio_pod_network_controller.sim.chaos import ChaosSoak
+from ipnc_lab.sim.chaos import ChaosSoak
 
 
 def main() -> None:

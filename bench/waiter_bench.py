@@ -29,7 +29,7 @@ from samples import save
 import istio_pod_network_controller
 from istio_pod_network_controller.dataplane.apply import apply
 from istio_pod_network_controller.dataplane.netns import PinnedNetns
-from istio_pod_network_controller.spec import build_spec
+from istio_pod_network_controller.settings.spec import build_spec
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 APPLY_AFTER = 0.200

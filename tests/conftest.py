@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from istio_pod_network_controller.sim.cluster import unique_name
+from ipnc_lab.sim.cluster import unique_name
 
 settings.register_profile("default", max_examples=60)
 settings.register_profile("soak", max_examples=10_000)

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.dataplane import apply as dp
 from istio_pod_network_controller.dataplane.netns import PinnedNetns
 from istio_pod_network_controller.errors import HostNetnsRefused
-from istio_pod_network_controller.spec import build_spec
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import build_spec
 
 pytestmark = pytest.mark.root
 BACKENDS = ["legacy", "nft", "nftables"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from istio_pod_network_controller.downward import parse_annotations, read_annotations
 from istio_pod_network_controller.errors import DownwardAPIError
+from istio_pod_network_controller.settings.downward import parse_annotations, read_annotations
 
 
 def test_kubelet_format_with_go_escapes() -> None:

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.dataplane import netns
 from istio_pod_network_controller.errors import SpecError
 from istio_pod_network_controller.rules import iptables, nftables, plan
-from istio_pod_network_controller.spec import SPEC_ANNOTATIONS, build_spec
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import SPEC_ANNOTATIONS, build_spec
 
 VALID_PORT = st.integers(min_value=1, max_value=65535).map(str)
 PORT = st.one_of(VALID_PORT, VALID_PORT, VALID_PORT, st.integers(min_value=-5, max_value=70000).map(str))

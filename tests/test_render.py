@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.rules import iptables, nftables, plan
-from istio_pod_network_controller.spec import IPv6Policy, build_spec
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import IPv6Policy, build_spec
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from istio_pod_network_controller.dataplane import apply as dp
 from istio_pod_network_controller.dataplane.discovery import PodNetnsNotFound, find_pod_netns
 from istio_pod_network_controller.dataplane.netns import PinnedNetns
-from istio_pod_network_controller.downward import parse_annotations
 from istio_pod_network_controller.errors import DataplaneError, DownwardAPIError, SpecError
-from istio_pod_network_controller.spec import SPEC_ANNOTATIONS, build_spec
+from istio_pod_network_controller.settings.downward import parse_annotations
+from istio_pod_network_controller.settings.spec import SPEC_ANNOTATIONS, build_spec
 
 UID = "7e57ab1e-0000-4000-8000-00000000cafe"
 CGROUP = f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/cri-containerd-{'cd' * 32}.scope\n"

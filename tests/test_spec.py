@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.errors import SpecError
-from istio_pod_network_controller.spec import (
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import (
     WILDCARD,
     InterceptionMode,
     InterceptSpec,

@@ -1,6 +1,6 @@
 """End to end: the controller as a subprocess, the API emulator, pods as real processes in real netns.
 
-Every assertion is about traffic or API state; the simulated cluster is `istio_pod_network_controller.sim`
+Every assertion is about traffic or API state; the simulated cluster is `ipnc_lab.sim`
 (SimCluster: emulator + SimNode + ControllerProcess), the controller runs as a user with exactly the
 chart's ClusterRole.
 """
@@ -13,17 +13,17 @@ import time
 
 import pytest
 
-from istio_pod_network_controller import annotations as ann
-from istio_pod_network_controller.sim.cluster import (
+from ipnc_lab.sim.cluster import (
     CONTROLLER_USER,
     SimCluster,
     host_rules,
     set_status,
 )
-from istio_pod_network_controller.sim.controller import ControllerProcess, wait_for
-from istio_pod_network_controller.sim.netns import holds_capture_rules
-from istio_pod_network_controller.sim.node import SimNode, SimPod
-from istio_pod_network_controller.sim.traffic import Server, connect
+from ipnc_lab.sim.controller import ControllerProcess, wait_for
+from ipnc_lab.sim.netns import holds_capture_rules
+from ipnc_lab.sim.node import SimNode, SimPod
+from ipnc_lab.sim.traffic import Server, connect
+from istio_pod_network_controller.settings import annotations as ann
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 BAD_PORTS = "80,99999"

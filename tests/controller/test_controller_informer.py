@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from ipnc_lab.localapi import PODS, LocalAPIServer
 from istio_pod_network_controller.controller.cache import PodCache
 from istio_pod_network_controller.controller.config import WatchTuning
 from istio_pod_network_controller.controller.kube import ApiStatusError, Informer, KubeClient, load_config
 from istio_pod_network_controller.controller.metrics import Metrics
-from istio_pod_network_controller.localapi import PODS, LocalAPIServer
 
 NODE = "n1"
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.controller import selection as sel
 from istio_pod_network_controller.controller.selection import Decision, SelectionOptions, select
+from istio_pod_network_controller.settings import annotations as ann
 
 OPTS = SelectionOptions()
 

@@ -15,7 +15,7 @@ from istio_pod_network_controller.controller.cache import PodCache, pod_ips, sli
 from istio_pod_network_controller.controller.queue import QueueShutDown, WorkQueue
 from istio_pod_network_controller.controller.reconcile import candidate_digests
 from istio_pod_network_controller.errors import SpecError
-from istio_pod_network_controller.spec import InterceptSpec, IPv6Policy
+from istio_pod_network_controller.settings.spec import InterceptSpec, IPv6Policy
 
 
 async def test_queue_coalesces_and_never_hands_a_key_out_twice() -> None:

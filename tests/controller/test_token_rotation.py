@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from istio_pod_network_controller import rbac
+from ipnc_lab.localapi import LocalAPIServer
+from ipnc_lab.localapi.server import ThreadedServer
 from istio_pod_network_controller.controller.kube import ApiStatusError, KubeClient, load_config
 from istio_pod_network_controller.controller.metrics import Metrics
-from istio_pod_network_controller.localapi import LocalAPIServer
-from istio_pod_network_controller.localapi.server import ThreadedServer
+from istio_pod_network_controller.install import rbac
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from istio_pod_network_controller.demo.run import DemoResult, run_demo
+from ipnc_lab.demo.run import DemoResult, run_demo
 
 pytestmark = pytest.mark.root
 
@@ -67,7 +67,7 @@ def test_controller_used_one_patch_per_mesh_pod_and_no_gets(result: DemoResult) 
 def test_demo_command_prints_the_table_and_leaves_nothing_behind() -> None:
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     done = subprocess.run(
-        [sys.executable, "-m", "istio_pod_network_controller", "demo"],
+        [sys.executable, "-m", "ipnc_lab", "demo"],
         capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

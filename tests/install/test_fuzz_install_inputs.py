@@ -16,10 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from install_helpers import injected_deployment, injected_pod
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.cli.inject import inject_stream
-from istio_pod_network_controller.injection import InjectionError, InjectOptions, rewrite_object, rewrite_pod
-from istio_pod_network_controller.webhook.server import BadReview, parse_review, review_response
+from istio_pod_network_controller.install.injection import (
+    InjectionError,
+    InjectOptions,
+    rewrite_object,
+    rewrite_pod,
+)
+from istio_pod_network_controller.install.webhook.server import BadReview, parse_review, review_response
+from istio_pod_network_controller.settings import annotations as ann
 
 OPTIONS = InjectOptions()
 JUNK = st.recursive(

@@ -10,9 +10,9 @@ import yaml
 from install_helpers import K8S_VERSION, ROOT, by_kind, one, render
 from pss_rules import restricted_violations
 
-from istio_pod_network_controller import annotations as ann
-from istio_pod_network_controller.injection import IMAGE_REPOSITORY, IMAGE_TAG
-from istio_pod_network_controller.rbac import CLUSTER_ROLE_RULES, cluster_role_rules
+from istio_pod_network_controller.install.injection import IMAGE_REPOSITORY, IMAGE_TAG
+from istio_pod_network_controller.install.rbac import CLUSTER_ROLE_RULES, cluster_role_rules
+from istio_pod_network_controller.settings import annotations as ann
 
 VALUE_SETS: dict[str, dict] = {
     "kubernetes-default": {},
@@ -317,7 +317,7 @@ def test_injection_template_waiter_is_restricted_and_matches_inject() -> None:
     spec = {"securityContext": {}, "initContainers": [waiter], "volumes": template["spec"]["volumes"]}
     assert restricted_violations(spec) == []
     # same container as the inject/webhook path builds, apart from the flags
-    from istio_pod_network_controller.injection import InjectOptions, podinfo_volume, waiter_container
+    from istio_pod_network_controller.install.injection import InjectOptions, podinfo_volume, waiter_container
 
     ours = waiter_container(InjectOptions(), "podinfo", 1337, 1337, [])
     for key in ("name", "image", "securityContext", "volumeMounts", "resources", "terminationMessagePolicy"):

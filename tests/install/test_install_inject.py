@@ -11,10 +11,9 @@ from click.testing import CliRunner
 from install_helpers import KUBE_INJECT, injected_deployment, istio_init, status_annotation
 from pss_rules import baseline_violations, restricted_violations
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.cli import cli
 from istio_pod_network_controller.cli.inject import inject_stream, split_documents
-from istio_pod_network_controller.injection import (
+from istio_pod_network_controller.install.injection import (
     InjectionError,
     InjectOptions,
     needs_rewrite,
@@ -22,6 +21,7 @@ from istio_pod_network_controller.injection import (
     rewrite_object,
     rewrite_pod,
 )
+from istio_pod_network_controller.settings import annotations as ann
 
 OPTIONS = InjectOptions(image="registry.example/ipnc:test")
 

@@ -16,11 +16,11 @@ import pytest
 from install_helpers import injected_pod
 from pss_rules import restricted_violations
 
-from istio_pod_network_controller import annotations as ann
-from istio_pod_network_controller.injection import InjectOptions
-from istio_pod_network_controller.localapi.tls import generate_certificates
-from istio_pod_network_controller.webhook.patch import pod_patch
-from istio_pod_network_controller.webhook.server import serving
+from ipnc_lab.localapi.tls import generate_certificates
+from istio_pod_network_controller.install.injection import InjectOptions
+from istio_pod_network_controller.install.webhook.patch import pod_patch
+from istio_pod_network_controller.install.webhook.server import serving
+from istio_pod_network_controller.settings import annotations as ann
 
 
 def make_pki(directory: Path, serial: int = 1) -> Path:

@@ -10,7 +10,7 @@ import aiohttp
 import lightkube
 import pytest
 
-from istio_pod_network_controller.localapi import LocalAPIServer, ThreadedServer
+from ipnc_lab.localapi import LocalAPIServer, ThreadedServer
 
 
 def pod_manifest(name: str, namespace: str = "default", **labels: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`istio-pod-network-controller local-apiserver` as a subprocess, driven by kubectl."""
+"""`ipnc-lab local-apiserver` as a subprocess, driven by kubectl."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installe
 
 def start(*args: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "istio_pod_network_controller", "local-apiserver", *args],
+        [sys.executable, "-m", "ipnc_lab", "local-apiserver", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -80,7 +80,7 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
         ["--kubeconfig", str(tmp_path / "k"), "--rbac", str(tmp_path / "missing.yaml")],
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "istio_pod_network_controller", "local-apiserver", *args],
+            [sys.executable, "-m", "ipnc_lab", "local-apiserver", *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -95,7 +95,7 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "istio_pod_network_controller",
+            "ipnc_lab",
             "local-apiserver",
             "--kubeconfig",
             str(tmp_path / "k"),

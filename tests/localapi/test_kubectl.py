@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from istio_pod_network_controller.localapi import PODS, ThreadedServer, User
+from ipnc_lab.localapi import PODS, ThreadedServer, User
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")

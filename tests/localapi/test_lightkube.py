@@ -13,7 +13,7 @@ from lightkube.resources.core_v1 import Namespace, Node, Pod
 from lightkube.resources.events_v1 import Event as EventV1
 from lightkube.types import PatchType
 
-from istio_pod_network_controller.localapi import PODS, LocalAPIServer, ThreadedServer
+from ipnc_lab.localapi import PODS, LocalAPIServer, ThreadedServer
 
 from .conftest import Raw, pod_manifest
 

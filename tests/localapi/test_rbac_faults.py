@@ -14,7 +14,7 @@ import pytest
 from lightkube.resources.core_v1 import Node, Pod
 from lightkube.types import PatchType
 
-from istio_pod_network_controller.localapi import LocalAPIServer
+from ipnc_lab.localapi import LocalAPIServer
 
 from .conftest import Raw
 from .test_lightkube import make_pod
@@ -229,7 +229,7 @@ async def test_bad_input_never_crashes(
 async def test_a_failing_watch_stream_ends_and_is_logged(
     raw: Raw, api: LocalAPIServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from istio_pod_network_controller.localapi.store import Watcher
+    from ipnc_lab.localapi.store import Watcher
 
     def broken(self: Watcher, change: object) -> bytes:
         raise RuntimeError("translate broke")

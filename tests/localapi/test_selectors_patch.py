@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from istio_pod_network_controller.localapi.patch import (
+from ipnc_lab.localapi.patch import (
     PatchError,
     PatchFormatError,
     json_patch,
     merge_patch,
     strategic_merge_patch,
 )
-from istio_pod_network_controller.localapi.resources import PODS
-from istio_pod_network_controller.localapi.selectors import (
+from ipnc_lab.localapi.resources import PODS
+from ipnc_lab.localapi.selectors import (
     SelectorError,
     parse_field_selector,
     parse_label_selector,

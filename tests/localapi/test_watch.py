@@ -13,7 +13,7 @@ import pytest
 from lightkube.resources.core_v1 import Namespace, Pod
 from lightkube.types import OnErrorAction, OnErrorResult, PatchType
 
-from istio_pod_network_controller.localapi import LocalAPIServer
+from ipnc_lab.localapi import LocalAPIServer
 
 from .conftest import Raw
 from .test_lightkube import make_pod

@@ -2,7 +2,7 @@
 
 IPNC_SOAK_SECONDS sets the length of the chaos phase (default 20: the `make test` version; `make soak`
 runs 300), IPNC_SOAK_SEED the seed (default: random, printed, so a failure can be replayed exactly).
-The engine is `istio_pod_network_controller.sim.chaos`; `bench/soak_report.py` runs it for the report.
+The engine is `ipnc_lab.sim.chaos`; `bench/soak_report.py` runs it for the report.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from istio_pod_network_controller.sim.chaos import FAULTS, INELIGIBLE, ChaosSoak
+from ipnc_lab.sim.chaos import FAULTS, INELIGIBLE, ChaosSoak
 
 SECONDS = float(os.environ.get("IPNC_SOAK_SECONDS", "20"))
 pytestmark = [pytest.mark.root, pytest.mark.timeout(int(SECONDS) + 150)]

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from istio_pod_network_controller.localapi import CORE_EVENTS, RequestRecord
-from istio_pod_network_controller.sim.cluster import SimCluster
-from istio_pod_network_controller.sim.node import SimNode, SimPod
+from ipnc_lab.localapi import CORE_EVENTS, RequestRecord
+from ipnc_lab.sim.cluster import SimCluster
+from ipnc_lab.sim.node import SimNode, SimPod
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

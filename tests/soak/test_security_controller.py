@@ -15,12 +15,12 @@ import tempfile
 
 import pytest
 
-from istio_pod_network_controller import annotations as ann
-from istio_pod_network_controller.sim.cluster import CONTROLLER_USER, SimCluster, host_rules
-from istio_pod_network_controller.sim.controller import wait_for
-from istio_pod_network_controller.sim.netns import holds_capture_rules
-from istio_pod_network_controller.sim.node import SimNode, SimPod
-from istio_pod_network_controller.sim.traffic import Server, connect
+from ipnc_lab.sim.cluster import CONTROLLER_USER, SimCluster, host_rules
+from ipnc_lab.sim.controller import wait_for
+from ipnc_lab.sim.netns import holds_capture_rules
+from ipnc_lab.sim.node import SimNode, SimPod
+from ipnc_lab.sim.traffic import Server, connect
+from istio_pod_network_controller.settings import annotations as ann
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 APP_UID = 1000

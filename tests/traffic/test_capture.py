@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from traffic_harness import APP_UID, PROXY_ID, Capture, Reply, Topology
 
-from istio_pod_network_controller import annotations as ann
-from istio_pod_network_controller.spec import InterceptSpec, build_spec
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import InterceptSpec, build_spec
 
 pytestmark = pytest.mark.root
 

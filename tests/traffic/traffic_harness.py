@@ -7,7 +7,7 @@ Topology (one per test, so every test starts from a fresh, empty netfilter and c
 Both ends of the veth are created inside the namespaces (nothing appears in the host namespace), there is
 no default route and forwarding stays off, so no packet can leave the pair.
 
-Listeners and clients come from `istio_pod_network_controller.sim.traffic` (shared with the demo).
+Listeners and clients come from `ipnc_lab.sim.traffic` (shared with the demo).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from ipnc_lab.sim.netns import NamedNetns, ip
+from ipnc_lab.sim.traffic import Received, Reply, Server, connect
 from istio_pod_network_controller.dataplane import apply as dataplane
 from istio_pod_network_controller.dataplane.apply import ApplyResult, BackendChoice, Drift
-from istio_pod_network_controller.sim.netns import NamedNetns, ip
-from istio_pod_network_controller.sim.traffic import Received, Reply, Server, connect
-from istio_pod_network_controller.spec import InterceptSpec
+from istio_pod_network_controller.settings.spec import InterceptSpec
 
 _SEQ = itertools.count(1)
 _PID = os.getpid()

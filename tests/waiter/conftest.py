@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from waiter_helpers import PROXY, StartWaiter, Waiter, make_readable, waiter_argv
 
-from istio_pod_network_controller.sim.runtime import SYSTEM_PYTHON, build_runtime
+from ipnc_lab.sim.runtime import SYSTEM_PYTHON, build_runtime
 
 
 @pytest.fixture(scope="session")

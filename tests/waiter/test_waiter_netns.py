@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from waiter_helpers import StartWaiter, apply_rules, capabilities, write_annotations
 
-from istio_pod_network_controller import annotations as ann
+from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.waiter import exitcodes
 
 pytestmark = pytest.mark.root

@@ -12,9 +12,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from istio_pod_network_controller import annotations as ann
 from istio_pod_network_controller.cli import cli
-from istio_pod_network_controller.spec import build_spec
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import build_spec
 from istio_pod_network_controller.waiter import exitcodes
 from istio_pod_network_controller.waiter.probe import Outcome, has_global_ipv6, has_passthrough_v6
 from istio_pod_network_controller.waiter.probeplan import ProbePlan, plan_probe
@@ -281,7 +281,7 @@ def test_waiter_path_imports_stay_light(tmp_path: Path) -> None:
         "except SystemExit:\n"
         "    pass\n"
         "heavy = ('istio_pod_network_controller.rules', 'istio_pod_network_controller.dataplane',\n"
-        "         'istio_pod_network_controller.localapi', 'lightkube', 'aiohttp', 'prometheus_client',\n"
+        "         'ipnc_lab.localapi', 'lightkube', 'aiohttp', 'prometheus_client',\n"
         "         'rich', 'yaml', 'asyncio', 'ctypes')\n"
         "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
     )

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ipnc_lab.sim.runtime import SYSTEM_PYTHON
 from istio_pod_network_controller.dataplane.apply import apply as dp_apply
 from istio_pod_network_controller.dataplane.netns import PinnedNetns
-from istio_pod_network_controller.sim.runtime import SYSTEM_PYTHON
-from istio_pod_network_controller.spec import build_spec
+from istio_pod_network_controller.settings.spec import build_spec
 
 PROXY = 1337
 

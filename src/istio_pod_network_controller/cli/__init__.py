@@ -1,7 +1,7 @@
 """The `istio-pod-network-controller` command.
 
 Subcommands are imported lazily: the waiter (`wait`/`init`) runs in every mesh pod's start-up path and must
-not pay for importing the controller, the API emulator or the rule renderers.
+not pay for importing the controller or the rule renderers.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import click
 #: subcommand name -> "module:attribute" of its click command, relative to this package.
 SUBCOMMANDS: dict[str, str] = {
     "rules": ".rules:rules",
-    "local-apiserver": ".local_apiserver:local_apiserver",
     "wait": ".wait:wait",
     "init": ".wait:init",
     "run": ".run:run",
     "inject": ".inject:inject",
     "webhook": ".webhook:webhook",
-    "demo": ".demo:demo",
 }
 
 

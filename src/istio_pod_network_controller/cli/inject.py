@@ -16,7 +16,7 @@ from typing import BinaryIO
 import click
 import yaml
 
-from ..injection import DEFAULT_IMAGE, InjectionError, InjectOptions, rewrite_object
+from ..install.injection import DEFAULT_IMAGE, InjectionError, InjectOptions, rewrite_object
 
 _DOC_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.MULTILINE)
 

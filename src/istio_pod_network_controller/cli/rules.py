@@ -13,10 +13,10 @@ import click
 from ..dataplane import apply as dataplane
 from ..dataplane.discovery import find_pod_netns
 from ..dataplane.netns import PinnedNetns
-from ..downward import read_annotations
 from ..errors import ControllerError
 from ..rules import iptables, nftables, plan
-from ..spec import InterceptSpec, IPv6Policy, build_spec
+from ..settings.downward import read_annotations
+from ..settings.spec import InterceptSpec, IPv6Policy, build_spec
 from .spec_options import source_name, spec_options
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from ..dataplane.apply import BACKEND_CHOICES
-from ..spec import SETTINGS
+from ..settings.spec import SETTINGS
 from .spec_options import flag_name, spec_options
 
 F = TypeVar("F", bound=Callable[..., Any])

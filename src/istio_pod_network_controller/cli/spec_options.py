@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ..spec import SETTINGS
+from ..settings.spec import SETTINGS
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PREFIX = "IPNC_"

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import annotations as ann
-from ..spec import SETTINGS
+from ..settings import annotations as ann
+from ..settings.spec import SETTINGS
 from ..waiter import exitcodes
 from ..waiter.wait import DEFAULT_FILE, Config, run
 from .spec_options import env_name, source_name, spec_options

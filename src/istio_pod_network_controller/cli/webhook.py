@@ -99,8 +99,8 @@ def webhook(
     log_level: str,
 ) -> None:
     """Serve the mutating admission webhook that replaces istio-init with the waiter in new pods."""
-    from ..injection import DEFAULT_IMAGE, InjectOptions
-    from ..webhook.server import serve_forever
+    from ..install.injection import DEFAULT_IMAGE, InjectOptions
+    from ..install.webhook.server import serve_forever
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = split_address(listen_address)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..dataplane.apply import BackendChoice
-from ..spec import SETTINGS_BY_NAME, build_spec
+from ..settings.spec import SETTINGS_BY_NAME, build_spec
 from .selection import SelectionOptions
 
 LEGACY_SPEC_FLAGS: dict[str, str] = {

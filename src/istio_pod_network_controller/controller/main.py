@@ -15,7 +15,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import annotations as ann
+from ..settings import annotations as ann
 from . import events as ev
 from .cache import NamespaceCache, Obj, PodCache, pod_key
 from .config import ControllerConfig

@@ -15,12 +15,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .. import annotations as ann
 from ..dataplane import apply as dataplane
 from ..dataplane.apply import ApplyResult, Drift
 from ..dataplane.discovery import PodNetnsNotFound, ProcIndex
 from ..errors import DataplaneError, SpecError
-from ..spec import InterceptSpec, IPv6Policy, build_spec
+from ..settings import annotations as ann
+from ..settings.spec import InterceptSpec, IPv6Policy, build_spec
 from . import events as ev
 from . import selection
 from .backoff import Backoff

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .. import annotations as ann
+from ..settings import annotations as ann
 
 Obj = Mapping[str, Any]
 

@@ -15,7 +15,7 @@ from typing import Literal, TypeAlias
 from .. import netlink
 from ..rules import nftables, plan
 from ..rules.model import PolicyRoute, Ruleset
-from ..spec import TPROXY_MARK, TPROXY_ROUTE_TABLE, InterceptSpec, IPv6Policy
+from ..settings.spec import TPROXY_MARK, TPROXY_ROUTE_TABLE, InterceptSpec, IPv6Policy
 from . import netns as ns_mod
 from .backends import BACKENDS, BackendName, make, route_drift, sync_routes
 from .netns import NetnsId, PinnedNetns

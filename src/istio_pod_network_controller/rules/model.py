@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
-from ..spec import IPNetwork
+from ..settings.spec import IPNetwork
 
 Family: TypeAlias = Literal[4, 6]
 TableName: TypeAlias = Literal["raw", "mangle", "nat", "filter"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from ..spec import (
+from ..settings.spec import (
     ALWAYS_EXCLUDED_INBOUND,
     DNS_CAPTURE_PORT,
     HBONE_PORT,

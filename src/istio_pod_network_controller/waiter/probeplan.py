@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..spec import HBONE_PORT, PROBE_PORT, InterceptionMode, InterceptSpec, IPv6Policy
+from ..settings.spec import HBONE_PORT, PROBE_PORT, InterceptionMode, InterceptSpec, IPv6Policy
 
 
 @dataclass(frozen=True, slots=True)

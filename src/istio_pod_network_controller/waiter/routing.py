@@ -7,7 +7,7 @@ is only confirmed once these exist too.
 from __future__ import annotations
 
 from ..netlink import fib_rules, local_default_route_families
-from ..spec import TPROXY_MARK, TPROXY_ROUTE_TABLE
+from ..settings.spec import TPROXY_MARK, TPROXY_ROUTE_TABLE
 
 
 def tproxy_routing_missing(family: int) -> str:

@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
-from .. import annotations as ann
-from ..downward import MAX_FILE_BYTES, parse_annotations
 from ..errors import DownwardAPIError, SpecError
-from ..spec import InterceptSpec, build_spec
+from ..settings import annotations as ann
+from ..settings.downward import MAX_FILE_BYTES, parse_annotations
+from ..settings.spec import InterceptSpec, build_spec
 from . import exitcodes
 from .probe import FamilyProbe, Outcome, has_global_ipv6
 from .probeplan import ProbePlan, plan_probe

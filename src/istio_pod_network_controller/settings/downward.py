@@ -11,7 +11,7 @@ import json
 import re
 from typing import Final
 
-from .errors import DownwardAPIError
+from ..errors import DownwardAPIError
 
 _LINE: Final = re.compile(r'(?P<key>[^=\s"]+)="(?P<value>(?:[^"\\]|\\.)*)"')
 _ESCAPE: Final = re.compile(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{3}|[abfnrtv\\"\'])')

@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import annotations as ann
-from .. import rbac
-from ..dataplane import apply as dataplane
-from ..dataplane.apply import BackendChoice, Drift
+from istio_pod_network_controller.dataplane import apply as dataplane
+from istio_pod_network_controller.dataplane.apply import BackendChoice, Drift
+from istio_pod_network_controller.install import rbac
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import build_spec
+
 from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
-from ..spec import build_spec
 from .controller import ControllerProcess, wait_for
 from .node import SimNode, SimPod
 

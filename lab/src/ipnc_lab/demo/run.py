@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .. import annotations as ann
-from .. import rbac
+from istio_pod_network_controller.install import rbac
+from istio_pod_network_controller.settings import annotations as ann
+
 from ..localapi import LocalAPIServer
 from ..localapi.resources import CORE_EVENTS, NAMESPACES, PODS
 from ..localapi.server import ThreadedServer
@@ -187,7 +188,7 @@ class Demo:
     def _start_containers(self, pod: DemoPod, sim: SimPod) -> None:
         """The app (uid 1000) and, for mesh pods, the Envoy stand-in (uid 1337) recording original dst."""
         env = runtime_env(self.runtime)
-        workload = [SYSTEM_PYTHON, "-m", "istio_pod_network_controller.sim.workload"]
+        workload = [SYSTEM_PYTHON, "-m", "ipnc_lab.sim.workload"]
         started = [
             self.node.spawn(
                 sim, [*workload, "--listen", f"app:{APP_PORT}"], uid=APP_UID, gid=APP_UID, env=env

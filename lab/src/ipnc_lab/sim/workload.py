@@ -1,6 +1,6 @@
 """A stand-in pod process: recording listeners as one uid, for the demo's app and Envoy stand-ins.
 
-Run as `python -m istio_pod_network_controller.sim.workload --listen LABEL:PORT[:transparent] ...` inside the
+Run as `python -m ipnc_lab.sim.workload --listen LABEL:PORT[:transparent] ...` inside the
 pod's namespace as the workload's uid (e.g. 1337 for the Envoy stand-in). It prints `ready` once every
 socket listens, then one JSON line per connection received (label, source, original destination), and
 answers each client with the same (see sim.traffic). It exits on SIGTERM.

@@ -1,4 +1,4 @@
-"""`istio-pod-network-controller demo`: see the whole system work on this machine (root)."""
+"""`ipnc-lab demo`: see the whole system work on this machine (root)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def demo(pods: int, backend: str, keep: bool) -> None:
     """Simulate one node with mesh and non-mesh pods; run the real controller and waiters; send traffic."""
     from rich.console import Console
 
-    from ..demo.report import print_report
-    from ..demo.run import Demo, DemoResult, run_demo
+    from .demo.report import print_report
+    from .demo.run import Demo, DemoResult, run_demo
 
     if os.geteuid() != 0:
         raise click.ClickException("the demo creates network namespaces and cgroups: run it as root")

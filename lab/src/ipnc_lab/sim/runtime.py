@@ -1,4 +1,4 @@
-"""A copy of this package (and click) that any uid can import, for processes that run as the pod's users.
+"""A copy of the product, the lab and click that any uid can import, for processes run as the pod's users.
 
 The venv may sit under a folder other uids cannot enter (root's pyenv, a CI clone under /root), while
 Debian's /usr/bin/python3 is world-readable. The waiter and the simulated workloads run as uid 1337/1000
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+import istio_pod_network_controller
+
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
@@ -23,11 +25,15 @@ def _skip(_: str, names: list[str]) -> list[str]:
 
 
 def build_runtime(prefix: str = "ipnc-runtime-") -> Path:
-    """Copy the package and click into a fresh 0755 directory and byte-compile it; the caller removes it."""
+    """Copy the product, the lab and click into a fresh 0755 folder, byte-compiled; the caller removes it."""
     base = Path(tempfile.mkdtemp(prefix=prefix))
-    package = Path(__file__).resolve().parent.parent
-    shutil.copytree(package, base / package.name, ignore=_skip)
-    shutil.copytree(Path(click.__file__).resolve().parent, base / "click", ignore=_skip)
+    lab = Path(__file__).resolve().parent.parent
+    for package in (
+        Path(istio_pod_network_controller.__file__).resolve().parent,
+        lab,
+        Path(click.__file__).resolve().parent,
+    ):
+        shutil.copytree(package, base / package.name, ignore=_skip)
     compileall.compile_dir(base, quiet=1)
     for root, _, files in os.walk(base):
         os.chmod(root, 0o755)  # noqa: S103 - readable by the pod's uids is the point

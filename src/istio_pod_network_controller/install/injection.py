@@ -30,8 +30,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from . import annotations as ann
-from .spec import ALWAYS_EXCLUDED_INBOUND, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PROXY_ID
+from ..settings import annotations as ann
+from ..settings.spec import ALWAYS_EXCLUDED_INBOUND, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PROXY_ID
 
 JSON = dict[str, Any]
 

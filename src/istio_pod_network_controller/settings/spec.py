@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Final, Literal, TypeAlias
 
+from ..errors import SpecError
 from . import annotations as ann
-from .errors import SpecError
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 Wildcard: TypeAlias = Literal["*"]

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import annotations as ann
+from istio_pod_network_controller.settings import annotations as ann
 
 MESH_NAMESPACE = "demo"
 LEGACY_NAMESPACE = "legacy-mesh"

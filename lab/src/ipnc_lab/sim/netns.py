@@ -6,7 +6,7 @@ import subprocess
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..dataplane.netns import PinnedNetns, run_in
+from istio_pod_network_controller.dataplane.netns import PinnedNetns, run_in
 
 T = TypeVar("T")
 

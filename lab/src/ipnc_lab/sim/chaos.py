@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import annotations as ann
+from istio_pod_network_controller.settings import annotations as ann
+
 from ..localapi import NODES
 from .cluster import SimCluster, host_rules
 from .controller import ControllerProcess, wait_for

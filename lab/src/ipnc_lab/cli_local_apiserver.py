@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import yaml
 
-from ..localapi import LocalAPIServer, load_users
+from .localapi import LocalAPIServer, load_users
 
 
 def parse_listen(value: str) -> tuple[str, int]:
