@@ -230,3 +230,24 @@ def test_without_rules_everything_is_direct(topo: Topology) -> None:
     lands(topo.connect(topo.pod, topo.peer4, 53, "udp", uid=APP_UID), "peer-dns:53")
     reply = topo.connect(topo.peer, topo.pod4, 8999)
     assert reply.error == "ECONNREFUSED"
+
+
+# --- outbound-only -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_outbound_only_proxy_calling_its_pod_ip_goes_to_inbound_listener(
+    topo: Topology, capture: Capture, family: int
+) -> None:
+    """Istio, includeInboundPorts="": `-o lo ! -d 127.0.0.1 -p tcp ! --dport 15008 -m owner --uid-owner 1337
+    -j ISTIO_IN_REDIRECT` stays, so Envoy (uid 1337) calling its own pod IP reaches 15006 while inbound
+    traffic from outside is not captured."""
+    capture.apply(spec({ann.INCLUDE_INBOUND_PORTS: ""}))
+    pod = topo.pod_ip(family)
+    by_proxy = topo.connect(topo.pod, pod, 8080, uid=PROXY_ID, gid=PROXY_ID)
+    lands(by_proxy, ENVOY_IN)
+    assert by_proxy.orig == (pod, 8080)
+    lands(topo.connect(topo.pod, pod, 15008, uid=PROXY_ID, gid=PROXY_ID), "app:15008")
+    lands(topo.connect(topo.peer, pod, 8080), "app:8080")
+    lands(topo.connect(topo.pod, pod, 8080, uid=APP_UID), "app:8080")
+    lands(topo.connect(topo.pod, topo.peer_ip(family), 9090, uid=APP_UID), ENVOY_OUT)

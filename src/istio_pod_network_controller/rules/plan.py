@@ -169,14 +169,14 @@ def _nat(spec: InterceptSpec, family: Family, *, inbound_in_nat: bool) -> TableR
     if inbound:
         hooks.append(Hook("PREROUTING", rule(Jump("ISTIO_INBOUND"), TCP)))
         chains.append(Chain("ISTIO_INBOUND", (*_interface_exclusions(spec), *inbound)))
-    if spec.captures_inbound:
-        chains.append(Chain("ISTIO_IN_REDIRECT", (rule(Redirect(spec.inbound_port), TCP),)))
+    # ISTIO_IN_REDIRECT exists in every capturing mode, outbound-only included: the proxy's own calls to
+    # its pod's addresses still go to the inbound listener (and the waiter's outbound-only probe uses it).
+    chains.append(Chain("ISTIO_IN_REDIRECT", (rule(Redirect(spec.inbound_port), TCP),)))
     if spec.capture_dns:
         hooks.append(Hook("OUTPUT", rule(Jump("ISTIO_OUTPUT_DNS"))))
         chains.append(Chain("ISTIO_OUTPUT_DNS", tuple(_dns_redirect(spec))))
-    if spec.captures_inbound or spec.captures_outbound:
-        hooks.append(Hook("OUTPUT", rule(Jump("ISTIO_OUTPUT"))))
-        chains.append(Chain("ISTIO_OUTPUT", tuple(_output(spec, family))))
+    hooks.append(Hook("OUTPUT", rule(Jump("ISTIO_OUTPUT"))))
+    chains.append(Chain("ISTIO_OUTPUT", tuple(_output(spec, family))))
     if spec.captures_outbound:
         chains.append(Chain("ISTIO_REDIRECT", (rule(Redirect(spec.outbound_port), TCP),)))
     return TableRules("nat", tuple(hooks), tuple(chains))
@@ -190,18 +190,18 @@ def _output(spec: InterceptSpec, family: Family) -> list[Rule]:
     rules.append(rule(Return(), Src(_PASSTHROUGH[family]), lo))
     owners: tuple[type[UidOwner] | type[GidOwner], int] = (UidOwner, spec.proxy_uid)
     for owner_type, owner_id in (owners, (GidOwner, spec.proxy_gid)):
-        if spec.captures_inbound:
-            # The app calling itself through a Service VIP: Envoy's outbound leg comes back in as inbound.
-            rules.append(
-                rule(
-                    Jump("ISTIO_IN_REDIRECT"),
-                    Dst(loopback, negate=True),
-                    lo,
-                    TCP,
-                    DPort(HBONE_PORT, negate=True),
-                    owner_type(owner_id),
-                )
+        # The app calling itself through a Service VIP: Envoy's outbound leg comes back in as inbound.
+        # Istio keeps this rule with inbound capture off too (includeInboundPorts=""), so it does here.
+        rules.append(
+            rule(
+                Jump("ISTIO_IN_REDIRECT"),
+                Dst(loopback, negate=True),
+                lo,
+                TCP,
+                DPort(HBONE_PORT, negate=True),
+                owner_type(owner_id),
             )
+        )
         rules.append(rule(Return(), lo, owner_type(owner_id, negate=True)))
         rules.append(rule(Return(), owner_type(owner_id)))
     rules.append(rule(Return(), Dst(loopback)))
