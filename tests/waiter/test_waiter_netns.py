@@ -43,7 +43,7 @@ def test_times_out_without_rules_unprivileged(
     assert rc == exitcodes.TIMEOUT, log
     assert "ECONNREFUSED" in log
     assert "timed out after 1.5s" in log
-    assert "kubectl -n istio-pod-network-controller get pods -o wide" in log
+    assert "kubectl get pods --all-namespaces -l app.kubernetes.io/component=controller -o wide" in log
     assert "selection rules" in log and "describe pod" in log
     assert "last probe" in log
     assert "is missing: using flag and built-in defaults" in log
@@ -169,21 +169,89 @@ def test_inbound_only_capture_is_probed(netns_name: str, start_waiter: StartWait
     assert waiter.finish() == exitcodes.CAPTURED, waiter.log()
 
 
-def test_outbound_only_falls_back_to_annotation(
+def _outbound_link(ns: str) -> None:
+    """A veth pair inside the netns with a route to TEST-NET-1, so the outbound path has a route to dial.
+
+    Nothing answers ARP for 192.0.2.1 there: an uncaptured dial never even sends its SYN."""
+
+    def ip(*argv: str) -> None:
+        subprocess.run(["ip", "-n", ns, *argv], check=True, capture_output=True)
+
+    ip("link", "add", "b0", "type", "veth", "peer", "name", "b1")
+    ip("link", "set", "b0", "up")
+    ip("link", "set", "b1", "up")
+    ip("addr", "add", "10.199.0.2/24", "dev", "b0")
+    ip("route", "add", "192.0.2.0/24", "dev", "b0")
+
+
+def _forged_stays_blocked_then_rules_open(
+    ns: str, start_waiter: StartWaiter, workdir: Path, pod: dict[str, str], expect: str, **ids: int
+) -> None:
+    path = write_annotations(workdir / "pod_annotations", {**pod, **FORGED})
+    forged = start_waiter(ns, ["--file", str(path), "--timeout", "1.5", "--delay", "0.1"], **ids)
+    assert forged.finish() == exitcodes.TIMEOUT, forged.log()
+    assert "present but not trusted on its own" in forged.log()
+    assert "forged, or the rules were removed since" in forged.log()
+    waiter = start_waiter(ns, ["--file", str(path), "--timeout", "10"], **ids)
+    waiter.wait_for_log("probe: IPv4: dial")
+    time.sleep(0.3)
+    assert waiter.proc.poll() is None, waiter.log()
+    apply_rules(ns, pod, "legacy")
+    assert waiter.finish() == exitcodes.CAPTURED, waiter.log()
+    assert expect in waiter.log()
+    no_traceback(waiter.log())
+
+
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_outbound_only_forged_annotation_is_not_enough(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path, mode: str
+) -> None:
+    """Outbound-only: the proxy uid's loopback rule (Istio keeps it in that mode) is probed."""
+    pod = {ann.INCLUDE_INBOUND_PORTS: "", ann.INTERCEPTION_MODE: mode}
+    _forged_stays_blocked_then_rules_open(
+        netns_name, start_waiter, workdir, pod,
+        "127.0.0.1 -> 127.0.0.6:15002 was redirected to 127.0.0.1:15006 (SO_ORIGINAL_DST 127.0.0.6:15002",
+    )  # fmt: skip
+
+
+def test_other_proxy_uid_and_gid_probe_the_outbound_path(
     netns_name: str, start_waiter: StartWaiter, workdir: Path
 ) -> None:
-    pod = {ann.INCLUDE_INBOUND_PORTS: ""}
-    apply_rules(netns_name, pod, "legacy")
-    path = write_annotations(workdir / "pod_annotations", pod)
-    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "1", "--delay", "0.2"])
-    assert waiter.finish() == exitcodes.TIMEOUT, waiter.log()
-    log = waiter.log()
-    assert "no probe can prove capture for this pod: inbound capture is off" in log
-    assert "falling back to the annotation pod-network-controller.istio.io/status='initialized'" in log
+    """envoy-userid/groupid 1338 while the waiter runs as 1337:1337: its own connection is app traffic."""
+    _outbound_link(netns_name)
+    pod = {ann.ENVOY_USERID: "1338", ann.ENVOY_GROUPID: "1338"}
+    _forged_stays_blocked_then_rules_open(
+        netns_name, start_waiter, workdir, pod,
+        "this pod -> 192.0.2.1:15002 was redirected to 127.0.0.1:15001 (SO_ORIGINAL_DST 192.0.2.1:15002",
+    )  # fmt: skip
 
+
+def test_other_proxy_uid_with_the_proxy_gid_is_refused(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path
+) -> None:
+    """envoy-userid 1338 alone (gid stays 1337): no rule captures the waiter's connections, so nothing can
+    prove capture and a forged annotation must not open the pod, rules or not."""
+    pod = {ann.ENVOY_USERID: "1338"}
+    path = write_annotations(workdir / "pod_annotations", {**pod, **FORGED})
+    for with_rules in (False, True):
+        if with_rules:
+            apply_rules(netns_name, pod, "legacy")
+        waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "5"])
+        assert waiter.finish() == exitcodes.PROBE_UNAVAILABLE, waiter.log()
+        assert "not the proxy uid 1338, but with the proxy gid 1337" in waiter.log()
+        assert "the status annotation alone is not proof" in waiter.log()
+        no_traceback(waiter.log())
+    trusted = start_waiter(netns_name, ["--file", str(path), "--timeout", "5", "--trust-annotation"])
+    assert trusted.finish() == exitcodes.CAPTURED, trusted.log()
+
+
+def test_interception_none_accepts_the_annotation(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path
+) -> None:
+    pod = {ann.INTERCEPTION_MODE: "NONE"}
+    path = write_annotations(workdir / "pod_annotations", pod)
     strict = start_waiter(netns_name, ["--file", str(path), "--timeout", "1", "--require-probe"])
     assert strict.finish() == exitcodes.PROBE_UNAVAILABLE, strict.log()
-
     # The controller marks the pod; the kubelet refreshes the file while the waiter runs.
     late = start_waiter(netns_name, ["--file", str(path), "--timeout", "10", "--delay", "0.2"])
     late.wait_for_log("falling back")
@@ -192,13 +260,24 @@ def test_outbound_only_falls_back_to_annotation(
     assert "(no probe applies): done" in late.log()
 
 
-def test_non_proxy_uid_says_why_and_falls_back(
-    netns_name: str, start_waiter: StartWaiter, workdir: Path
-) -> None:
+def test_non_proxy_uid_says_why(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
     apply_rules(netns_name, {}, "legacy")
     waiter = start_waiter(netns_name, ["--file", str(workdir / "absent"), "--timeout", "0.5"], uid=1000)
-    assert waiter.finish() == exitcodes.TIMEOUT, waiter.log()
-    assert "runs as uid 1000, not the proxy uid 1337" in waiter.log()
+    assert waiter.finish() == exitcodes.PROBE_UNAVAILABLE, waiter.log()
+    assert "runs as uid 1000, not the proxy uid 1337, but with the proxy gid 1337" in waiter.log()
+
+
+def test_heartbeat_while_waiting(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    waiter = start_waiter(
+        netns_name,
+        ["--file", str(workdir / "absent"), "--timeout", "10", "--heartbeat", "0.5",
+         "--controller-namespace", "istio-system"],
+    )  # fmt: skip
+    waiter.wait_for_log("still waiting (")
+    waiter.wait_for_log("for the capture rules to redirect the probe (IPv4 unproven")
+    assert "ECONNREFUSED" in waiter.log().split("still waiting", 1)[1]
+    apply_rules(netns_name, {}, "legacy")
+    assert waiter.finish() == exitcodes.CAPTURED, waiter.log()
 
 
 def test_capture_port_in_use_is_reported(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -17,15 +18,20 @@ from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.spec import build_spec
 from istio_pod_network_controller.waiter import exitcodes
 from istio_pod_network_controller.waiter.probe import Outcome, has_global_ipv6, has_passthrough_v6
-from istio_pod_network_controller.waiter.probeplan import ProbePlan, plan_probe
+from istio_pod_network_controller.waiter.probeplan import LOOPBACK, PASSTHROUGH, ProbePlan, plan_probe
+from istio_pod_network_controller.waiter.probeplan import Path as ProbePath
 from istio_pod_network_controller.waiter.wait import (
+    CONTROLLER_SELECTOR,
     MAX_INTERVAL,
     Config,
     Failure,
+    Snapshot,
     Waiter,
+    heartbeat_line,
     next_interval,
     read_file,
     resolve_spec,
+    timeout_message,
 )
 
 PROXY = 1337
@@ -44,37 +50,84 @@ PROXY = 1337
         ({ann.INTERCEPTION_MODE: "TPROXY"}, False, (4,)),
         ({ann.INCLUDE_OUTBOUND_IP_RANGES: ""}, False, (4,)),
         ({ann.INCLUDE_INBOUND_PORTS: "8080,9090"}, False, (4,)),
+        ({ann.INCLUDE_INBOUND_PORTS: ""}, False, (4,)),
+        ({ann.INCLUDE_INBOUND_PORTS: "", ann.INTERCEPTION_MODE: "TPROXY"}, True, (4, 6)),
     ],
 )
-def test_probe_applies(pod: dict[str, str], global_v6: bool, families: tuple[int, ...]) -> None:
-    plan = plan_probe(build_spec(pod), PROXY, global_v6)
+def test_loopback_probe_applies(pod: dict[str, str], global_v6: bool, families: tuple[int, ...]) -> None:
+    plan = plan_probe(build_spec(pod), PROXY, PROXY, global_v6)
     assert plan.families == families
-    assert (plan.inbound_port, plan.outbound_port, plan.target_port) == (15006, 15001, 15002)
+    for target in plan.targets:
+        assert target.path is ProbePath.LOOPBACK
+        assert (target.listen_port, target.other_port, target.port) == (15006, 15001, 15002)
+        assert (target.source, target.address) == (LOOPBACK[target.family], PASSTHROUGH[target.family])
 
 
 @pytest.mark.parametrize(
-    ("pod", "euid", "reason"),
+    ("pod", "euid", "egid", "reason"),
     [
-        ({ann.INTERCEPTION_MODE: "NONE"}, PROXY, "interceptionMode is NONE"),
-        ({ann.INCLUDE_INBOUND_PORTS: ""}, PROXY, "inbound capture is off"),
-        ({}, 1000, "runs as uid 1000, not the proxy uid 1337"),
-        ({ann.ENVOY_USERID: "2000"}, PROXY, "runs as uid 1337, not the proxy uid 2000"),
-        ({ann.EXCLUDE_INTERFACES: "eth0,lo"}, PROXY, "excludeInterfaces contains lo"),
+        ({}, 1000, PROXY, "but with the proxy gid 1337"),
+        ({ann.ENVOY_USERID: "1338"}, PROXY, PROXY, "not the proxy uid 1338, but with the proxy gid"),
+        ({ann.EXCLUDE_INTERFACES: "eth0,lo"}, PROXY, PROXY, "excludeInterfaces contains lo"),
+        ({ann.INCLUDE_OUTBOUND_IP_RANGES: ""}, 1000, 1000, "outbound capture is off"),
+        ({ann.EXCLUDE_OUTBOUND_IP_RANGES: "0.0.0.0/0"}, 1000, 1000, "no IPv4 destination"),
+        ({ann.EXCLUDE_OUTBOUND_PORTS: ",".join(str(p) for p in range(15000, 15070))}, PROXY, PROXY,
+         "every candidate probe port"),
     ],
-)
-def test_no_probe_applies(pod: dict[str, str], euid: int, reason: str) -> None:
-    plan = plan_probe(build_spec(pod), euid, True)
-    assert plan.families == ()
+)  # fmt: skip
+def test_no_probe_for_a_capturing_spec(pod: dict[str, str], euid: int, egid: int, reason: str) -> None:
+    plan = plan_probe(build_spec(pod), euid, egid, True)
+    assert plan.targets == () and plan.captures
     assert reason in plan.reason
 
 
+def test_only_interception_none_needs_no_probe() -> None:
+    plan = plan_probe(build_spec({ann.INTERCEPTION_MODE: "NONE"}), PROXY, PROXY, False)
+    assert plan.targets == () and not plan.captures
+    assert "installs no capture rules" in plan.reason
+    nothing_included = {ann.INCLUDE_INBOUND_PORTS: "", ann.INCLUDE_OUTBOUND_IP_RANGES: ""}
+    assert plan_probe(build_spec(nothing_included), PROXY, PROXY, False).families == (4,)
+
+
+@pytest.mark.parametrize(
+    ("pod", "families", "address", "port"),
+    [
+        ({ann.ENVOY_USERID: "1338", ann.ENVOY_GROUPID: "1338"}, (4,), "192.0.2.1", 15002),
+        ({ann.ENVOY_USERID: "1338", ann.ENVOY_GROUPID: "1338", ann.IPV6: "capture"}, (4, 6), "192.0.2.1",
+         15002),
+        ({ann.EXCLUDE_OUTBOUND_IP_RANGES: "192.0.2.0/24"}, (4,), "198.51.100.1", 15002),
+        ({ann.INCLUDE_OUTBOUND_IP_RANGES: "10.96.0.0/12,fd00::/108"}, (4,), "10.96.0.1", 15002),
+        ({ann.INCLUDE_OUTBOUND_IP_RANGES: "10.96.0.7/32"}, (4,), "10.96.0.7", 15002),
+        ({ann.INCLUDE_OUTBOUND_IP_RANGES: "", ann.INCLUDE_OUTBOUND_PORTS: "443,8443",
+          ann.EXCLUDE_OUTBOUND_PORTS: "443"}, (4,), "192.0.2.1", 8443),
+        ({ann.INCLUDE_INBOUND_PORTS: ""}, (4,), "192.0.2.1", 15002),
+    ],
+)  # fmt: skip
+def test_outbound_probe_for_another_uid_and_gid(
+    pod: dict[str, str], families: tuple[int, ...], address: str, port: int
+) -> None:
+    plan = plan_probe(
+        build_spec(pod),
+        1337 if ann.ENVOY_USERID in pod else 1000,
+        1337 if ann.ENVOY_USERID in pod else 1000,
+        False,
+    )
+    assert plan.families == families
+    first = plan.targets[0]
+    assert (first.path, first.source, first.address, first.port) == (ProbePath.OUTBOUND, None, address, port)
+    assert (first.listen_port, first.other_port, first.hop_limit) == (15001, 15006, 1)
+    if 6 in families:
+        assert plan.targets[1].address == "2001:db8::1"
+
+
 def test_probe_follows_ports_and_uid() -> None:
-    plan = plan_probe(build_spec({ann.ENVOY_PORT: "15100", ann.ENVOY_USERID: "2000"}), 2000, False)
-    assert (plan.families, plan.inbound_port, plan.outbound_port) == ((4,), 15100, 15100)
-    excluded = plan_probe(build_spec({ann.EXCLUDE_OUTBOUND_PORTS: "15002,15003"}), PROXY, False)
-    assert excluded.target_port == 15004
-    flags = plan_probe(build_spec({}, {"inbound_port": "15200"}), PROXY, False)
-    assert flags.inbound_port == 15200
+    plan = plan_probe(build_spec({ann.ENVOY_PORT: "15100", ann.ENVOY_USERID: "2000"}), 2000, PROXY, False)
+    assert plan.families == (4,)
+    assert (plan.targets[0].listen_port, plan.targets[0].other_port) == (15100, 15100)
+    excluded = plan_probe(build_spec({ann.EXCLUDE_OUTBOUND_PORTS: "15002,15003"}), PROXY, PROXY, False)
+    assert excluded.targets[0].port == 15004
+    flags = plan_probe(build_spec({}, {"inbound_port": "15200"}), PROXY, PROXY, False)
+    assert flags.targets[0].listen_port == 15200
 
 
 def test_if_inet6_parsing() -> None:
@@ -177,6 +230,7 @@ def make_waiter(
     probes: dict[int, FakeProbe],
     *,
     euid: int = PROXY,
+    egid: int = PROXY,
     **config: object,
 ) -> tuple[Waiter, FakeClock, io.StringIO]:
     path = tmp_path / "pod_annotations"
@@ -190,8 +244,10 @@ def make_waiter(
         clock=clock,
         sleep=clock.sleep,
         euid=euid,
+        egid=egid,
         global_ipv6=lambda: False,
-        make_probe=lambda family, _plan: probes[family],
+        make_probe=lambda target, _plan: probes[target.family],
+        environ={"HOSTNAME": "app-0", "POD_NAMESPACE": "shop"},
     )
     return waiter, clock, err
 
@@ -213,9 +269,55 @@ def test_timeout_message(tmp_path: Path) -> None:
     assert clock.now - 100.0 == pytest.approx(30.0)
     text = err.getvalue()
     assert f"last probe ({probe.attempts} attempts): IPv4: refused #{probe.attempts}" in text
-    assert "kubectl -n istio-pod-network-controller get pods -o wide" in text
+    assert f"kubectl get pods --all-namespaces -l {CONTROLLER_SELECTOR} -o wide" in text
+    assert "kubectl -n shop describe pod app-0" in text
     assert "is missing" in text
     assert 60 < probe.attempts < 150  # fast start, then 2 per second
+    beats = [line for line in text.splitlines() if "still waiting" in line]
+    assert len(beats) == 5, beats  # every 5 s of 30 s, the last one replaced by the timeout advice
+    assert "still waiting (5s of 30s): for the capture rules to redirect the probe (IPv4 unproven" in beats[0]
+    assert "last: IPv4: refused #" in beats[0] and "file " in beats[0]
+    named, _, err2 = make_waiter(tmp_path, None, {4: FakeProbe("IPv4", None)}, timeout=1.0,
+                                 controller_namespace="istio-system")  # fmt: skip
+    assert named.run() == exitcodes.TIMEOUT
+    assert f"kubectl get pods -n istio-system -l {CONTROLLER_SELECTOR} -o wide" in err2.getvalue()
+    assert "kubectl logs -n istio-system <that controller pod>" in err2.getvalue()
+    assert "istio-pod-network-controller get" not in err2.getvalue()
+
+
+def _snapshot(**changes: object) -> Snapshot:
+    base = Snapshot(
+        waited=12.0, timeout=300.0, attempts=40, probes=("IPv4: dial 127.0.0.6:15002",),
+        last=("IPv4: dial 127.0.0.6:15002: ECONNREFUSED",), pending=("IPv4",), plan_reason="",
+        file="/etc/podinfo/pod_annotations", file_present=True, key=ann.STATUS, value="initialized",
+        seen="initialized", annotation_decides=False, pod="web-1", pod_namespace="shop",
+        controller_namespace="istio-system",
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_timeout_message_is_a_function_of_the_snapshot() -> None:
+    text = timeout_message(_snapshot())
+    assert text == timeout_message(_snapshot())
+    assert "timed out after 300s" in text
+    assert "last probe (40 attempts): IPv4: dial 127.0.0.6:15002: ECONNREFUSED" in text
+    assert "'initialized' (wanted 'initialized'; present, but the probe shows no capture: forged" in text
+    assert "kubectl get pods -n istio-system -l app.kubernetes.io/component=controller -o wide" in text
+    assert "kubectl -n shop describe pod web-1" in text
+    none = timeout_message(_snapshot(probes=(), last=(), pending=(), plan_reason="interceptionMode is NONE",
+                                     annotation_decides=True, seen=None, file_present=False))  # fmt: skip
+    assert "no probe applies: interceptionMode is NONE" in none
+    assert "file /etc/podinfo/pod_annotations is missing (wanted 'initialized'; accepted as proof" in none
+
+
+def test_heartbeat_says_what_it_waits_for_and_what_it_saw() -> None:
+    line = heartbeat_line(_snapshot())
+    assert line.startswith("still waiting (12s of 300s): for the capture rules to redirect the probe")
+    assert "IPv4 unproven, 40 attempts" in line and "ECONNREFUSED" in line
+    assert f"annotation {ann.STATUS}: 'initialized'" in line
+    fallback = heartbeat_line(_snapshot(pending=(), plan_reason="interceptionMode is NONE", seen=None))
+    assert f"for {ann.STATUS}='initialized' (interceptionMode is NONE)" in fallback
+    assert "absent from /etc/podinfo/pod_annotations" in fallback
 
 
 def test_forged_annotation_needs_trust(tmp_path: Path) -> None:
@@ -228,17 +330,28 @@ def test_forged_annotation_needs_trust(tmp_path: Path) -> None:
 
 
 def test_no_probe_falls_back_or_refuses(tmp_path: Path) -> None:
-    pod = {ann.INCLUDE_INBOUND_PORTS: ""}
+    pod = {ann.INTERCEPTION_MODE: "NONE"}
     waiter, clock, err = make_waiter(tmp_path, pod, {}, timeout=5.0, delay=1.0)
     assert waiter.run() == exitcodes.TIMEOUT
     assert "no probe can prove capture" in err.getvalue()
-    assert all(s >= 0.01 for s in clock.sleeps) and len(clock.sleeps) <= 10  # paced by --delay
+    assert all(s >= 0.01 for s in clock.sleeps) and len(clock.sleeps) <= 12  # paced by --delay
     marked, _, _ = make_waiter(tmp_path, {**pod, ann.STATUS: "initialized"}, {})
     assert marked.run() == exitcodes.CAPTURED
     strict, _, _ = make_waiter(tmp_path, pod, {}, require_probe=True)
     with pytest.raises(Failure) as caught:
         strict.run()
     assert caught.value.code == exitcodes.PROBE_UNAVAILABLE
+
+
+def test_a_capturing_spec_without_probe_refuses_the_annotation(tmp_path: Path) -> None:
+    forged = {ann.ENVOY_USERID: "1338", ann.STATUS: "initialized"}
+    waiter, _, _ = make_waiter(tmp_path, forged, {})
+    with pytest.raises(Failure) as caught:
+        waiter.run()
+    assert caught.value.code == exitcodes.PROBE_UNAVAILABLE
+    assert "the status annotation alone is not proof" in caught.value.message
+    trusted, _, _ = make_waiter(tmp_path, forged, {}, trust_annotation=True)
+    assert trusted.run() == exitcodes.CAPTURED
 
 
 def test_both_families_must_be_proven(tmp_path: Path) -> None:
@@ -249,7 +362,7 @@ def test_both_families_must_be_proven(tmp_path: Path) -> None:
 
 
 def test_plan_type() -> None:
-    assert ProbePlan((), 1, 2, 3).reason == ""
+    assert ProbePlan(()).reason == "" and ProbePlan(()).families == ()
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -295,4 +408,6 @@ def test_tproxy_constants_match_the_rules() -> None:
     from istio_pod_network_controller.waiter import routing
 
     assert (routing.TPROXY_MARK, routing.TPROXY_ROUTE_TABLE) == (1337, 133)
-    assert plan_probe(build_spec({ann.INTERCEPTION_MODE: "TPROXY"}), PROXY, False).tproxy
+    assert plan_probe(build_spec({ann.INTERCEPTION_MODE: "TPROXY"}), PROXY, PROXY, False).tproxy
+    outbound_only = {ann.INTERCEPTION_MODE: "TPROXY", ann.INCLUDE_INBOUND_PORTS: ""}
+    assert not plan_probe(build_spec(outbound_only), PROXY, PROXY, False).tproxy  # no TPROXY routes then

@@ -13,7 +13,7 @@ import click
 from ..settings import annotations as ann
 from ..settings.spec import SETTINGS
 from ..waiter import exitcodes
-from ..waiter.wait import DEFAULT_FILE, Config, run
+from ..waiter.wait import DEFAULT_FILE, HEARTBEAT, Config, run
 from .spec_options import env_name, source_name, spec_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,8 +22,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 EPILOG = (
     "\b\nExit codes:\n"
     + exitcodes.describe()
-    + "\n\nThe probe needs the waiter to run as the proxy uid (1337 unless --proxy-uid / envoy-userid say "
-    "otherwise), with no capabilities. Settings: flag, then IPNC_<NAME> environment variable; the pod's "
+    + "\n\nThe probe needs no capabilities. As the proxy uid (1337 unless --proxy-uid / envoy-userid say "
+    "otherwise) it dials 127.0.0.6 over loopback; as another uid and gid it dials a TEST-NET address that "
+    "only the outbound capture brings back. Settings: flag, then IPNC_<NAME> environment variable; the pod's "
     "annotations in --file override both, exactly as in the controller."
 )
 
@@ -73,7 +74,22 @@ def _common(delay_default: float) -> Callable[[F], F]:
             click.option(
                 "--require-probe",
                 is_flag=True,
-                help="Fail (exit 5) instead of falling back to the annotation when no probe fits.",
+                help="Fail (exit 5) also for a pod that captures nothing (mode NONE) instead of waiting for "
+                "the annotation; capturing pods without a probe fail so anyway.",
+            ),
+            click.option(
+                "--controller-namespace",
+                default="",
+                envvar=env_name("controller_namespace"),
+                show_envvar=True,
+                help="Namespace of the controller, named in the timeout advice (injection sets it).",
+            ),
+            click.option(
+                "--heartbeat",
+                type=click.FloatRange(min=0),
+                default=HEARTBEAT,
+                show_default=True,
+                help="Seconds between 'still waiting' lines (0: none).",
             ),
             click.option("-v", "--verbose", is_flag=True, help="Debug lines (first probe timestamp...)."),
         ]
@@ -96,6 +112,8 @@ def _run(ctx: click.Context, params: dict[str, Any]) -> None:
         trust_annotation=params["trust_annotation"],
         require_probe=params["require_probe"],
         verbose=params["verbose"],
+        controller_namespace=params["controller_namespace"],
+        heartbeat=params["heartbeat"],
         defaults=defaults,
         default_source=source_name,
     )

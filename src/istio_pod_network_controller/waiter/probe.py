@@ -1,11 +1,11 @@
-"""The loopback capture probe: proves from inside the pod, without leaving it, that the capture rules work.
+"""The capture probe: proves from inside the pod that the capture rules redirect the waiter's own connection.
 
-As the proxy uid, dial the probe target (127.0.0.6 / ::6, port 15002 unless excluded) from 127.0.0.1 / ::1.
-Nothing listens there; only the capture rules' `ISTIO_OUTPUT ... --uid-owner <proxy> -j ISTIO_IN_REDIRECT`
-can turn that connection into one to our own listener on the inbound capture port. The listener accepts only
-a connection whose SO_ORIGINAL_DST is the probe target and that carries this attempt's random token, and
-answers with a second random token the dialer checks: no other socket, in or out of the pod, can answer.
-Single-threaded and non-blocking; every attempt is bounded by `io_timeout`.
+Dial the plan's target (probeplan.py: 127.0.0.6:15002 from 127.0.0.1 as the proxy uid, or a TEST-NET
+address as another uid). Nothing listens there; only a capture rule can turn that connection into one to our
+listener on a capture port. The listener accepts only a connection whose SO_ORIGINAL_DST is the target and
+that carries this attempt's random token, and answers with a second random token the dialer checks: no
+other socket, in or out of the pod, can answer. Single-threaded and non-blocking; every attempt is bounded
+by `io_timeout`; one attempt is the small state machine `Exchange`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import selectors
 import socket
 import time
 from dataclasses import dataclass
+from enum import Enum, auto
 from typing import Final
 
+from .probeplan import LOOPBACK, Path, ProbeTarget
 from .routing import tproxy_routing_missing
 
 SO_ORIGINAL_DST: Final = 80
 """netfilter's getsockopt for the pre-NAT destination (IPv4 SOL_IP; IP6T_SO_ORIGINAL_DST is also 80)."""
 TOKEN_BYTES: Final = 16
-LOOPBACK: Final = {4: "127.0.0.1", 6: "::1"}
-TARGET: Final = {4: "127.0.0.6", 6: "::6"}
 _AF: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
 _PASSTHROUGH_V6_HEX: Final = "00000000000000000000000000000006"
 
@@ -87,38 +87,123 @@ class _Accepted:
     buf: bytes = b""
 
 
+class Phase(Enum):
+    CONNECTING = auto()
+    """connect() in progress; the dialer waits to become writable."""
+    AWAITING_REPLY = auto()
+    """Our token is sent; the dialer waits for the listener's reply token."""
+
+
+class Exchange:
+    """One attempt's token round trip as a state machine over socket events.
+
+    Dialer: CONNECTING --writable, no error--> AWAITING_REPLY (token sent) --reply token--> captured.
+    Accepted connections (each): read TOKEN_BYTES; ours and SO_ORIGINAL_DST == target -> send the reply.
+    Every handler returns an Outcome when the attempt is decided, else None.
+    """
+
+    def __init__(self, probe: FamilyProbe, token: bytes, reply: bytes) -> None:
+        self.probe = probe
+        self.token = token
+        self.reply = reply
+        self.phase = Phase.CONNECTING
+        self.received = b""
+        self.note = ""
+
+    def dialer_writable(self, dialer: socket.socket) -> Outcome | None:
+        err = dialer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            return self.probe.dial_failed(err)
+        dialer.send(self.token)
+        self.phase = Phase.AWAITING_REPLY
+        return None
+
+    def dialer_readable(self, data: bytes) -> Outcome | None:
+        label, target = self.probe.label, self.probe.target_text
+        if not data:
+            return Outcome(
+                False,
+                f"{label} foreign peer",
+                f"{label}: {target} accepted and closed without our token: a socket other than this "
+                "waiter's listener answered (no capture rule redirected it)"
+                + (f"; {self.note}" if self.note else ""),
+            )
+        self.received += data
+        if len(self.received) < TOKEN_BYTES:
+            return None
+        if self.received[:TOKEN_BYTES] == self.reply:
+            return Outcome(True, f"{label} captured", f"{label}: {self.note}")
+        return Outcome(
+            False,
+            f"{label} foreign peer",
+            f"{label}: {target} answered with the wrong token: a foreign listener",
+        )
+
+    def peer_complete(self, item: _Accepted) -> bool:
+        """A connection to one of our listeners sent its first bytes; True when it proved the redirect."""
+        if item.buf[:TOKEN_BYTES] != self.token:
+            return False  # a stale connection from an earlier attempt, or not ours
+        probe = self.probe
+        where = fmt(probe.family, probe.loopback, item.listen_port)
+        if (
+            item.orig != (probe.target.address, probe.target.port)
+            or item.listen_port != probe.target.listen_port
+        ):
+            shown = "none" if item.orig is None else fmt(probe.family, *item.orig)
+            self.note = f"our token reached {where} but SO_ORIGINAL_DST was {shown}, not {probe.target_text}"
+            if item.listen_port != probe.target.listen_port:
+                self.note = (
+                    f"our token reached {where}, not the expected capture port {probe.target.listen_port}"
+                )
+            return False
+        self.note = (
+            f"{probe.source_text} -> {probe.target_text} was redirected to {where} "
+            f"(SO_ORIGINAL_DST {probe.target_text}, token round trip ok)"
+        )
+        return True
+
+    def expired(self) -> Outcome:
+        label = self.probe.label
+        if self.note:
+            return Outcome(False, f"{label} wrong destination", f"{label}: {self.note}")
+        state = "connected, no answer" if self.phase is Phase.AWAITING_REPLY else "no answer"
+        return Outcome(
+            False,
+            f"{label} {state}",
+            f"{label}: {self.probe.target_text}: {state} within {self.probe.io_timeout * 1000:.0f} ms",
+        )
+
+
 class FamilyProbe:
     """The probe for one address family; keeps its listeners open between attempts."""
 
-    def __init__(
-        self,
-        family: int,
-        inbound_port: int,
-        outbound_port: int,
-        target_port: int,
-        io_timeout: float = 0.25,
-        *,
-        tproxy: bool = False,
-    ) -> None:
-        self.family = family
-        self.af = _AF[family]
-        self.loopback = LOOPBACK[family]
-        self.target = TARGET[family]
-        self.inbound_port = inbound_port
-        self.outbound_port = outbound_port
-        self.target_port = target_port
+    def __init__(self, target: ProbeTarget, io_timeout: float = 0.25, *, tproxy: bool = False) -> None:
+        self.target = target
+        self.family = target.family
+        self.af = _AF[target.family]
+        self.loopback = LOOPBACK[target.family]
         self.io_timeout = io_timeout
         self.tproxy = tproxy
         self.listeners: dict[int, socket.socket] = {}
-        self.label = f"IPv{family}"
+        self.label = f"IPv{target.family}"
+        self.target_text = fmt(self.family, target.address, target.port)
+        self.source_text = target.source or "this pod"
 
     def describe(self) -> str:
-        ports = sorted({self.inbound_port, self.outbound_port})
+        ports = sorted({self.target.listen_port, self.target.other_port})
         where = ", ".join(fmt(self.family, self.loopback, p) for p in ports)
+        expected = fmt(self.family, self.loopback, self.target.listen_port)
         extra = " (TPROXY: plus its policy rule and route)" if self.tproxy else ""
+        if self.target.path is Path.LOOPBACK:
+            how = f"from {self.target.source} as uid {os.geteuid()} (the proxy uid's loopback capture path)"
+        else:
+            how = (
+                f"as uid {os.geteuid()} gid {os.getegid()} with hop limit {self.target.hop_limit} "
+                "(the app's outbound capture path)"
+            )
         return (
-            f"{self.label}: dial {fmt(self.family, self.target, self.target_port)} from {self.loopback} "
-            f"as uid {os.geteuid()}, expect it at {where}{extra}"
+            f"{self.label}: dial {self.target_text} {how}, expect it at {expected} "
+            f"(listening on {where}){extra}"
         )
 
     def _listen(self, port: int) -> socket.socket:
@@ -136,18 +221,18 @@ class FamilyProbe:
         return sock
 
     def ensure_listeners(self) -> Outcome | None:
-        """Open missing listeners; the inbound one is required, the outbound one (if distinct) best-effort."""
-        for port in dict.fromkeys((self.inbound_port, self.outbound_port)):
+        """Open missing listeners; the expected one is required, the other capture port best-effort."""
+        for port in dict.fromkeys((self.target.listen_port, self.target.other_port)):
             if port in self.listeners:
                 continue
             try:
                 self.listeners[port] = self._listen(port)
             except OSError as exc:
-                if port != self.inbound_port:
+                if port != self.target.listen_port:
                     continue
                 code = exc.errno or 0
                 hint = {
-                    errno.EADDRINUSE: "another socket in this pod already holds the inbound capture port",
+                    errno.EADDRINUSE: "another socket in this pod already holds the capture port",
                     errno.EACCES: "ports below net.ipv4.ip_unprivileged_port_start need privileges",
                     errno.EADDRNOTAVAIL: f"{self.loopback} is not configured (lo down or IPv6 disabled?)",
                     errno.EAFNOSUPPORT: "the address family is not supported here",
@@ -170,18 +255,18 @@ class FamilyProbe:
         failed = self.ensure_listeners()
         if failed is not None:
             return failed
-        if self.family == 6 and not has_passthrough_v6():
+        if self.target.path is Path.LOOPBACK and self.family == 6 and not has_passthrough_v6():
             return Outcome(
                 False,
                 "IPv6 ::6 absent",
                 "IPv6: ::6 is not on lo yet (the controller adds it when it captures IPv6); not dialing",
             )
-        token, reply = os.urandom(TOKEN_BYTES), os.urandom(TOKEN_BYTES)
+        exchange = Exchange(self, os.urandom(TOKEN_BYTES), os.urandom(TOKEN_BYTES))
         dialer = socket.socket(self.af, socket.SOCK_STREAM)
         sel = selectors.DefaultSelector()
         accepted: list[_Accepted] = []
         try:
-            outcome = self._exchange(dialer, sel, accepted, token, reply)
+            outcome = self._run(exchange, dialer, sel, accepted)
             if outcome.ok and self.tproxy:
                 missing = tproxy_routing_missing(self.family)
                 if missing:
@@ -201,66 +286,45 @@ class FamilyProbe:
             for item in accepted:
                 item.conn.close()
 
-    def _exchange(
+    def _dial(self, dialer: socket.socket) -> int:
+        dialer.setblocking(False)
+        if self.target.hop_limit is not None:
+            if self.family == 4:
+                dialer.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, self.target.hop_limit)
+            else:
+                dialer.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, self.target.hop_limit)
+        if self.target.source is not None:
+            dialer.bind((self.target.source, 0))
+        return dialer.connect_ex((self.target.address, self.target.port))
+
+    def _run(
         self,
+        exchange: Exchange,
         dialer: socket.socket,
         sel: selectors.BaseSelector,
         accepted: list[_Accepted],
-        token: bytes,
-        reply: bytes,
     ) -> Outcome:
-        target = fmt(self.family, self.target, self.target_port)
-        dialer.setblocking(False)
-        dialer.bind((self.loopback, 0))
-        code = dialer.connect_ex((self.target, self.target_port))
+        """Feed socket events to the exchange until it decides or `io_timeout` passes."""
+        code = self._dial(dialer)
         if code not in (0, errno.EINPROGRESS):
-            return self._dial_failed(code, target)
+            return self.dial_failed(code)
         sel.register(dialer, selectors.EVENT_WRITE, "dialer")
         for port, listener in self.listeners.items():
             sel.register(listener, selectors.EVENT_READ, port)
-        connected, got = False, b""
-        note = ""
         deadline = time.monotonic() + self.io_timeout
         while (remaining := deadline - time.monotonic()) > 0:
             for key, _ in sel.select(remaining):
                 sock = key.fileobj
                 assert isinstance(sock, socket.socket)  # noqa: S101 - registered objects are sockets
-                if key.data == "dialer":
-                    if not connected:
-                        err = dialer.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                        if err:
-                            return self._dial_failed(err, target)
-                        connected = True
-                        dialer.send(token)
+                outcome: Outcome | None = None
+                if key.data == "dialer" and exchange.phase is Phase.CONNECTING:
+                    outcome = exchange.dialer_writable(dialer)
+                    if outcome is None:
                         sel.modify(dialer, selectors.EVENT_READ, "dialer")
-                        continue
-                    data = dialer.recv(64)
-                    if not data:
-                        return Outcome(
-                            False,
-                            f"{self.label} foreign peer",
-                            f"{self.label}: {target} accepted and closed without our token: a socket other "
-                            f"than this waiter's listener answered (no capture rule redirected it)"
-                            + (f"; {note}" if note else ""),
-                        )
-                    got += data
-                    if len(got) >= TOKEN_BYTES:
-                        if got[:TOKEN_BYTES] == reply:
-                            return Outcome(True, f"{self.label} captured", f"{self.label}: {note}")
-                        return Outcome(
-                            False,
-                            f"{self.label} foreign peer",
-                            f"{self.label}: {target} answered with the wrong token: a foreign listener",
-                        )
+                elif key.data == "dialer":
+                    outcome = exchange.dialer_readable(dialer.recv(64))
                 elif isinstance(key.data, int):
-                    try:
-                        conn, _peer = sock.accept()
-                    except BlockingIOError:
-                        continue
-                    conn.setblocking(False)
-                    item = _Accepted(conn, key.data, original_dst(conn, self.family))
-                    accepted.append(item)
-                    sel.register(conn, selectors.EVENT_READ, item)
+                    self._accept(sock, key.data, sel, accepted)
                 else:
                     item = key.data
                     assert isinstance(item, _Accepted)  # noqa: S101
@@ -269,35 +333,34 @@ class FamilyProbe:
                     if data and len(item.buf) < TOKEN_BYTES:
                         continue
                     sel.unregister(item.conn)
-                    if item.buf[:TOKEN_BYTES] != token:
-                        continue  # a stale connection from an earlier attempt, or not ours
-                    where = fmt(self.family, self.loopback, item.listen_port)
-                    if item.orig != (self.target, self.target_port):
-                        shown = "none" if item.orig is None else fmt(self.family, *item.orig)
-                        note = f"our token reached {where} but SO_ORIGINAL_DST was {shown}, not {target}"
-                        continue
-                    item.conn.send(reply)
-                    note = (
-                        f"{self.loopback} -> {target} was redirected to {where} "
-                        f"(SO_ORIGINAL_DST {target}, token round trip ok)"
-                    )
-        if note:
-            return Outcome(False, f"{self.label} wrong destination", f"{self.label}: {note}")
-        state = "connected, no answer" if connected else "no answer"
-        return Outcome(
-            False,
-            f"{self.label} {state}",
-            f"{self.label}: {target}: {state} within {self.io_timeout * 1000:.0f} ms",
-        )
+                    if exchange.peer_complete(item):
+                        item.conn.send(exchange.reply)
+                if outcome is not None:
+                    return outcome
+        return exchange.expired()
 
-    def _dial_failed(self, code: int, target: str) -> Outcome:
+    def _accept(
+        self, listener: socket.socket, port: int, sel: selectors.BaseSelector, accepted: list[_Accepted]
+    ) -> None:
+        try:
+            conn, _peer = listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        item = _Accepted(conn, port, original_dst(conn, self.family))
+        accepted.append(item)
+        sel.register(conn, selectors.EVENT_READ, item)
+
+    def dial_failed(self, code: int) -> Outcome:
+        loopback = self.target.path is Path.LOOPBACK
         meaning = {
             errno.ECONNREFUSED: "nothing redirected it to our listener: capture rules not in place",
-            errno.ENETUNREACH: "no route (lo down?)",
-            errno.EADDRNOTAVAIL: f"{self.loopback} is not configured",
+            errno.ENETUNREACH: "no route (lo down?)" if loopback else "no route to it from this pod",
+            errno.EADDRNOTAVAIL: f"{self.target.source} is not configured" if loopback else "",
         }.get(code, "")
         return Outcome(
             False,
             f"{self.label} {errno.errorcode.get(code, code)}",
-            f"{self.label}: dial {target}: {_errno_text(code)}" + (f": {meaning}" if meaning else ""),
+            f"{self.label}: dial {self.target_text}: {_errno_text(code)}"
+            + (f": {meaning}" if meaning else ""),
         )
