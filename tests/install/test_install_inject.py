@@ -13,7 +13,10 @@ from pss_rules import baseline_violations, restricted_violations
 
 from istio_pod_network_controller.cli import cli
 from istio_pod_network_controller.cli.inject import inject_stream, split_documents
+from istio_pod_network_controller.errors import SpecError
 from istio_pod_network_controller.install.injection import (
+    ANNOTATED_SETTINGS,
+    FLAG_SETTINGS,
     InjectionError,
     InjectOptions,
     needs_rewrite,
@@ -22,6 +25,12 @@ from istio_pod_network_controller.install.injection import (
     rewrite_pod,
 )
 from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import (
+    SETTINGS_BY_NAME,
+    SPEC_ANNOTATIONS,
+    InterceptionMode,
+    build_spec,
+)
 
 OPTIONS = InjectOptions(image="registry.example/ipnc:test")
 
@@ -287,3 +296,83 @@ def test_cli_reports_bad_yaml_clearly(tmp_path) -> None:
     result = CliRunner().invoke(cli, ["inject", "-f", str(bad)])
     assert result.exit_code == 1
     assert "document 2: not valid YAML" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["TPROXY", "tproxy", "Tproxy", "REDIRECT", "redirect", "NONE", " TPROXY "])
+@pytest.mark.parametrize("where", ["istio-init", "annotation"])
+def test_mode_is_read_exactly_as_the_controller_reads_it(deployment: dict, mode: str, where: str) -> None:
+    """`tproxy` used to keep NET_ADMIN on the sidecar (read with .upper()) while the controller refused the
+    pod; now injection parses with the spec's parser, so both accept or refuse the same values."""
+    template = deployment["spec"]["template"]
+    if where == "istio-init":
+        args = istio_init(template["spec"])["args"]
+        args[args.index("-m") + 1] = mode
+    else:
+        template["metadata"]["annotations"][ann.INTERCEPTION_MODE] = mode
+    template["spec"]["containers"][1]["securityContext"]["capabilities"]["add"] = ["NET_ADMIN"]
+    try:
+        controller_mode = build_spec({ann.INTERCEPTION_MODE: mode}).mode
+    except SpecError:
+        with pytest.raises(InjectionError, match=r"interceptionMode|interception_mode") as caught:
+            rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+        assert repr(mode) in str(caught.value)
+        return
+    result = rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+    keeps_net_admin = capabilities_added(result.spec) == {"NET_ADMIN"}
+    assert keeps_net_admin == (controller_mode is InterceptionMode.TPROXY)
+    assert build_spec(result.metadata["annotations"]).mode is controller_mode
+
+
+def test_translated_values_are_parsed_and_canonical(deployment: dict) -> None:
+    template = deployment["spec"]["template"]
+    args = istio_init(template["spec"])["args"]
+    args[args.index("-i") + 1] = " 10.0.0.0/8 , 10.0.0.0/8,fd00::/8"
+    args[args.index("-b") + 1] = "8080, 9090"
+    result = rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+    annotations = result.metadata["annotations"]
+    assert annotations[ann.INCLUDE_OUTBOUND_IP_RANGES] == "10.0.0.0/8,fd00::/8"
+    assert annotations[ann.INCLUDE_INBOUND_PORTS] == "8080,9090"
+    assert ann.EXCLUDE_INBOUND_PORTS not in annotations  # -d 15090,15021,15020 is the spec's own default
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("-x", "169.254.169.254/32 -j RETURN\n-A ISTIO_OUTPUT -j ACCEPT"),
+        ("-i", "10.0.0.0/8\nCOMMIT"),
+        ("-b", '80;include "/etc/shadow"'),
+        ("-u", "0"),
+        ("-k", "net1 -j ACCEPT"),
+    ],
+)
+def test_hostile_istio_init_arguments_are_refused(deployment: dict, flag: str, value: str) -> None:
+    template = deployment["spec"]["template"]
+    args = istio_init(template["spec"])["args"]
+    args += [flag, value]
+    with pytest.raises(InjectionError, match="istio-init argument for"):
+        rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+
+
+def test_the_translation_table_comes_from_the_spec_settings() -> None:
+    from istio_pod_network_controller.cli.wait import wait
+
+    for setting, key in ANNOTATED_SETTINGS.items():
+        assert key == SETTINGS_BY_NAME[setting].annotations[0]
+        assert key in SPEC_ANNOTATIONS
+    for setting in FLAG_SETTINGS:
+        assert not SETTINGS_BY_NAME[setting].annotations
+        flag = "--" + setting.replace("_", "-")
+        assert any(flag in p.opts for p in wait.params), flag  # the waiter accepts what injection passes
+    assert set(ANNOTATED_SETTINGS) | set(FLAG_SETTINGS) == set(parse_istio_iptables_args(
+        ["-p", "1", "-z", "2", "-u", "3", "-g", "4", "-m", "NONE", "-b", "", "-d", "", "-i", "", "-x", "",
+         "-q", "", "-o", "", "-k", "", "-c", "", "--redirect-dns"]
+    ))  # fmt: skip
+
+
+def test_the_waiter_learns_the_controller_namespace(deployment: dict) -> None:
+    template = deployment["spec"]["template"]
+    options = InjectOptions(controller_namespace="istio-system")
+    waiter = rewrite_pod(template["metadata"], template["spec"], options).spec["initContainers"][0]
+    at = waiter["args"].index("--controller-namespace")
+    assert waiter["args"][at + 1] == "istio-system"
+    assert "--trust-annotation" not in waiter["args"]

@@ -296,3 +296,35 @@ def test_pod_patch_add_replace_remove() -> None:
         "spec": {},
         "metadata": {"annotations": {"k": "v"}},
     }
+
+
+def test_chart_passes_the_release_namespace_and_never_trust() -> None:
+    """The waiter's timeout advice must name the namespace the chart really installed into."""
+    from install_helpers import one, render
+
+    objects = render({"Namespace": "", "webhook": {"enabled": True, "certificate": {"mode": "generate"}}},
+                     namespace="mesh-system")  # fmt: skip
+    args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--controller-namespace=mesh-system" in args
+    assert not any("trust-annotation" in a for a in args)
+    config_map = next(
+        o for o in objects if o["kind"] == "ConfigMap" and "injection-template" in o["metadata"]["name"]
+    )
+    import yaml
+
+    waiter = yaml.safe_load(config_map["data"]["ipnc.yaml"])["spec"]["initContainers"][1]
+    at = waiter["args"].index("--controller-namespace")
+    assert waiter["args"][at + 1] == "mesh-system"
+    assert not any("trust-annotation" in a for a in waiter["args"])
+
+
+def test_webhook_refuses_to_inject_trust_annotation() -> None:
+    from click.testing import CliRunner
+
+    from istio_pod_network_controller.cli import cli
+
+    result = CliRunner().invoke(cli, ["webhook", "--waiter-arg=--trust-annotation"])
+    assert result.exit_code == 2
+    assert "--trust-annotation is never injected" in result.output
+    with pytest.raises(ValueError, match="never injected"):
+        InjectOptions(extra_args=("--trust-annotation",))

@@ -87,6 +87,8 @@ args:
   - /etc/podinfo/pod_annotations
   - --timeout
   - {{ .Values.waiter.timeout | quote }}
+  - --controller-namespace
+  - {{ include "ipnc.namespace" . | quote }}
 {{- with include "ipnc.interceptionArgs" . | trim }}
 {{- . | nindent 2 }}
 {{- end }}

@@ -10,14 +10,9 @@ from pathlib import Path
 import click
 import yaml
 
+from istio_pod_network_controller.controller.config import ConfigError, parse_listen
+
 from .localapi import LocalAPIServer, load_users
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint="--listen")
-    return host.strip("[]"), int(port)
 
 
 async def _serve(api: LocalAPIServer) -> None:
@@ -78,7 +73,10 @@ def local_apiserver(
     require_namespace: bool,
 ) -> None:
     """Run the Kubernetes API emulator (for tests and the demo) until SIGINT/SIGTERM."""
-    host, port = parse_listen(listen)
+    try:
+        host, port = parse_listen(listen, "--listen")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         users = load_users(yaml.safe_load(rbac.read_text()) or {}) if rbac else []

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 import yaml
 
-from ..install.injection import DEFAULT_IMAGE, InjectionError, InjectOptions, rewrite_object
+from ..install.injection import InjectionError, InjectOptions, rewrite_object
+from .inject_options import inject_options_from, injection_options
 
 _DOC_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.MULTILINE)
 
@@ -112,48 +113,16 @@ def inject_stream(stream: str, options: InjectOptions) -> InjectResult:
     show_default=True,
     help="Where to write the result.",
 )
-@click.option("--image", default=None, help="Waiter image (default: this release's image).")
-@click.option(
-    "--image-pull-policy",
-    type=click.Choice(["Always", "IfNotPresent", "Never"]),
-    default="IfNotPresent",
-    show_default=True,
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=1),
-    default=300.0,
-    show_default=True,
-    help="Seconds the waiter waits for capture before failing the pod's start.",
-)
-@click.option(
-    "--translate-istio-init-args/--no-translate-istio-init-args",
-    default=True,
-    show_default=True,
-    help="Turn istio-init's istio-iptables arguments into the pod annotations the controller reads.",
-)
+@injection_options(environment=False)
 @click.option("-q", "--quiet", is_flag=True, help="No summary or warnings on standard error.")
-def inject(
-    filename: BinaryIO,
-    output: BinaryIO,
-    image: str | None,
-    image_pull_policy: str,
-    timeout: float,
-    translate_istio_init_args: bool,
-    quiet: bool,
-) -> None:
+def inject(filename: BinaryIO, output: BinaryIO, quiet: bool, **params: Any) -> None:
     """Replace Istio's privileged istio-init with the unprivileged waiter in Istio-injected YAML.
 
     Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers, Jobs, CronJobs,
     PodTemplates, OpenShift DeploymentConfigs and `kind: List` are rewritten when they carry istio-init;
     every other document is copied unchanged, byte for byte.
     """
-    options = InjectOptions(
-        image=image or DEFAULT_IMAGE,
-        image_pull_policy=image_pull_policy,
-        timeout=timeout,
-        translate_istio_init_args=translate_istio_init_args,
-    )
+    options = inject_options_from(params)
     try:
         text = filename.read().decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -5,18 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import click
 
-ENV = "IPNC_"
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise click.BadParameter(f"expected HOST:PORT, got {address!r}", param_hint="--listen-address")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (a webhook serves the API server)
+from .inject_options import ENV, inject_options_from, injection_options
 
 
 @click.command()
@@ -51,34 +44,7 @@ def split_address(address: str) -> tuple[str, int]:
     envvar=ENV + "CERT_RELOAD_INTERVAL",
     help="Seconds between checks for a rotated certificate.",
 )
-@click.option("--image", envvar=ENV + "WAITER_IMAGE", show_envvar=True, help="Waiter image.")
-@click.option(
-    "--image-pull-policy",
-    type=click.Choice(["Always", "IfNotPresent", "Never"]),
-    default="IfNotPresent",
-    show_default=True,
-    envvar=ENV + "WAITER_IMAGE_PULL_POLICY",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=1),
-    default=300.0,
-    show_default=True,
-    envvar=ENV + "WAITER_TIMEOUT",
-    help="Seconds the waiter waits for capture.",
-)
-@click.option(
-    "--translate-istio-init-args/--no-translate-istio-init-args",
-    default=True,
-    show_default=True,
-    envvar=ENV + "TRANSLATE_ISTIO_INIT_ARGS",
-)
-@click.option(
-    "--waiter-arg",
-    "waiter_args",
-    multiple=True,
-    help="Extra argument for the injected waiter, e.g. --waiter-arg=--outbound-port=15011 (repeatable).",
-)
+@injection_options(environment=True)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -91,26 +57,19 @@ def webhook(
     tls_cert_file: str,
     tls_key_file: str,
     cert_reload_interval: float,
-    image: str | None,
-    image_pull_policy: str,
-    timeout: float,
-    translate_istio_init_args: bool,
-    waiter_args: tuple[str, ...],
     log_level: str,
+    **params: Any,
 ) -> None:
     """Serve the mutating admission webhook that replaces istio-init with the waiter in new pods."""
-    from ..install.injection import DEFAULT_IMAGE, InjectOptions
+    from ..controller.config import ConfigError, parse_listen
     from ..install.webhook.server import serve_forever
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = split_address(listen_address)
-    options = InjectOptions(
-        image=image or DEFAULT_IMAGE,
-        image_pull_policy=image_pull_policy,
-        timeout=timeout,
-        translate_istio_init_args=translate_istio_init_args,
-        extra_args=waiter_args,
-    )
+    try:
+        host, port = parse_listen(listen_address)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    options = inject_options_from(params)
 
     async def main() -> None:
         task = asyncio.ensure_future(

@@ -56,11 +56,11 @@ def default_concurrency() -> int:
     return max(2, 2 * (os.cpu_count() or 1))
 
 
-def parse_listen(address: str) -> tuple[str, int]:
-    """host:port or [v6]:port."""
+def parse_listen(address: str, flag: str = "--listen-address") -> tuple[str, int]:
+    """host:port or [v6]:port (empty host: all addresses); the one parser of every listen flag."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen-address: invalid value {address!r}: expected HOST:PORT")
+        raise ConfigError(f"{flag}: invalid value {address!r}: expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 

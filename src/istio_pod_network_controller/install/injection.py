@@ -10,8 +10,11 @@ or the clock. What a rewrite does to an Istio-injected pod:
 2. The `podinfo` downward-API volume (pod annotations -> /etc/podinfo/pod_annotations) is added for it.
 3. The capture settings that istio-init carried as istio-iptables arguments (Istio's injector computes them
    from mesh-wide values such as global.proxy.includeIPRanges) become the pod annotations the node
-   controller reads, unless the pod already has that annotation or the value is Istio's default; so the
-   controller installs the same rules istio-init would have.
+   controller reads, unless the pod already has that annotation or the value is the spec's default; so the
+   controller installs the same rules istio-init would have. Which setting has which annotation, and its
+   default, come from settings.spec.SETTINGS; every value is parsed by that setting's own parser and written
+   back in canonical form, and the resulting annotations are parsed as the controller will (build_spec), so
+   a pod the controller would refuse is refused here, naming the annotation or argument.
 4. In REDIRECT mode NET_ADMIN/NET_RAW are also removed from the `istio-proxy` sidecar's added capabilities
    (Envoy needs neither there). In TPROXY mode Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays,
    with a warning. The application's own containers are never changed: a pod that was not Pod Security
@@ -27,11 +30,19 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from ..errors import SpecError
 from ..settings import annotations as ann
-from ..settings.spec import ALWAYS_EXCLUDED_INBOUND, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PROXY_ID
+from ..settings.spec import (
+    ALWAYS_EXCLUDED_INBOUND,
+    SETTINGS_BY_NAME,
+    SPEC_ANNOTATIONS,
+    InterceptionMode,
+    InterceptSpec,
+    build_spec,
+)
 
 JSON = dict[str, Any]
 
@@ -93,26 +104,14 @@ _IPTABLES_FLAGS: Final[dict[str, str]] = {
 }
 _IPTABLES_BOOL_FLAGS: Final[dict[str, str]] = {"--redirect-dns": "capture_dns"}
 
-#: setting -> (pod annotation, Istio's default value: no annotation is written for it)
-_SETTING_ANNOTATIONS: Final[dict[str, tuple[str, str]]] = {
-    "interception_mode": (ann.INTERCEPTION_MODE, "REDIRECT"),
-    "include_inbound_ports": (ann.INCLUDE_INBOUND_PORTS, "*"),
-    "exclude_inbound_ports": (ann.EXCLUDE_INBOUND_PORTS, ""),
-    "include_outbound_ip_ranges": (ann.INCLUDE_OUTBOUND_IP_RANGES, "*"),
-    "exclude_outbound_ip_ranges": (ann.EXCLUDE_OUTBOUND_IP_RANGES, ""),
-    "include_outbound_ports": (ann.INCLUDE_OUTBOUND_PORTS, ""),
-    "exclude_outbound_ports": (ann.EXCLUDE_OUTBOUND_PORTS, ""),
-    "exclude_interfaces": (ann.EXCLUDE_INTERFACES, ""),
-    "reroute_virtual_interfaces": (ann.REROUTE_VIRTUAL_INTERFACES, ""),
-    "proxy_uid": (ann.ENVOY_USERID, str(PROXY_ID)),
-    "proxy_gid": (ann.ENVOY_GROUPID, str(PROXY_ID)),
-    "capture_dns": (ann.CAPTURE_DNS, "false"),
+_TRANSLATED: Final = tuple(dict.fromkeys((*_IPTABLES_FLAGS.values(), *_IPTABLES_BOOL_FLAGS.values())))
+_DEFAULT_SPEC: Final = InterceptSpec()
+#: settings a pod annotation carries (the setting's first annotation key); the controller reads those.
+ANNOTATED_SETTINGS: Final[dict[str, str]] = {
+    name: SETTINGS_BY_NAME[name].annotations[0] for name in _TRANSLATED if SETTINGS_BY_NAME[name].annotations
 }
-#: settings with no per-pod annotation: passed to the waiter, and the controller must be started with them.
-_PORT_FLAGS: Final[dict[str, tuple[str, int]]] = {
-    "outbound_port": ("--outbound-port", OUTBOUND_CAPTURE_PORT),
-    "inbound_port": ("--inbound-port", INBOUND_CAPTURE_PORT),
-}
+#: settings no pod annotation carries: passed to the waiter as flags (start the controller with them too).
+FLAG_SETTINGS: Final[tuple[str, ...]] = tuple(name for name in _TRANSLATED if name not in ANNOTATED_SETTINGS)
 
 
 class InjectionError(ValueError):
@@ -129,7 +128,15 @@ class InjectOptions:
     requests: Mapping[str, str] = field(default_factory=lambda: {"cpu": "10m", "memory": "32Mi"})
     limits: Mapping[str, str] = field(default_factory=lambda: {"cpu": "200m", "memory": "64Mi"})
     translate_istio_init_args: bool = True
+    controller_namespace: str = ""
+    """Passed to the waiter (--controller-namespace) so its timeout advice names the real namespace."""
     extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(arg.partition("=")[0] == "--trust-annotation" for arg in self.extra_args):
+            raise InjectionError(
+                "--trust-annotation is never injected: the status annotation alone must not open a pod"
+            )
 
 
 @dataclass(slots=True)
@@ -226,22 +233,44 @@ def _istio_init_settings(container: Mapping[str, Any]) -> dict[str, str]:
     return parse_istio_iptables_args([*command, *args])
 
 
-def _normalised(setting: str, value: str) -> str:
-    """Istio's -d always lists the health/metrics ports; our controller adds those itself."""
-    value = value.strip()
-    if setting == "exclude_inbound_ports":
-        always = {str(p) for p in ALWAYS_EXCLUDED_INBOUND}
-        kept = [p.strip() for p in value.split(",") if p.strip() and p.strip() not in always]
-        return ",".join(kept)
-    return value
+def _canonical(setting: str, value: object) -> str:
+    """The value as the spec writes it (annotation syntax), e.g. `10.0.0.0/8,fd00::/8` or `8080`."""
+    target = SETTINGS_BY_NAME[setting].targets[0]
+    return replace(_DEFAULT_SPEC, **{target: value}).describe()[target]  # type: ignore[arg-type]
+
+
+def translate_settings(raw: Mapping[str, str]) -> dict[str, object]:
+    """istio-init's {setting: raw text} -> {setting: typed value}, parsed by the spec's own parsers.
+
+    Values equal to the spec's default are dropped (nothing to carry); Istio's -d always lists the
+    health/metrics ports, which the controller excludes itself, so those are dropped from it too.
+    """
+    typed: dict[str, object] = {}
+    for setting, text in raw.items():
+        definition = SETTINGS_BY_NAME[setting]
+        try:
+            value = definition.parse(text, f"istio-init argument for {setting}")
+        except SpecError as exc:
+            raise InjectionError(str(exc)) from None
+        if setting == "exclude_inbound_ports" and isinstance(value, tuple):
+            value = tuple(p for p in value if p not in ALWAYS_EXCLUDED_INBOUND)
+        if value != getattr(_DEFAULT_SPEC, definition.targets[0]):
+            typed[setting] = value
+    return typed
+
+
+def effective_spec(annotations: Mapping[str, Any]) -> InterceptSpec:
+    """The spec the controller will build from the pod's annotations (without controller-wide flags)."""
+    own = {k: v for k, v in annotations.items() if k in SPEC_ANNOTATIONS}
+    if not all(isinstance(v, str) for v in own.values()):
+        raise InjectionError("metadata.annotations values must be strings")
+    try:
+        return build_spec(own)
+    except SpecError as exc:
+        raise InjectionError(f"{exc}; the controller would refuse this pod") from None
 
 
 # --- building -----------------------------------------------------------------------------------------------
-
-
-def _int_value(raw: object, default: int) -> int:
-    text = str(raw if raw is not None else "").strip()
-    return int(text) if text.isdigit() else default
 
 
 def waiter_container(
@@ -259,6 +288,11 @@ def waiter_container(
             f"{PODINFO_MOUNT}/{PODINFO_FILE}",
             "--timeout",
             timeout,
+            *(
+                ["--controller-namespace", options.controller_namespace]
+                if options.controller_namespace
+                else []
+            ),
             *port_args,
             *options.extra_args,
         ],
@@ -365,29 +399,22 @@ def rewrite_pod(
     warnings: list[str] = []
     inits = _containers(spec, "initContainers")
     istio_init = next(c for c in inits if _name(c) == ann.ISTIO_INIT_CONTAINER)
-    settings = _istio_init_settings(istio_init) if options.translate_istio_init_args else {}
+    raw = _istio_init_settings(istio_init) if options.translate_istio_init_args else {}
+    settings = translate_settings(raw)
 
     annotations: JSON = dict(annotations_in)
-    for setting, (key, default) in _SETTING_ANNOTATIONS.items():
-        if setting not in settings or key in annotations:
-            continue
-        value = _normalised(setting, settings[setting])
-        if value != default:
-            annotations[key] = value
-
-    mode = str(annotations.get(ann.INTERCEPTION_MODE, "REDIRECT")).upper()
-    if mode == "NONE":
+    for setting, key in ANNOTATED_SETTINGS.items():
+        if setting in settings and key not in annotations:
+            annotations[key] = _canonical(setting, settings[setting])
+    effective = effective_spec(annotations)
+    if effective.mode is InterceptionMode.NONE:
         warnings.append("interception mode NONE: the waiter will only wait for the controller's status mark")
-    proxy_uid = _int_value(annotations.get(ann.ENVOY_USERID), PROXY_ID)
-    proxy_gid = _int_value(annotations.get(ann.ENVOY_GROUPID), PROXY_ID)
-    if proxy_uid == 0:
-        raise InjectionError("the proxy uid is 0: the waiter must run as the (non-root) proxy uid")
 
     port_args: list[str] = []
-    for setting, (flag, default_port) in _PORT_FLAGS.items():
-        port = _int_value(settings.get(setting), default_port)
-        if port != default_port:
-            port_args += [flag, str(port)]
+    for setting in FLAG_SETTINGS:
+        if setting in settings:
+            flag, port = "--" + setting.replace("_", "-"), _canonical(setting, settings[setting])
+            port_args += [flag, port]
             warnings.append(
                 f"istio-init used {flag.removeprefix('--')} {port}: start the controller with {flag} {port} "
                 "too (no pod annotation carries it)"
@@ -400,7 +427,7 @@ def rewrite_pod(
         raise InjectionError("spec.volumes must be a list")
     volume_name = _place_volume(volumes)
 
-    waiter = waiter_container(options, volume_name, proxy_uid, proxy_gid, port_args)
+    waiter = waiter_container(options, volume_name, effective.proxy_uid, effective.proxy_gid, port_args)
     spec["initContainers"] = [
         waiter,
         *(c for c in inits if _name(c) not in {ann.ISTIO_INIT_CONTAINER, ann.WAITER_CONTAINER}),
@@ -409,7 +436,7 @@ def rewrite_pod(
     for container in _containers(spec, "containers"):
         if _name(container) != ISTIO_PROXY_CONTAINER or not isinstance(container, dict):
             continue
-        if mode == "TPROXY":
+        if effective.mode is InterceptionMode.TPROXY:
             warnings.append("TPROXY mode: istio-proxy keeps NET_ADMIN (Envoy needs IP_TRANSPARENT)")
         else:
             _strip_capabilities(container)
