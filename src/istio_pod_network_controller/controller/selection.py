@@ -25,6 +25,8 @@ LEGACY_ANNOTATION: Final = "legacy-initialize-annotation"
 LEGACY_NAMESPACE: Final = "legacy-initialize-namespace-annotation"
 LEGACY_OPT_OUT: Final = "legacy-initialize-false"
 INJECTED: Final = "injected-sidecar-with-waiter"
+ISTIO_CNI_MODE: Final = "injected-istio-cni-mode"
+"""Stock Istio with its CNI option on: istio-validation instead of istio-init, settings as annotations."""
 INJECT_DISABLED: Final = "sidecar-inject-false"
 ISTIO_INIT_PRESENT: Final = "istio-init-present"
 NO_WAITER: Final = "injected-without-waiter"
@@ -36,6 +38,8 @@ class SelectionOptions:
     legacy_annotation: bool = True
     injected: bool = True
     excluded_namespaces: frozenset[str] = field(default_factory=lambda: frozenset({"kube-system"}))
+    istio_cni_mode: bool = True
+    """Also select pods Istio injected in CNI mode (with `injected`): we play the missing CNI agent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +96,11 @@ def select(pod: Obj, namespace: Obj | None, options: SelectionOptions) -> Decisi
         inits = _init_container_names(pod)
         if ann.ISTIO_INIT_CONTAINER in inits:
             return Decision(False, ISTIO_INIT_PRESENT)
-        if ann.WAITER_CONTAINER not in inits:
-            return Decision(False, NO_WAITER)
-        return Decision(True, INJECTED)
+        if ann.WAITER_CONTAINER in inits:
+            return Decision(True, INJECTED)
+        if options.istio_cni_mode and ann.ISTIO_VALIDATION_CONTAINER in inits:
+            return Decision(True, ISTIO_CNI_MODE)
+        return Decision(False, NO_WAITER)
 
     if options.legacy_annotation and annotations.get(ann.LEGACY_INITIALIZE) not in (None, "true"):
         return Decision(False, LEGACY_OPT_OUT)
