@@ -76,7 +76,7 @@ Capture-default flags shared by the controller and the waiter: the modern `inter
 {{- default "1337" (toString .Values.interception.proxyGID) -}}
 {{- end -}}
 
-{{/* The waiter init container (injection template): same shape as src/istio_pod_network_controller/injection.py. */}}
+{{/* The waiter init container (injection template): same shape as src/istio_pod_network_controller/install/injection.py. */}}
 {{- define "ipnc.waiterContainer" -}}
 name: istio-pod-network-wait
 image: {{ include "ipnc.image" . | quote }}

@@ -3,8 +3,8 @@
 Decision rules (docs/waiter.md):
 - A probe applies: exit 0 once every family to probe has been proven; the status annotation alone is
   accepted only with --trust-annotation (a forged annotation must not open the pod).
-- The spec captures nothing (interceptionMode NONE, nothing included): no rules to prove, so the status
-  annotation decides (with --require-probe: refuse at once).
+- The spec captures nothing (interceptionMode NONE): no rules to prove, so the status annotation decides
+  (with --require-probe: refuse at once).
 - The spec captures something but no probe can prove it (lo excluded, waiter with the proxy gid but not its
   uid, ...): refuse at once (exit 5) unless --trust-annotation says the annotation is enough.
 Probe attempts: the first immediately, then every max(10 ms, min(500 ms, waited/8)); the annotations file is
