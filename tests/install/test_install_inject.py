@@ -376,3 +376,24 @@ def test_the_waiter_learns_the_controller_namespace(deployment: dict) -> None:
     at = waiter["args"].index("--controller-namespace")
     assert waiter["args"][at + 1] == "istio-system"
     assert "--trust-annotation" not in waiter["args"]
+
+
+def test_cli_passes_the_controller_namespace_and_never_trust() -> None:
+    runner = CliRunner()
+    text = KUBE_INJECT.read_text()
+
+    def waiter_args(*flags: str) -> list[str]:
+        result = runner.invoke(cli, ["inject", "-f", "-", "-q", *flags], input=text)
+        assert result.exit_code == 0, result.output
+        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        return deployment["spec"]["template"]["spec"]["initContainers"][0]["args"]
+
+    default = waiter_args()
+    assert default[default.index("--controller-namespace") + 1] == "istio-system"
+    mesh = waiter_args("--controller-namespace", "mesh-system", "--waiter-arg=--delay=1")
+    assert mesh[mesh.index("--controller-namespace") + 1] == "mesh-system"
+    assert mesh[-1] == "--delay=1"
+    refused = runner.invoke(cli, ["inject", "-f", "-", "--waiter-arg=--trust-annotation"], input=text)
+    assert refused.exit_code == 2
+    assert "--trust-annotation is never injected" in refused.output

@@ -328,3 +328,35 @@ def test_webhook_refuses_to_inject_trust_annotation() -> None:
     assert "--trust-annotation is never injected" in result.output
     with pytest.raises(ValueError, match="never injected"):
         InjectOptions(extra_args=("--trust-annotation",))
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "named"),
+    [
+        ("annotation", "tproxy", "annotation sidecar.istio.io/interceptionMode: invalid value 'tproxy'"),
+        ("istio-init", "tproxy", "istio-init argument for interception_mode: invalid value 'tproxy'"),
+        (
+            "istio-init-x",
+            "10.0.0.0/8\n-A ISTIO_OUTPUT -j ACCEPT",
+            "istio-init argument for exclude_outbound_ip_ranges",
+        ),
+    ],
+)
+async def test_values_the_controller_refuses_are_denied_at_admission(
+    hook: Hook, where: str, value: str, named: str
+) -> None:
+    """Webhook and controller read settings with the same parsers: what the controller refuses is denied here,
+    instead of a pod that keeps NET_ADMIN on its sidecar and then never gets capture."""
+    pod = injected_pod()
+    if where == "annotation":
+        pod["metadata"]["annotations"][ann.INTERCEPTION_MODE] = value
+    else:
+        init = next(c for c in pod["spec"]["initContainers"] if c["name"] == ann.ISTIO_INIT_CONTAINER)
+        flag = "-m" if where == "istio-init" else "-x"
+        init["args"][init["args"].index(flag) + 1] = value
+    status, answer = await hook.post(review(pod))
+    assert status == 200
+    response = answer["response"]
+    assert response["allowed"] is False and response["status"]["code"] == 400
+    assert named in response["status"]["message"]
+    assert "\n" not in response["status"]["message"]  # the tenant's newline is shown escaped (repr)
