@@ -16,8 +16,8 @@ from istio_pod_network_controller.settings.spec import IPv6Policy, build_spec
 
 GOLDEN = Path(__file__).parent / "golden"
 
-# Istio's default sidecar REDIRECT rule set (istio-iptables, includeInboundPorts=*), as listed in
-# shared/reference/istio-interception.md.
+# Istio's default sidecar REDIRECT rule set (istio-iptables, includeInboundPorts=*; excludeInboundPorts
+# 15020,15021,15090 as Istio's injector passes them), in the word order of current istio-iptables.
 ISTIO_DEFAULT_NAT = """\
 *nat
 :ISTIO_INBOUND - [0:0]
@@ -32,11 +32,11 @@ ISTIO_DEFAULT_NAT = """\
 -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
 -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
 -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
 -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
 -A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
