@@ -8,11 +8,18 @@ running as uid 1337 that answers after asking the peer's DNS server itself (traf
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from traffic_harness import APP_UID, PROXY_ID, Capture, OriginalSrcEnvoy, Reply, Topology, new_netns
 
 from ipnc_lab.sim.netns import NamedNetns, ip
+from istio_pod_network_controller.dataplane import apply as dataplane
+from istio_pod_network_controller.dataplane.apply import BackendChoice
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.spec import InterceptSpec, build_spec
 
@@ -257,3 +264,56 @@ def test_kubevirt_interface_with_outbound_ranges(
         lands(to_pod, ENVOY_OUT)
         assert to_pod.orig == (pod, 8080)
     lands(topo.connect(topo.peer, pod, 8080), ENVOY_IN)
+
+
+@pytest.fixture
+def chrooted_pod_process(stack_topo: Topology, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A process in the pod's namespace whose root is a tenant directory (its /proc/PID/root), by PID."""
+    root = tmp_path / "container-root"
+    (root / "etc").mkdir(parents=True)
+
+    def spawn() -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: only async-signal-safe work, then wait to be killed
+            try:
+                os.chroot(root)
+                os.chdir("/")
+                while True:
+                    signal.pause()
+            finally:
+                os._exit(0)
+        return pid
+
+    pid = stack_topo.pod.run(spawn)
+    try:
+        deadline = time.monotonic() + 30
+        while os.readlink(f"/proc/{pid}/root") != str(root):  # the child has not chrooted yet
+            assert time.monotonic() < deadline, "the pod process never entered its root"
+            time.sleep(0.01)
+        yield pid, root
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_apply_limits_dns_capture_to_the_pods_resolv_conf(
+    stack_topo: Topology,
+    backend: BackendChoice,
+    stack: tuple[bool, int],
+    chrooted_pod_process: tuple[int, Path],
+) -> None:
+    """Istio's sidecar reads the pod's /etc/resolv.conf: the data plane reads it through a pod process's
+    /proc/PID/root (a symlink into the node is not followed out), and DNS to those nameservers only is
+    captured; before any process has the file, capture-all (Istio CNI's form) stands in."""
+    topo, family = stack_topo, stack[1]
+    pid, root = chrooted_pod_process
+    nameserver, other = topo.peer_ip(family), topo.peer_alt(family)
+    (root / "etc" / "resolv.conf").write_text(f"search cluster.local\nnameserver {nameserver}\n")
+    wanted = spec(DNS)
+    dataplane.apply(topo.pod.pinned, wanted, backend, pod_pids=[pid])
+    lands(topo.connect(topo.pod, nameserver, 53, "udp", uid=APP_UID), AGENT)
+    lands(topo.connect(topo.pod, other, 53, "udp", uid=APP_UID), "peer-dns:53")
+    assert dataplane.verify(topo.pod.pinned, wanted, backend, pod_pids=[pid]).in_place
+    assert not dataplane.verify(topo.pod.pinned, wanted, backend).in_place, "without the file: capture-all"
+    dataplane.apply(topo.pod.pinned, wanted, backend)
+    lands(topo.connect(topo.pod, other, 53, "udp", uid=APP_UID), AGENT)

@@ -348,9 +348,21 @@ def _build_topology(*, ipv4: bool = True) -> Topology:
                 ip("-n", ns.name, "addr", "add", f"{v4}/24", "dev", "eth0")
             ip("-n", ns.name, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
             ip("-n", ns.name, "link", "set", "eth0", "up")
-        for family in topo.families:
-            prefix = 24 if family == 4 else 64
-            ip("-n", peer.name, "addr", "add", f"{topo.peer_alt(family)}/{prefix}", "dev", "eth0", "nodad")
+        # The second server address is never the peer's chosen source (IPv4 secondary, IPv6 deprecated).
+        if ipv4:
+            ip("-n", peer.name, "addr", "add", f"{topo.peer_alt(4)}/24", "dev", "eth0")
+        ip(
+            "-n",
+            peer.name,
+            "addr",
+            "add",
+            f"{topo.peer_alt(6)}/64",
+            "dev",
+            "eth0",
+            "nodad",
+            "preferred_lft",
+            "0",
+        )
         add = topo.server.add
         for port in (8080, 8081, 15008, 15020, 15021, 15090):
             add(pod, f"app:{port}", port)

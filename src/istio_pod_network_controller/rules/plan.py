@@ -243,8 +243,13 @@ def _nat(
 def _output(
     spec: InterceptSpec, family: Family, dns: list[IPAddress] | None, ranges: list[IPNetwork] | None
 ) -> list[Rule]:
-    """Istio's ISTIO_OUTPUT, rule for rule (interface exclusions moved in from the built-in chain)."""
-    capture_dns = dns is None or bool(dns)
+    """Istio's ISTIO_OUTPUT, rule for rule (interface exclusions moved in from the built-in chain).
+
+    As in Istio, the DNS forms of the loopback rules follow DNS capture as a whole (any family), the jump
+    to ISTIO_OUTPUT_DNS only a family that has nameservers to capture.
+    """
+    capture_dns = spec.capture_dns and (spec.dns_capture_everywhere or bool(spec.dns_servers))
+    jump_dns = dns is None or bool(dns)
     loopback = LOOPBACK_NET[family]
     rules = [rule(Return(), OutIface(name)) for name in spec.exclude_interfaces]
     for port in spec.exclude_outbound_ports:
@@ -271,7 +276,7 @@ def _output(
             else:
                 rules.append(rule(Return(), LO_OUT, other))
         rules.append(rule(Return(), owner))
-    if capture_dns:
+    if jump_dns:
         rules.append(rule(Jump(ChainName.OUTPUT_DNS)))
     rules.append(rule(Return(), Dst(loopback)))
     rules += [rule(Return(), Dst(net)) for net in _of_family(spec.exclude_outbound_ip_ranges, family)]
