@@ -247,3 +247,14 @@ def test_outbound_only_proxy_calling_its_pod_ip_goes_to_inbound_listener(
     lands(topo.connect(topo.peer, pod, 8080), "app:8080")
     lands(topo.connect(topo.pod, pod, 8080, uid=APP_UID), "app:8080")
     lands(topo.connect(topo.pod, topo.peer_ip(family), 9090, uid=APP_UID), ENVOY_OUT)
+
+
+def test_outbound_loopback_range_included(topo: Topology, capture: Capture) -> None:
+    """Istio: a loopback range in includeOutboundIPRanges drops the `-o lo ! --uid-owner 1337 -j RETURN`
+    rules, so the app's loopback traffic to that range is captured (127.0.0.1 itself is still returned)."""
+    capture.apply(spec({ann.INCLUDE_OUTBOUND_IP_RANGES: "127.0.0.0/8"}))
+    reply = topo.connect(topo.pod, "127.0.0.6", 8080, uid=APP_UID)
+    lands(reply, ENVOY_OUT)
+    assert reply.orig == ("127.0.0.6", 8080)
+    lands(topo.connect(topo.pod, "127.0.0.1", 8080, uid=APP_UID), "app:8080")
+    lands(topo.connect(topo.pod, topo.peer4, 9090, uid=APP_UID), "peer:9090")
