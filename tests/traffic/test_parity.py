@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from traffic_harness import APP_UID, PROXY_ID, Capture, OriginalSrcEnvoy, Reply, Topology, new_netns
 
-from ipnc_lab.sim.netns import NamedNetns, ip
+from ipnc_lab.sim.netns import NamedNetns, holds_capture_rules, ip
 from istio_pod_network_controller.dataplane import apply as dataplane
 from istio_pod_network_controller.dataplane.apply import BackendChoice
 from istio_pod_network_controller.settings import annotations as ann
@@ -317,3 +317,31 @@ def test_apply_limits_dns_capture_to_the_pods_resolv_conf(
     assert not dataplane.verify(topo.pod.pinned, wanted, backend).in_place, "without the file: capture-all"
     dataplane.apply(topo.pod.pinned, wanted, backend)
     lands(topo.connect(topo.pod, other, 53, "udp", uid=APP_UID), AGENT)
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [
+        {**TPROXY, **DNS, ann.EXCLUDE_OUTBOUND_PORTS: "5432", ann.INCLUDE_INBOUND_PORTS: "8080,9090"},
+        {
+            **DNS,
+            ann.REROUTE_VIRTUAL_INTERFACES: "vnet0",
+            ann.INCLUDE_OUTBOUND_IP_RANGES: "10.96.0.0/12,fd00::/8",
+        },
+        {**TPROXY, ann.INCLUDE_INBOUND_PORTS: ""},
+    ],
+    ids=["tproxy-dns-lists", "kubevirt-dns-ranges", "tproxy-outbound-only"],
+)
+def test_parity_rules_verify_in_place_and_clean_away(
+    topo: Topology, capture: Capture, annotations: dict[str, str]
+) -> None:
+    """The new rule forms (multiport, marks, connmarks, CT zones per server) read back equal to what was
+    applied, so verify finds no drift; clean leaves nothing of ours."""
+    wanted = spec(annotations).with_dns_servers(servers(topo.peer4, topo.peer6))
+    capture.apply(wanted)
+    drift = capture.verify(wanted)
+    assert drift.in_place, drift.report
+    capture.apply(wanted)
+    assert capture.verify(wanted).in_place
+    capture.clean()
+    assert not holds_capture_rules(topo.pod)
