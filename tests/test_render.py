@@ -5,19 +5,49 @@ Regenerate goldens after an intended change with `UPDATE_GOLDEN=1 make pytest` a
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from istio_pod_network_controller.rules import iptables, nftables, plan
+from istio_pod_network_controller.rules.model import (
+    ChainName,
+    ConnMark,
+    CtState,
+    CtZone,
+    DPort,
+    DPorts,
+    Dst,
+    Family,
+    GidOwner,
+    InIface,
+    Jump,
+    Mark,
+    Match,
+    OutIface,
+    Proto,
+    Redirect,
+    RestoreMark,
+    Return,
+    SaveMark,
+    SetMark,
+    SPort,
+    Src,
+    TableRules,
+    Target,
+    UidOwner,
+)
 from istio_pod_network_controller.settings import annotations as ann
-from istio_pod_network_controller.settings.spec import IPv6Policy, build_spec
+from istio_pod_network_controller.settings.addresses import LOOPBACK, PASSTHROUGH
+from istio_pod_network_controller.settings.spec import PROBE_PORT, InterceptSpec, IPv6Policy, build_spec
 
 GOLDEN = Path(__file__).parent / "golden"
 
-# Istio's default sidecar REDIRECT rule set (istio-iptables, includeInboundPorts=*), as listed in
-# shared/reference/istio-interception.md.
+# Istio's default sidecar REDIRECT rule set (istio-iptables, includeInboundPorts=*; excludeInboundPorts
+# 15020,15021,15090 as Istio's injector passes them), in the word order of current istio-iptables.
 ISTIO_DEFAULT_NAT = """\
 *nat
 :ISTIO_INBOUND - [0:0]
@@ -32,11 +62,11 @@ ISTIO_DEFAULT_NAT = """\
 -A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
 -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
 -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
 -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
 -A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
@@ -71,13 +101,41 @@ CONFIGS: dict[str, dict[str, str]] = {
     "legacy-2018": {ann.ENVOY_PORT: "15001", ann.ENVOY_USERID: "1000", ann.ENVOY_GROUPID: "1000"},
     "ipv6-capture": {ann.IPV6: "capture", ann.EXCLUDE_OUTBOUND_IP_RANGES: "fd00::/8"},
     "tproxy-dns-ipv6": {ann.INTERCEPTION_MODE: "TPROXY", ann.CAPTURE_DNS: "true", ann.IPV6: "capture"},
+    "tproxy-inbound-list": {ann.INTERCEPTION_MODE: "TPROXY", ann.INCLUDE_INBOUND_PORTS: "8080,9090"},
+    "tproxy-no-inbound": {ann.INTERCEPTION_MODE: "TPROXY", ann.INCLUDE_INBOUND_PORTS: ""},
+    "dns-servers": {ann.CAPTURE_DNS: "true", ann.IPV6: "capture"},
+    "dns-servers-v4-only": {ann.CAPTURE_DNS: "true", ann.IPV6: "capture"},
+    "dns-capture-all": {ann.CAPTURE_DNS: "true"},
+    "dns-excluded-port": {ann.CAPTURE_DNS: "true", ann.EXCLUDE_OUTBOUND_PORTS: "53"},
+    "dns-no-servers": {ann.CAPTURE_DNS: "true"},
+    "kubevirt-ranges": {
+        ann.KUBEVIRT_INTERFACES: "vnet0,vnet1",
+        ann.INCLUDE_OUTBOUND_IP_RANGES: "10.96.0.0/12,fd00:96::/108",
+        ann.IPV6: "capture",
+    },
+    "loopback-included": {ann.INCLUDE_OUTBOUND_IP_RANGES: "127.0.0.0/8,10.96.0.0/12"},
 }
+DEFAULTS: dict[str, dict[str, str]] = {"dns-capture-all": {"capture_all_dns": "true"}}
+"""Controller-wide settings (flags) of a configuration, beside its annotations."""
+NAMESERVERS: dict[str, tuple[str, ...]] = {
+    "dns-servers": ("10.96.0.10", "fd00:96::a"),
+    "dns-servers-v4-only": ("10.96.0.10",),
+    "dns-capture-all": ("10.96.0.10",),
+    "dns-excluded-port": ("10.96.0.10",),
+    "dns-no-servers": (),
+}
+"""The pod's resolv.conf nameservers, as the data plane finds them at apply time."""
+
+
+def _spec(name: str) -> InterceptSpec:
+    spec = build_spec(CONFIGS[name], DEFAULTS.get(name))
+    if name in NAMESERVERS:
+        spec = spec.with_dns_servers(tuple(ipaddress.ip_address(a) for a in NAMESERVERS[name]))
+    return spec.with_ipv6(False) if spec.ipv6 is IPv6Policy.AUTO else spec
 
 
 def _rendered(name: str) -> tuple[str, str]:
-    spec = build_spec(CONFIGS[name])
-    if spec.ipv6 is IPv6Policy.AUTO:
-        spec = spec.with_ipv6(False)
+    spec = _spec(name)
     ruleset = plan.build(spec)
     text = "".join(f"# IPv{f.family}\n{iptables.render(f)}" for f in ruleset.families)
     text += "".join(f"# ip -{r.family} rule fwmark {r.mark} lookup {r.table}\n" for r in ruleset.routes)
@@ -104,6 +162,115 @@ def test_default_matches_istio_reference_rule_set() -> None:
 def test_rendering_is_deterministic() -> None:
     for name in CONFIGS:
         assert _rendered(name) == _rendered(name)
+
+
+# --- the waiter's probe path, for every capturing configuration --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A new TCP packet leaving through OUTPUT, as the model's matches see it (no mark, no conntrack)."""
+
+    src: IPAddr
+    dst: IPAddr
+    dport: int
+    oif: str
+    uid: int
+    gid: int
+    sport: int = 40000
+    proto: str = "tcp"
+
+
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _matches(match: Match, pkt: Packet) -> bool:
+    hit: bool
+    match match:
+        case Proto(name):
+            return pkt.proto == name
+        case DPort(port, negate):
+            hit = pkt.dport == port
+        case DPorts(ports, negate):
+            hit = pkt.dport in ports
+        case SPort(port):
+            return pkt.sport == port
+        case Src(net, negate):
+            hit = pkt.src in net
+        case Dst(net, negate):
+            hit = pkt.dst in net
+        case OutIface(name):
+            return pkt.oif == name
+        case InIface(_):
+            return False
+        case UidOwner(uid, negate):
+            hit = pkt.uid == uid
+        case GidOwner(gid, negate):
+            hit = pkt.gid == gid
+        case CtState(states):
+            return "NEW" in states
+        case Mark(mark, negate):
+            hit = mark == 0
+        case ConnMark(mark):
+            return mark == 0
+    return hit != negate
+
+
+def _verdict(table: TableRules, chain: ChainName, pkt: Packet) -> Target | None:
+    """Walk `chain` of `table` for `pkt`: the terminating target reached, or None when the chain returns."""
+    rules = next(c for c in table.chains if c.name == chain).rules
+    for r in rules:
+        if not all(_matches(m, pkt) for m in r.matches):
+            continue
+        match r.target:
+            case Jump(target):
+                if (found := _verdict(table, target, pkt)) is not None:
+                    return found
+            case Return():
+                return None
+            case SetMark() | SaveMark() | RestoreMark() | CtZone():
+                continue
+            case _:
+                return r.target
+    return None
+
+
+def _nat_output(spec: InterceptSpec, family: Family, pkt: Packet) -> Target | None:
+    rules = plan.build(spec).family(family)
+    assert rules is not None
+    nat = rules.table("nat")
+    assert nat is not None
+    for hook in nat.hooks:
+        if hook.builtin == "OUTPUT" and all(_matches(m, pkt) for m in hook.rule.matches):
+            assert isinstance(hook.rule.target, Jump)
+            if (found := _verdict(nat, hook.rule.target.chain, pkt)) is not None:
+                return found
+    return None
+
+
+CAPTURING = [name for name in sorted(CONFIGS) if _spec(name).intercepts]
+
+
+@pytest.mark.parametrize("name", CAPTURING)
+def test_waiter_probe_path_is_in_every_capturing_plan(name: str) -> None:
+    """The waiter probes as the proxy uid: 127.0.0.1 -> 127.0.0.6:15002 (::1 -> ::6) over lo. Every
+    capturing plan, outbound-only and TPROXY included, must send that connection to the inbound port."""
+    spec = _spec(name)
+    families: tuple[Family, ...] = (4, 6) if spec.ipv6 is IPv6Policy.CAPTURE else (4,)
+    for family in families:
+        pkt = Packet(
+            ipaddress.ip_address(LOOPBACK[family]),
+            ipaddress.ip_address(PASSTHROUGH[family]),
+            PROBE_PORT,
+            "lo",
+            spec.proxy_uid,
+            spec.proxy_gid,
+        )
+        assert _nat_output(spec, family, pkt) == Redirect(spec.inbound_port), (name, family)
+        if name != "loopback-included":  # there, Istio captures the app's loopback traffic on purpose
+            other = spec.proxy_uid + 1
+            app = Packet(pkt.src, pkt.dst, PROBE_PORT, "lo", other, other)
+            assert _nat_output(spec, family, app) is None, "the app's own loopback traffic is not captured"
 
 
 def test_none_mode_renders_nothing() -> None:

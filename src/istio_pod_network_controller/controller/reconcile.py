@@ -213,14 +213,19 @@ class Reconciler:
             with index.find(uid, container_ids=cids, pod_ips=ips) as found:
                 timings["discover"] = time.perf_counter() - started
                 drift = None
+                pids = [p.pid for p in index.processes(uid)]
                 if verify_first:
                     started = time.perf_counter()
-                    drift = dataplane.verify(found.netns, spec, cfg.backend, proc_root=cfg.proc_root)
+                    drift = dataplane.verify(
+                        found.netns, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids
+                    )
                     timings["verify"] = time.perf_counter() - started
                     if drift.in_place:
                         return drift, None, timings
                 started = time.perf_counter()
-                result = dataplane.apply(found.netns, spec, cfg.backend, proc_root=cfg.proc_root)
+                result = dataplane.apply(
+                    found.netns, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids
+                )
                 timings["apply"] = time.perf_counter() - started
                 return drift, result, timings
 

@@ -9,24 +9,24 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from .. import netlink
 from ..rules import nftables, plan
-from ..rules.model import PolicyRoute, Ruleset
-from ..settings.spec import TPROXY_MARK, TPROXY_ROUTE_TABLE, InterceptSpec, IPv6Policy
+from ..rules.model import Ruleset
+from ..settings.addresses import PASSTHROUGH, has_global_ipv6, has_passthrough_v6
+from ..settings.spec import InterceptSpec, IPv6Policy
 from . import netns as ns_mod
+from . import resolvconf
 from .backends import BACKENDS, BackendName, make, route_drift, sync_routes
 from .netns import NetnsId, PinnedNetns
 from .tools import run
 
 BackendChoice: TypeAlias = Literal["auto", "legacy", "nft", "nftables"]
 BACKEND_CHOICES: tuple[BackendChoice, ...] = ("auto", "legacy", "nft", "nftables")
-ALL_ROUTES = (
-    PolicyRoute(4, TPROXY_MARK, TPROXY_ROUTE_TABLE),
-    PolicyRoute(6, TPROXY_MARK, TPROXY_ROUTE_TABLE),
-)
+ALL_ROUTES = tuple(plan.TPROXY_ROUTES.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,29 +101,13 @@ def _choose(choice: BackendChoice, found: Footprints, proc_root: str) -> Backend
     return host_backend(proc_root)
 
 
-def has_global_ipv6() -> bool:
-    """Whether the current thread's namespace has a global-scope IPv6 address outside lo."""
-    for line in _read("/proc/thread-self/net/if_inet6").splitlines():
-        fields = line.split()
-        if len(fields) == 6 and fields[3] == "00" and fields[5] != "lo":
-            return True
-    return False
-
-
-PASSTHROUGH_V6 = "00000000000000000000000000000006"
-
-
 def _sync_passthrough_v6(wanted: bool) -> None:
     """::6 on lo: the IPv6 source Envoy's inbound passthrough binds to (IPv4 has all of 127/8 on lo)."""
-    present = any(
-        line.split()[0] == PASSTHROUGH_V6 and line.split()[-1] == "lo"
-        for line in _read("/proc/thread-self/net/if_inet6").splitlines()
-        if line.strip()
-    )
+    present = has_passthrough_v6()
     if wanted and not present:
-        run(["ip", "-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])
+        run(["ip", "-6", "addr", "add", f"{PASSTHROUGH[6]}/128", "dev", "lo", "nodad"])
     elif present and not wanted:
-        run(["ip", "-6", "addr", "del", "::6/128", "dev", "lo"])
+        run(["ip", "-6", "addr", "del", f"{PASSTHROUGH[6]}/128", "dev", "lo"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +124,15 @@ class _Decision:
         return [b for b in BACKENDS if b != self.backend and self.found.holds(b)]
 
 
+def with_nameservers(
+    spec: InterceptSpec, netns: PinnedNetns, pod_pids: Iterable[int], proc_root: str
+) -> InterceptSpec:
+    """Limit DNS capture to the pod's resolv.conf nameservers, as Istio's sidecar (unless capture-all)."""
+    if not spec.capture_dns or spec.capture_all_dns or spec.dns_servers is not None:
+        return spec
+    return spec.with_dns_servers(resolvconf.pod_nameservers(pod_pids, netns.id, proc_root))
+
+
 def _decide(spec: InterceptSpec, backend: BackendChoice, proc_root: str) -> _Decision:
     resolved = spec.with_ipv6(has_global_ipv6()) if spec.ipv6 is IPv6Policy.AUTO else spec
     found = _footprints()
@@ -153,13 +146,16 @@ def apply(
     *,
     allow_host: bool = False,
     proc_root: str = "/proc",
+    pod_pids: Iterable[int] = (),
 ) -> ApplyResult:
     """Make our rules in `netns` exactly those of `spec`; repeatable, and foreign rules stay untouched.
 
     Copies of our rules left by another backend (say, a change from legacy to nft) are removed, so a pod
     never holds two captures at once. A spec with interceptionMode NONE removes everything of ours.
+    `pod_pids`: the pod's processes, whose resolv.conf gives the nameservers DNS capture is limited to.
     """
     ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
+    spec = with_nameservers(spec, netns, pod_pids, proc_root)
     started = time.perf_counter()
 
     def work() -> ApplyResult:
@@ -188,9 +184,11 @@ def verify(
     *,
     allow_host: bool = False,
     proc_root: str = "/proc",
+    pod_pids: Iterable[int] = (),
 ) -> Drift:
     """Compare the live rules with what `spec` renders to; any missing, extra or changed rule is drift."""
     ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
+    spec = with_nameservers(spec, netns, pod_pids, proc_root)
 
     def work() -> Drift:
         decided = _decide(spec, backend, proc_root)

@@ -14,22 +14,27 @@ from .model import (
     OUR_CHAINS,
     TABLE_ORDER,
     Accept,
+    ConnMark,
     CtState,
     CtZone,
     DPort,
+    DPorts,
     Dst,
     Family,
     FamilyRules,
     GidOwner,
     InIface,
     Jump,
+    Mark,
     Match,
     OutIface,
     Proto,
     Redirect,
     Reject,
+    RestoreMark,
     Return,
     Rule,
+    SaveMark,
     SetMark,
     SPort,
     Src,
@@ -50,6 +55,8 @@ def _match(match: Match, family: Family) -> list[str]:
             return ["-p", name]
         case DPort(port, negate):
             return [*_neg(negate), "--dport", str(port)]
+        case DPorts(ports, negate):
+            return ["-m", "multiport", *_neg(negate), "--dports", ",".join(str(p) for p in ports)]
         case SPort(port):
             return ["--sport", str(port)]
         case Src(net, negate):
@@ -66,6 +73,10 @@ def _match(match: Match, family: Family) -> list[str]:
             return ["-m", "owner", *_neg(negate), "--gid-owner", str(gid)]
         case CtState(states):
             return ["-m", "conntrack", "--ctstate", ",".join(states)]
+        case Mark(mark, negate):
+            return ["-m", "mark", *_neg(negate), "--mark", f"{mark:#x}"]
+        case ConnMark(mark):
+            return ["-m", "connmark", "--mark", f"{mark:#x}"]
     raise AssertionError(match)
 
 
@@ -83,6 +94,10 @@ def _target(target: Target, family: Family) -> list[str]:
             return ["-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", f"{mark:#x}/0xffffffff"]
         case SetMark(mark):
             return ["-j", "MARK", "--set-xmark", f"{mark:#x}/0xffffffff"]
+        case SaveMark():
+            return ["-j", "CONNMARK", "--save-mark"]
+        case RestoreMark():
+            return ["-j", "CONNMARK", "--restore-mark"]
         case CtZone(zone):
             return ["-j", "CT", "--zone", str(zone)]
         case Reject("tcp-reset"):

@@ -7,13 +7,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal, TypeAlias
 
+from ..settings.addresses import Family
 from ..settings.spec import IPNetwork
 
-Family: TypeAlias = Literal[4, 6]
+__all__ = ["Family"]
 TableName: TypeAlias = Literal["raw", "mangle", "nat", "filter"]
 TABLE_ORDER: tuple[TableName, ...] = ("raw", "mangle", "nat", "filter")
+
+
+class ChainName(StrEnum):
+    """Every chain of ours, in any table (a name may recur in several tables, as in Istio)."""
+
+    INBOUND = "ISTIO_INBOUND"
+    IN_REDIRECT = "ISTIO_IN_REDIRECT"
+    OUTPUT = "ISTIO_OUTPUT"
+    REDIRECT = "ISTIO_REDIRECT"
+    OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
+    INBOUND_DNS = "ISTIO_INBOUND_DNS"
+    DIVERT = "ISTIO_DIVERT"
+    TPROXY = "ISTIO_TPROXY"
+    OUTPUT_MARK = "ISTIO_OUTPUT_MARK"
+    BLOCK_INBOUND = "ISTIO_BLOCK_INBOUND"
+
+
+OUR_CHAINS: frozenset[str] = frozenset(name.value for name in ChainName)
+"""Every chain name `plan` can produce: the iptables backends own exactly these, and jumps into them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +45,14 @@ class Proto:
 @dataclass(frozen=True, slots=True)
 class DPort:
     port: int
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DPorts:
+    """Several destination ports at once (iptables' multiport), e.g. Istio's `! --dports 53,15008`."""
+
+    ports: tuple[int, ...]
     negate: bool = False
 
 
@@ -73,7 +102,36 @@ class CtState:
     states: tuple[Literal["NEW", "RELATED", "ESTABLISHED"], ...]
 
 
-Match: TypeAlias = Proto | DPort | SPort | Src | Dst | InIface | OutIface | UidOwner | GidOwner | CtState
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """The packet's firewall mark equals `mark` (or differs from it)."""
+
+    mark: int
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnMark:
+    """The connection's conntrack mark equals `mark`."""
+
+    mark: int
+
+
+Match: TypeAlias = (
+    Proto
+    | DPort
+    | DPorts
+    | SPort
+    | Src
+    | Dst
+    | InIface
+    | OutIface
+    | UidOwner
+    | GidOwner
+    | CtState
+    | Mark
+    | ConnMark
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +146,7 @@ class Accept:
 
 @dataclass(frozen=True, slots=True)
 class Jump:
-    chain: str
+    chain: ChainName
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +166,16 @@ class SetMark:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveMark:
+    """Copy the packet's mark to its connection (CONNMARK --save-mark); the rule goes on."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreMark:
+    """Copy the connection's mark to the packet (CONNMARK --restore-mark); the rule goes on."""
+
+
+@dataclass(frozen=True, slots=True)
 class CtZone:
     zone: int
 
@@ -117,7 +185,9 @@ class Reject:
     with_: Literal["tcp-reset", "port-unreachable"]
 
 
-Target: TypeAlias = Return | Accept | Jump | Redirect | Tproxy | SetMark | CtZone | Reject
+Target: TypeAlias = (
+    Return | Accept | Jump | Redirect | Tproxy | SetMark | SaveMark | RestoreMark | CtZone | Reject
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +198,7 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Chain:
-    name: str
+    name: ChainName
     rules: tuple[Rule, ...]
 
 
@@ -172,19 +242,3 @@ class Ruleset:
 
     def family(self, family: Family) -> FamilyRules | None:
         return next((f for f in self.families if f.family == family), None)
-
-
-OUR_CHAINS: frozenset[str] = frozenset(
-    {
-        "ISTIO_INBOUND",
-        "ISTIO_IN_REDIRECT",
-        "ISTIO_OUTPUT",
-        "ISTIO_REDIRECT",
-        "ISTIO_OUTPUT_DNS",
-        "ISTIO_INBOUND_DNS",
-        "ISTIO_DIVERT",
-        "ISTIO_TPROXY",
-        "ISTIO_BLOCK_INBOUND",
-    }
-)
-"""Every chain name `plan` can produce: the iptables backends own exactly these, and jumps into them."""

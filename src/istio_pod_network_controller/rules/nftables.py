@@ -11,22 +11,27 @@ from __future__ import annotations
 from .model import (
     TABLE_ORDER,
     Accept,
+    ConnMark,
     CtState,
     CtZone,
     DPort,
+    DPorts,
     Dst,
     Family,
     GidOwner,
     InIface,
     Jump,
+    Mark,
     Match,
     OutIface,
     Proto,
     Redirect,
     Reject,
+    RestoreMark,
     Return,
     Rule,
     Ruleset,
+    SaveMark,
     SetMark,
     SPort,
     Src,
@@ -42,6 +47,7 @@ _BASE_CHAIN = {
     ("raw", "PREROUTING"): ("filter", "raw"),
     ("raw", "OUTPUT"): ("filter", "raw"),
     ("mangle", "PREROUTING"): ("filter", "mangle"),
+    ("mangle", "OUTPUT"): ("route", "mangle"),  # `route`: a changed mark re-routes, as in iptables' mangle
     ("nat", "PREROUTING"): ("nat", "dstnat"),
     ("nat", "OUTPUT"): ("nat", "-100"),
     ("filter", "INPUT"): ("filter", "filter"),
@@ -67,6 +73,8 @@ def _match(match: Match, family: Family, proto: str) -> str | None:
             return f"meta l4proto {name}"
         case DPort(port, negate):
             return f"{proto} dport {_op(negate)}{port}"
+        case DPorts(ports, negate):
+            return f"{proto} dport {_op(negate)}{{ {', '.join(str(p) for p in ports)} }}"
         case SPort(port):
             return f"{proto} sport {port}"
         case Src(net, negate):
@@ -83,6 +91,10 @@ def _match(match: Match, family: Family, proto: str) -> str | None:
             return f"meta skgid {_op(negate)}{gid}"
         case CtState(states):
             return "ct state " + ",".join(state.lower() for state in states)
+        case Mark(mark, negate):
+            return f"meta mark {_op(negate)}{mark:#x}"
+        case ConnMark(mark):
+            return f"ct mark {mark:#x}"
     raise AssertionError(match)
 
 
@@ -100,6 +112,10 @@ def _target(target: Target, table: TableName, family: Family) -> str:
             return f"tproxy {_ip(family)} to :{port} meta mark set {mark:#x} accept"
         case SetMark(mark):
             return f"meta mark set {mark:#x}"
+        case SaveMark():
+            return "ct mark set meta mark"
+        case RestoreMark():
+            return "meta mark set ct mark"
         case CtZone(zone):
             return f"ct zone set {zone}"
         case Reject("tcp-reset"):
@@ -111,7 +127,7 @@ def _target(target: Target, table: TableName, family: Family) -> str:
 
 def render_rule(rule: Rule, table: TableName, family: Family) -> str:
     proto = next((m.name for m in rule.matches if isinstance(m, Proto)), "th")
-    has_port = any(isinstance(m, DPort | SPort) for m in rule.matches)
+    has_port = any(isinstance(m, DPort | DPorts | SPort) for m in rule.matches)
     words = [
         text
         for m in rule.matches

@@ -1,9 +1,9 @@
 """Decide, once for every backend, which rules capture a pod's traffic as Istio's sidecar mode does.
 
-The chain layout and rule order follow Istio's `istio-iptables` (see docs/rules.md for the per-rule why), with
-two deliberate differences: interface exclusions live inside our chains instead of the built-in ones (so we
-own everything we add), and a pod whose IPv6 is not captured gets new inbound IPv6 rejected instead of
-silently bypassing the mesh.
+The chains, rules and their order follow Istio's `istio-iptables` (docs/rules.md has the parity table), with
+deliberate, packet-neutral differences: rules Istio puts in the built-in chains (interface exclusions, the
+TPROXY connection-mark rules, KubeVirt's) live inside our chains, so we own everything we add; and a pod
+whose IPv6 is not captured gets new inbound IPv6 rejected instead of silently bypassing the mesh.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from ..settings.addresses import FAMILIES, LOOPBACK_NET, PASSTHROUGH_NET
 from ..settings.spec import (
     ALWAYS_EXCLUDED_INBOUND,
     DNS_CAPTURE_PORT,
@@ -20,15 +21,19 @@ from ..settings.spec import (
     WILDCARD,
     InterceptionMode,
     InterceptSpec,
+    IPAddress,
     IPNetwork,
     IPv6Policy,
 )
 from .model import (
     Accept,
     Chain,
+    ChainName,
+    ConnMark,
     CtState,
     CtZone,
     DPort,
+    DPorts,
     Dst,
     Family,
     FamilyRules,
@@ -36,15 +41,18 @@ from .model import (
     Hook,
     InIface,
     Jump,
+    Mark,
     Match,
     OutIface,
     PolicyRoute,
     Proto,
     Redirect,
     Reject,
+    RestoreMark,
     Return,
     Rule,
     Ruleset,
+    SaveMark,
     SetMark,
     SPort,
     Src,
@@ -56,12 +64,20 @@ from .model import (
 
 DNS_PORT = 53
 DNS_ZONE_UPSTREAM = 1
+"""Conntrack zone of the proxy's own queries to the DNS servers, and of their answers."""
 DNS_ZONE_PROXY_REPLY = 2
+"""Conntrack zone of the app's queries (redirected to the DNS proxy) and of the proxy's answers to them."""
+OUTBOUND_MARK = 1338
+"""TPROXY mode: the mark of the proxy's own loopback connections to the pod's addresses (Istio's 0x53a)."""
+TPROXY_ROUTES: dict[Family, PolicyRoute] = {
+    f: PolicyRoute(f, TPROXY_MARK, TPROXY_ROUTE_TABLE) for f in FAMILIES
+}
+"""The policy routes TPROXY needs per family; the data plane owns exactly these."""
 
-_LOOPBACK = {4: ipaddress.ip_network("127.0.0.1/32"), 6: ipaddress.ip_network("::1/128")}
-_PASSTHROUGH = {4: ipaddress.ip_network("127.0.0.6/32"), 6: ipaddress.ip_network("::6/128")}
 TCP = Proto("tcp")
 UDP = Proto("udp")
+LO_IN = InIface("lo")
+LO_OUT = OutIface("lo")
 
 
 def rule(target: Target, *matches: Match) -> Rule:
@@ -74,17 +90,11 @@ def build(spec: InterceptSpec) -> Ruleset:
         raise ValueError("resolve the IPv6 policy (InterceptSpec.with_ipv6) before building rules")
     if not spec.intercepts:
         return Ruleset((), ())
-    families: list[FamilyRules] = [_capture(spec, 4)]
-    routes: list[PolicyRoute] = []
     capture_v6 = spec.ipv6 is IPv6Policy.CAPTURE
-    if capture_v6:
-        families.append(_capture(spec, 6))
-    else:
-        families.append(FamilyRules(6, (_block_inbound(),)))
+    families = [_capture(spec, 4), _capture(spec, 6) if capture_v6 else FamilyRules(6, (_block_inbound(),))]
+    routes: list[PolicyRoute] = []
     if spec.mode is InterceptionMode.TPROXY and spec.captures_inbound:
-        routes.append(PolicyRoute(4, TPROXY_MARK, TPROXY_ROUTE_TABLE))
-        if capture_v6:
-            routes.append(PolicyRoute(6, TPROXY_MARK, TPROXY_ROUTE_TABLE))
+        routes = [TPROXY_ROUTES[f.family] for f in families if f.family == 4 or capture_v6]
     return Ruleset(tuple(families), tuple(routes))
 
 
@@ -92,16 +102,28 @@ def _of_family(nets: Iterable[IPNetwork], family: Family) -> list[IPNetwork]:
     return [net for net in nets if net.version == family]
 
 
+def _dns_servers(spec: InterceptSpec, family: Family) -> list[IPAddress] | None:
+    """The DNS servers captured in `family`: None for all of them, [] when DNS is not captured there."""
+    if not spec.capture_dns:
+        return []
+    if spec.dns_capture_everywhere:
+        return None
+    return [server for server in spec.dns_servers or () if server.version == family]
+
+
+def _host(address: IPAddress) -> IPNetwork:
+    return ipaddress.ip_network(address)
+
+
 def _capture(spec: InterceptSpec, family: Family) -> FamilyRules:
     tables: list[TableRules] = []
-    if spec.capture_dns:
-        tables.append(_dns_zones(spec))
+    servers = _dns_servers(spec, family)
+    if servers is None or servers:
+        tables.append(_dns_zones(spec, servers))
     tproxy = spec.mode is InterceptionMode.TPROXY
     if tproxy and spec.captures_inbound:
-        tables.append(_tproxy_inbound(spec, family))
-    nat = _nat(spec, family, inbound_in_nat=not tproxy)
-    if nat.chains:
-        tables.append(nat)
+        tables.append(_tproxy_mangle(spec, family))
+    tables.append(_nat(spec, family, servers, inbound_in_nat=not tproxy))
     return FamilyRules(family, tuple(tables))
 
 
@@ -109,133 +131,196 @@ def _interface_exclusions(spec: InterceptSpec) -> list[Rule]:
     return [rule(Return(), InIface(name)) for name in spec.exclude_interfaces]
 
 
-def _inbound_port_rules(spec: InterceptSpec, capture: Target) -> list[Rule]:
-    """Istio's inbound selection: 15008 always returned; `*` minus exclusions, or an explicit list."""
-    rules = [rule(Return(), TCP, DPort(HBONE_PORT))]
+def _inbound_excluded(spec: InterceptSpec, *, hbone: bool) -> list[int]:
+    """Ports returned before the `*` catch-all: the user's and the proxy's own (plus 15008 in REDIRECT)."""
+    ports = dict.fromkeys((*ALWAYS_EXCLUDED_INBOUND, *spec.exclude_inbound_ports))
+    ports.pop(HBONE_PORT, None)
+    return [HBONE_PORT, *ports] if hbone else list(ports)
+
+
+def _redirect_inbound(spec: InterceptSpec) -> list[Rule]:
+    """REDIRECT mode's inbound selection: 15008 returned; `*` minus exclusions, or an explicit list."""
+    capture = Jump(ChainName.IN_REDIRECT)
     if spec.include_inbound_ports == WILDCARD:
-        excluded = dict.fromkeys((*ALWAYS_EXCLUDED_INBOUND, *spec.exclude_inbound_ports))
-        excluded.pop(HBONE_PORT, None)
-        rules += [rule(Return(), TCP, DPort(port)) for port in excluded]
-        rules.append(rule(capture, TCP))
-    else:
-        rules += [rule(capture, TCP, DPort(port)) for port in spec.include_inbound_ports]
+        returns = [rule(Return(), TCP, DPort(port)) for port in _inbound_excluded(spec, hbone=True)]
+        return [*returns, rule(capture, TCP)]
+    hbone = rule(Return(), TCP, DPort(HBONE_PORT))
+    return [hbone, *(rule(capture, TCP, DPort(port)) for port in spec.include_inbound_ports)]
+
+
+def _tproxy_inbound(spec: InterceptSpec) -> list[Rule]:
+    """TPROXY mode's inbound selection, as Istio's: no 15008 exemption; packets of known connections to
+    ISTIO_DIVERT (TPROXY would drop them on finding a non-transparent socket), new ones to ISTIO_TPROXY."""
+    divert, tproxy = Jump(ChainName.DIVERT), Jump(ChainName.TPROXY)
+    known = CtState(("RELATED", "ESTABLISHED"))
+    if spec.include_inbound_ports == WILDCARD:
+        returns = [rule(Return(), TCP, DPort(port)) for port in _inbound_excluded(spec, hbone=False)]
+        return [*returns, rule(divert, TCP, known), rule(tproxy, TCP)]
+    rules: list[Rule] = []
+    for port in spec.include_inbound_ports:
+        rules += [rule(divert, TCP, DPort(port), known), rule(tproxy, TCP, DPort(port))]
     return rules
 
 
-def _tproxy_inbound(spec: InterceptSpec, family: Family) -> TableRules:
-    # Loopback-routed traffic is left to the nat OUTPUT rules, as in REDIRECT mode; packets of connections
-    # conntrack already knows (replies to the pod's own outbound calls, TPROXY'd inbound) skip TPROXY, whose
-    # kernel target would otherwise drop them on finding a non-transparent socket.
+def _tproxy_mangle(spec: InterceptSpec, family: Family) -> TableRules:
+    """Inbound TPROXY with Istio's original-source support.
+
+    Envoy's original_src listener filter connects to the app from the client's own address with mark 1337;
+    that mark is saved on the connection when the packet loops back in, restored on the app's replies in
+    OUTPUT, and the mark-1337 policy route then delivers those replies locally, to Envoy, instead of out to
+    the client. Loopback traffic is returned except the proxy's own calls to the pod's addresses (1338).
+    """
+    own_mark = Mark(TPROXY_MARK)
     inbound = [
         *_interface_exclusions(spec),
-        rule(Return(), InIface("lo")),
-        rule(Jump("ISTIO_DIVERT"), TCP, CtState(("RELATED", "ESTABLISHED"))),
-        *_inbound_port_rules(spec, Jump("ISTIO_TPROXY")),
+        rule(SaveMark(), TCP, own_mark),  # Istio: mangle PREROUTING, after the jump; same packets
+        rule(Return(), TCP, own_mark),
+        rule(Return(), TCP, Src(PASSTHROUGH_NET[family]), LO_IN),
+        rule(Return(), TCP, LO_IN, Mark(OUTBOUND_MARK, negate=True)),
+        *_tproxy_inbound(spec),
+    ]
+    not_loopback = Dst(LOOPBACK_NET[family], negate=True)
+    marks = [
+        *(rule(Return(), OutIface(name)) for name in spec.exclude_interfaces),
+        rule(Return(), TCP, LO_OUT, own_mark),
+        rule(SetMark(OUTBOUND_MARK), not_loopback, TCP, LO_OUT, UidOwner(spec.proxy_uid)),
+        rule(SetMark(OUTBOUND_MARK), not_loopback, TCP, LO_OUT, GidOwner(spec.proxy_gid)),
+        rule(RestoreMark(), TCP, ConnMark(TPROXY_MARK)),
     ]
     return TableRules(
         "mangle",
-        (Hook("PREROUTING", rule(Jump("ISTIO_INBOUND"), TCP)),),
         (
-            Chain("ISTIO_DIVERT", (rule(SetMark(TPROXY_MARK)), rule(Accept()))),
-            Chain("ISTIO_INBOUND", tuple(inbound)),
-            Chain(
-                "ISTIO_TPROXY",
-                (rule(Tproxy(spec.inbound_port, TPROXY_MARK), Dst(_LOOPBACK[family], negate=True), TCP),),
-            ),
+            Hook("PREROUTING", rule(Jump(ChainName.INBOUND), TCP)),
+            Hook("OUTPUT", rule(Jump(ChainName.OUTPUT_MARK), TCP)),
+        ),
+        (
+            Chain(ChainName.DIVERT, (rule(SetMark(TPROXY_MARK)), rule(Accept()))),
+            Chain(ChainName.INBOUND, tuple(inbound)),
+            Chain(ChainName.TPROXY, (rule(Tproxy(spec.inbound_port, TPROXY_MARK), not_loopback, TCP),)),
+            Chain(ChainName.OUTPUT_MARK, tuple(marks)),
         ),
     )
 
 
-def _outbound_targets(spec: InterceptSpec, family: Family, *prefix: Match) -> list[Rule]:
-    """Where outbound traffic is sent to the proxy: included ports, then `*` or the included ranges."""
-    redirect = Jump("ISTIO_REDIRECT")
-    rules = [rule(redirect, *prefix, TCP, DPort(port)) for port in spec.include_outbound_ports]
+def _included_ranges(spec: InterceptSpec, family: Family) -> list[IPNetwork] | None:
+    """None for `*`, else the included ranges of this family."""
     if spec.include_outbound_ip_ranges == WILDCARD:
-        rules.append(rule(redirect, *prefix))
-    else:
-        ranges = _of_family(spec.include_outbound_ip_ranges, family)
-        rules += [rule(redirect, *prefix, Dst(net)) for net in ranges]
-    return rules
+        return None
+    return _of_family(spec.include_outbound_ip_ranges, family)
 
 
-def _nat(spec: InterceptSpec, family: Family, *, inbound_in_nat: bool) -> TableRules:
-    chains: list[Chain] = []
-    hooks: list[Hook] = []
+def _nat(
+    spec: InterceptSpec, family: Family, dns: list[IPAddress] | None, *, inbound_in_nat: bool
+) -> TableRules:
+    redirect = Jump(ChainName.REDIRECT)
+    ranges = _included_ranges(spec, family)
     inbound: list[Rule] = []
     for name in spec.reroute_virtual_interfaces:
-        inbound += _outbound_targets(spec, family, InIface(name))
+        # KubeVirt: the VM's traffic comes in on the interface; what goes to the included ranges is
+        # outbound traffic, the rest passes (never inbound capture).
+        vm = InIface(name)
+        targets = [rule(redirect, vm)] if ranges is None else [rule(redirect, vm, Dst(net)) for net in ranges]
+        inbound += [*targets, rule(Return(), vm)]
     if inbound_in_nat and spec.captures_inbound:
-        inbound += _inbound_port_rules(spec, Jump("ISTIO_IN_REDIRECT"))
+        inbound += _redirect_inbound(spec)
+    hooks: list[Hook] = []
+    chains: list[Chain] = []
     if inbound:
-        hooks.append(Hook("PREROUTING", rule(Jump("ISTIO_INBOUND"), TCP)))
-        chains.append(Chain("ISTIO_INBOUND", (*_interface_exclusions(spec), *inbound)))
-    # ISTIO_IN_REDIRECT exists in every capturing mode, outbound-only included: the proxy's own calls to
-    # its pod's addresses still go to the inbound listener (and the waiter's outbound-only probe uses it).
-    chains.append(Chain("ISTIO_IN_REDIRECT", (rule(Redirect(spec.inbound_port), TCP),)))
-    if spec.capture_dns:
-        hooks.append(Hook("OUTPUT", rule(Jump("ISTIO_OUTPUT_DNS"))))
-        chains.append(Chain("ISTIO_OUTPUT_DNS", tuple(_dns_redirect(spec))))
-    hooks.append(Hook("OUTPUT", rule(Jump("ISTIO_OUTPUT"))))
-    chains.append(Chain("ISTIO_OUTPUT", tuple(_output(spec, family))))
+        hooks.append(Hook("PREROUTING", rule(Jump(ChainName.INBOUND), TCP)))
+        chains.append(Chain(ChainName.INBOUND, (*_interface_exclusions(spec), *inbound)))
+    # ISTIO_IN_REDIRECT and ISTIO_OUTPUT exist in every capturing mode, outbound-only included: the proxy's
+    # own calls to its pod's addresses still go to the inbound listener (the waiter's outbound-only probe).
+    chains.append(Chain(ChainName.IN_REDIRECT, (rule(Redirect(spec.inbound_port), TCP),)))
+    hooks.append(Hook("OUTPUT", rule(Jump(ChainName.OUTPUT))))
+    chains.append(Chain(ChainName.OUTPUT, tuple(_output(spec, family, dns, ranges))))
+    if dns is None or dns:
+        chains.append(Chain(ChainName.OUTPUT_DNS, tuple(_dns_redirect(dns))))
     if spec.captures_outbound:
-        chains.append(Chain("ISTIO_REDIRECT", (rule(Redirect(spec.outbound_port), TCP),)))
+        chains.append(Chain(ChainName.REDIRECT, (rule(Redirect(spec.outbound_port), TCP),)))
     return TableRules("nat", tuple(hooks), tuple(chains))
 
 
-def _output(spec: InterceptSpec, family: Family) -> list[Rule]:
-    lo = OutIface("lo")
-    loopback = _LOOPBACK[family]
+def _output(
+    spec: InterceptSpec, family: Family, dns: list[IPAddress] | None, ranges: list[IPNetwork] | None
+) -> list[Rule]:
+    """Istio's ISTIO_OUTPUT, rule for rule (interface exclusions moved in from the built-in chain).
+
+    As in Istio, the DNS forms of the loopback rules follow DNS capture as a whole (any family), the jump
+    to ISTIO_OUTPUT_DNS only a family that has nameservers to capture.
+    """
+    capture_dns = spec.capture_dns and (spec.dns_capture_everywhere or bool(spec.dns_servers))
+    jump_dns = dns is None or bool(dns)
+    loopback = LOOPBACK_NET[family]
     rules = [rule(Return(), OutIface(name)) for name in spec.exclude_interfaces]
-    rules += [rule(Return(), TCP, DPort(port)) for port in spec.exclude_outbound_ports]
-    rules.append(rule(Return(), Src(_PASSTHROUGH[family]), lo))
-    owners: tuple[type[UidOwner] | type[GidOwner], int] = (UidOwner, spec.proxy_uid)
-    for owner_type, owner_id in (owners, (GidOwner, spec.proxy_gid)):
-        # The app calling itself through a Service VIP: Envoy's outbound leg comes back in as inbound.
-        # Istio keeps this rule with inbound capture off too (includeInboundPorts=""), so it does here.
+    for port in spec.exclude_outbound_ports:
+        rules += [rule(Return(), TCP, DPort(port)), rule(Return(), UDP, DPort(port))]
+    rules.append(rule(Return(), LO_OUT, Src(PASSTHROUGH_NET[family])))
+    # An include list holding a loopback range means "capture loopback": Istio then keeps lo traffic.
+    loopback_included = any(net.is_loopback for net in _all_included(spec))
+    for owner, other in (
+        (UidOwner(spec.proxy_uid), UidOwner(spec.proxy_uid, negate=True)),
+        (GidOwner(spec.proxy_gid), GidOwner(spec.proxy_gid, negate=True)),
+    ):
+        # The proxy calling the pod's own addresses over lo (the app calling itself through a Service VIP,
+        # Envoy's outbound leg) comes back in as inbound. With DNS capture, Istio spares the uid's TCP 53
+        # here (the agent's own DNS), and keeps app TCP 53 over lo for the DNS chain below.
+        spared: Match = DPort(HBONE_PORT, negate=True)
+        if capture_dns and isinstance(owner, UidOwner):
+            spared = DPorts((DNS_PORT, HBONE_PORT), negate=True)
         rules.append(
-            rule(
-                Jump("ISTIO_IN_REDIRECT"),
-                Dst(loopback, negate=True),
-                lo,
-                TCP,
-                DPort(HBONE_PORT, negate=True),
-                owner_type(owner_id),
-            )
+            rule(Jump(ChainName.IN_REDIRECT), LO_OUT, Dst(loopback, negate=True), TCP, spared, owner)
         )
-        rules.append(rule(Return(), lo, owner_type(owner_id, negate=True)))
-        rules.append(rule(Return(), owner_type(owner_id)))
+        if not loopback_included:
+            if capture_dns:
+                rules.append(rule(Return(), LO_OUT, TCP, DPort(DNS_PORT, negate=True), other))
+            else:
+                rules.append(rule(Return(), LO_OUT, other))
+        rules.append(rule(Return(), owner))
+    if jump_dns:
+        rules.append(rule(Jump(ChainName.OUTPUT_DNS)))
     rules.append(rule(Return(), Dst(loopback)))
+    rules += [rule(Return(), Dst(net)) for net in _of_family(spec.exclude_outbound_ip_ranges, family)]
     if spec.captures_outbound:
-        rules += [rule(Return(), Dst(net)) for net in _of_family(spec.exclude_outbound_ip_ranges, family)]
-        rules += _outbound_targets(spec, family)
+        redirect = Jump(ChainName.REDIRECT)
+        rules += [rule(redirect, TCP, DPort(port)) for port in spec.include_outbound_ports]
+        targets = [rule(redirect)] if ranges is None else [rule(redirect, Dst(net)) for net in ranges]
+        rules += targets
     return rules
 
 
-def _dns_redirect(spec: InterceptSpec) -> list[Rule]:
-    rules = [rule(Return(), OutIface(name)) for name in spec.exclude_interfaces]
-    for proto in (UDP, TCP):
-        rules.append(rule(Return(), proto, DPort(DNS_PORT), UidOwner(spec.proxy_uid)))
-        rules.append(rule(Return(), proto, DPort(DNS_PORT), GidOwner(spec.proxy_gid)))
-        rules.append(rule(Redirect(DNS_CAPTURE_PORT), proto, DPort(DNS_PORT)))
-    return rules
+def _all_included(spec: InterceptSpec) -> tuple[IPNetwork, ...]:
+    return () if spec.include_outbound_ip_ranges == WILDCARD else spec.include_outbound_ip_ranges
 
 
-def _dns_zones(spec: InterceptSpec) -> TableRules:
-    """Conntrack zones keep the proxy's upstream DNS flows apart from the app's flows it answers."""
-    outbound = []
+def _dns_redirect(servers: list[IPAddress] | None) -> list[Rule]:
+    """DNS to the capture port, TCP then UDP: every server (capture-all) or the pod's nameservers only, so
+    a local resolver's own upstream queries (dnsmasq and the like) never loop back to the proxy."""
+    to_proxy = Redirect(DNS_CAPTURE_PORT)
+    if servers is None:
+        return [rule(to_proxy, proto, DPort(DNS_PORT)) for proto in (TCP, UDP)]
+    return [rule(to_proxy, proto, DPort(DNS_PORT), Dst(_host(s))) for proto in (TCP, UDP) for s in servers]
+
+
+def _dns_zones(spec: InterceptSpec, servers: list[IPAddress] | None) -> TableRules:
+    """Conntrack zones keep the proxy's upstream DNS flows (zone 1) apart from the app's flows that the
+    proxy answers (zone 2), so each UDP answer finds its own flow and its NAT is undone."""
+    outbound: list[Rule] = []
     for owner in (UidOwner(spec.proxy_uid), GidOwner(spec.proxy_gid)):
         outbound.append(rule(CtZone(DNS_ZONE_UPSTREAM), UDP, DPort(DNS_PORT), owner))
         outbound.append(rule(CtZone(DNS_ZONE_PROXY_REPLY), UDP, SPort(DNS_CAPTURE_PORT), owner))
+    if servers is None:
+        outbound.append(rule(CtZone(DNS_ZONE_PROXY_REPLY), UDP, DPort(DNS_PORT)))
+        inbound = [rule(CtZone(DNS_ZONE_UPSTREAM), UDP, SPort(DNS_PORT))]
+    else:
+        outbound += [rule(CtZone(DNS_ZONE_PROXY_REPLY), UDP, DPort(DNS_PORT), Dst(_host(s))) for s in servers]
+        inbound = [rule(CtZone(DNS_ZONE_UPSTREAM), UDP, SPort(DNS_PORT), Src(_host(s))) for s in servers]
     return TableRules(
         "raw",
         (
-            Hook("PREROUTING", rule(Jump("ISTIO_INBOUND_DNS"), UDP)),
-            Hook("OUTPUT", rule(Jump("ISTIO_OUTPUT_DNS"), UDP)),
+            Hook("PREROUTING", rule(Jump(ChainName.INBOUND_DNS))),
+            Hook("OUTPUT", rule(Jump(ChainName.OUTPUT_DNS))),
         ),
-        (
-            Chain("ISTIO_INBOUND_DNS", (rule(CtZone(DNS_ZONE_UPSTREAM), UDP, SPort(DNS_PORT)),)),
-            Chain("ISTIO_OUTPUT_DNS", tuple(outbound)),
-        ),
+        (Chain(ChainName.INBOUND_DNS, tuple(inbound)), Chain(ChainName.OUTPUT_DNS, tuple(outbound))),
     )
 
 
@@ -243,12 +328,12 @@ def _block_inbound() -> TableRules:
     """IPv6 not captured: refuse new inbound IPv6 connections so they cannot bypass the proxy."""
     return TableRules(
         "filter",
-        (Hook("INPUT", rule(Jump("ISTIO_BLOCK_INBOUND"))),),
+        (Hook("INPUT", rule(Jump(ChainName.BLOCK_INBOUND))),),
         (
             Chain(
-                "ISTIO_BLOCK_INBOUND",
+                ChainName.BLOCK_INBOUND,
                 (
-                    rule(Return(), InIface("lo")),
+                    rule(Return(), LO_IN),
                     rule(Reject("tcp-reset"), TCP, CtState(("NEW",))),
                     rule(Reject("port-unreachable"), UDP, CtState(("NEW",))),
                 ),

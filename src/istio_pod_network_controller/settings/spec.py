@@ -19,6 +19,7 @@ from ..errors import SpecError
 from . import annotations as ann
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 Wildcard: TypeAlias = Literal["*"]
 WILDCARD: Final[Wildcard] = "*"
 
@@ -75,7 +76,10 @@ class InterceptSpec:
     exclude_interfaces: tuple[str, ...] = ()
     reroute_virtual_interfaces: tuple[str, ...] = ()
     capture_dns: bool = False
+    capture_all_dns: bool = False
     ipv6: IPv6Policy = IPv6Policy.AUTO
+    dns_servers: tuple[IPAddress, ...] | None = None
+    """The pod's resolv.conf nameservers, found at apply time (not a setting); None: not known (yet)."""
 
     @property
     def intercepts(self) -> bool:
@@ -93,9 +97,23 @@ class InterceptSpec:
         """Resolve AUTO once the pod's addresses are known."""
         return replace(self, ipv6=IPv6Policy.CAPTURE if capture else IPv6Policy.BLOCK)
 
+    @property
+    def dns_capture_everywhere(self) -> bool:
+        """Capture DNS to every server: asked for, or the pod's nameservers are not known (yet)."""
+        return self.capture_dns and (self.capture_all_dns or self.dns_servers is None)
+
+    def with_dns_servers(self, servers: tuple[IPAddress, ...] | None) -> InterceptSpec:
+        """The pod's resolv.conf nameservers, which Istio's sidecar capture is limited to."""
+        return replace(self, dns_servers=servers)
+
     def fingerprint(self) -> str:
-        """A short stable digest, recorded on the pod so a changed spec can be told from an unchanged one."""
-        text = ";".join(f"{f.name}={_canonical(getattr(self, f.name))}" for f in fields(self))
+        """A short stable digest, recorded on the pod so a changed spec can be told from an unchanged one.
+
+        The nameservers are a fact of the pod found at apply time, not configuration: left out.
+        """
+        text = ";".join(
+            f"{f.name}={_canonical(getattr(self, f.name))}" for f in fields(self) if f.name != "dns_servers"
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, str]:
@@ -248,7 +266,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("reroute_virtual_interfaces", ("reroute_virtual_interfaces",),
             (ann.REROUTE_VIRTUAL_INTERFACES, ann.KUBEVIRT_INTERFACES), parse_interfaces,
             "virtual interfaces whose inbound traffic is treated as outbound (KubeVirt)"),
-    Setting("capture_dns", ("capture_dns",), (ann.CAPTURE_DNS,), parse_bool, "capture DNS to port 15053"),
+    Setting("capture_dns", ("capture_dns",), (ann.CAPTURE_DNS,), parse_bool,
+            "capture DNS to port 15053 (to the pod's resolv.conf nameservers, as Istio's sidecar)"),
+    Setting("capture_all_dns", ("capture_all_dns",), (), parse_bool,
+            "DNS capture to every server, not only resolv.conf's (Istio --capture-all-dns)"),
     Setting("ipv6", ("ipv6",), (ann.IPV6,), parse_ipv6, "auto | capture | block"),
 )  # fmt: skip
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from istio_pod_network_controller.rules import nftables
+from istio_pod_network_controller.rules.model import ChainName
 from istio_pod_network_controller.settings import annotations as ann
 
 from ..localapi import NODES
@@ -39,7 +41,11 @@ CONTROLLER_FLAGS = [
 ]  # fmt: skip
 RSS_CAP_MIB = 120.0
 RSS_GROWTH_MIB = 25.0
-BUILTIN = re.compile(r"^-A (PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) .*-j ISTIO_\w+")
+BUILTIN = re.compile(
+    r"^-A (PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) .*-j ("
+    + "|".join(c.value for c in ChainName)
+    + r")( |$)"
+)
 
 
 def our_jumps(netns: NamedNetns) -> dict[str, Counter[str]]:
@@ -66,7 +72,7 @@ def our_jumps(netns: NamedNetns) -> dict[str, Counter[str]]:
             chain, hooked = line, False
         elif line.startswith("type ") and " hook " in line:
             hooked = True
-        elif "istio_pod_network" in table and hooked and " jump " in f" {line}":
+        elif nftables.TABLE in table and hooked and " jump " in f" {line}":
             found.setdefault("nftables", Counter())[f"{chain} {line}"] += 1
     return found
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from istio_pod_network_controller.dataplane.netns import PinnedNetns, run_in
+from istio_pod_network_controller.rules import nftables
+from istio_pod_network_controller.rules.model import OUR_CHAINS
 
 T = TypeVar("T")
 
@@ -73,6 +75,13 @@ SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-sav
 
 
 def holds_capture_rules(netns: NamedNetns) -> bool:
-    """Whether any rule system in the namespace holds a chain or table of ours (read with the tools)."""
-    text = "".join(netns.exec([tool]) for tool in SAVE_TOOLS) + netns.exec(["nft", "list", "tables"])
-    return "ISTIO" in text or "istio_pod_network" in text
+    """Whether any rule system in the namespace holds a chain or table of ours (read with the tools).
+
+    Ours by the rule model's own names: a chain declared in a save (`:NAME ...`) that is one of OUR_CHAINS,
+    or the nftables table of ours in `nft list tables`.
+    """
+    for tool in SAVE_TOOLS:
+        for line in netns.exec([tool]).splitlines():
+            if line.startswith(":") and line[1:].split(" ", 1)[0] in OUR_CHAINS:
+                return True
+    return f"table inet {nftables.TABLE}" in netns.exec(["nft", "list", "tables"]).splitlines()

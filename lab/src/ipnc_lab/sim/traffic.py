@@ -89,6 +89,8 @@ class Reply:
     local: tuple[str, int] | None = None
     client: tuple[str, int] | None = None
     token_ok: bool = False
+    upstream: str | None = None
+    """A relaying listener's (DNS agent, proxy) account of its own upstream leg: who answered it."""
 
     @classmethod
     def parse(cls, raw: dict[str, Any], token: str) -> Reply:
@@ -102,12 +104,14 @@ class Reply:
             local=_addr(body.get("local")),
             client=_addr(raw.get("client")),
             token_ok=body.get("token") == token,
+            upstream=body.get("upstream"),
         )
 
     def __str__(self) -> str:
         if not self.ok:
             return f"<error {self.error}>"
-        return f"<{self.label} orig={self.orig} local={self.local} from={self.client}>"
+        via = f" upstream={self.upstream}" if self.upstream else ""
+        return f"<{self.label} orig={self.orig} local={self.local} from={self.client}{via}>"
 
 
 def _unpack_original_dst(sock: socket.socket) -> tuple[str, int] | None:
