@@ -196,8 +196,6 @@ class Store:
                     raise errors.not_found(NAMESPACES, namespace)
             key = (namespace or "", name)
             bucket = self._objects[res.key]
-            if key in bucket:
-                raise errors.already_exists(res, name)
             obj["kind"] = res.kind
             obj["apiVersion"] = res.api_version
             meta["name"] = name
@@ -211,7 +209,9 @@ class Store:
             meta.pop("deletionTimestamp", None)
             self._default(res, obj)
             if admit is not None:
-                admit(None, obj)
+                admit(None, obj)  # before the name conflict, as on the real server (storage comes last)
+            if key in bucket:
+                raise errors.already_exists(res, name)
             meta["resourceVersion"] = self._next_rv()
             bucket[key] = obj
             self._record(res, "ADDED", obj, None)
