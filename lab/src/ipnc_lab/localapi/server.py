@@ -24,7 +24,7 @@ from aiohttp import web
 from . import admission, discovery, errors, kubeconfig, patch, protobuf
 from .errors import ApiError
 from .faults import Faults, RequestLog, RequestRecord
-from .rbac import ADMIN_RULES, Authorizer, Rule, User, forbidden_message, parse_rules
+from .rbac import ADMIN_RULES, NODE_NAME_KEY, Authorizer, Rule, User, forbidden_message, parse_rules
 from .resources import (
     NAMESPACES,
     VALIDATING_ADMISSION_POLICIES,
@@ -352,6 +352,7 @@ class LocalAPIServer:
     async def _serve(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         user = self._authenticate(request)
         record.user = user.name
+        record.node = next(iter(user.extra.get(NODE_NAME_KEY, ())), None)
         path = request.path
         parsed = parse_path(path)
         if parsed is None or len(parsed[2]) == 0 or path.startswith("/apis/authorization.k8s.io/"):
