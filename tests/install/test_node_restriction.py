@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_python
 import pytest
-from install_helpers import by_kind, render
+from install_helpers import ROOT, by_kind, render
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.resources.core_v1 import Event, Pod
 from lightkube.types import PatchType
@@ -105,6 +106,28 @@ def test_the_chart_ships_a_policy_and_a_deny_binding_for_pods_and_events() -> No
     )
     assert own["expression"] == repr([ann.STATUS, ann.SPEC_DIGEST])
     assert not chart_policies({"nodeRestriction": {"enabled": False}})
+
+
+@pytest.mark.parametrize(
+    ("kube_version", "values", "refused"),
+    [
+        ("v1.29.5", {}, True),
+        ("v1.30.0", {}, False),
+        ("v1.29.5", {"nodeRestriction": {"enabled": False}}, False),
+    ],
+)
+def test_the_chart_refuses_a_cluster_older_than_1_30_while_the_restriction_is_on(
+    capfd: pytest.CaptureFixture[str], kube_version: str, values: dict[str, Any], refused: bool
+) -> None:
+    """`helm lint --kube-version` renders against that cluster version; in lint mode Helm's `fail` is logged
+    (to the process's stderr) instead of raised, which is where its message is read here."""
+    capfd.readouterr()
+    helm_python.lint(str(ROOT / "chart" / "istio-pod-network-controller"), values, kube_version=kube_version)
+    err = capfd.readouterr().err
+    says = "nodeRestriction.enabled needs Kubernetes 1.30+"
+    assert (says in err) is refused, err
+    if refused:
+        assert f"this cluster is {kube_version}" in err and "set nodeRestriction.enabled=false" in err
 
 
 def test_the_controller_marks_a_pod_of_its_own_node(cluster: Cluster) -> None:
