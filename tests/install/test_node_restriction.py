@@ -23,7 +23,7 @@ from lightkube.types import PatchType
 
 from ipnc_lab.localapi import CORE_EVENTS, PODS, LocalAPIServer, ThreadedServer
 from ipnc_lab.localapi.rbac import pod_bound_extra, service_account_username
-from ipnc_lab.sim.cluster import pod_manifest
+from ipnc_lab.sim.cluster import SimCluster, pod_manifest
 from istio_pod_network_controller.controller import events as ev
 from istio_pod_network_controller.install.rbac import cluster_role_rules
 from istio_pod_network_controller.settings import annotations as ann
@@ -266,3 +266,20 @@ def test_events_must_come_from_the_controller_on_its_own_node(cluster: Cluster) 
         client.patch(Event, name, {"message": "all is well"}, namespace="default", patch_type=PatchType.MERGE)
     assert info.value.status.code == 403  # RBAC: the ClusterRole has no `patch events` any more
     assert len(cluster.api.store.objects(CORE_EVENTS, "default")) == 1
+
+
+def test_without_the_policies_the_same_token_rewrites_any_pod() -> None:
+    """The hole the policies close, shown with the simulated cluster's own node-bound controller token."""
+    with SimCluster(node_restriction=False) as sim:
+        sim.store.create(PODS, "kube-system", pod_manifest("dns", "kube-system", "node-b"))
+        stolen = Client(config=KubeConfig.from_file(sim.kubeconfig(node="node-a")))
+        evil = {
+            "spec": {"containers": [{"name": "app", "image": "evil"}]},
+            "metadata": {"labels": {"x": "y"}},
+        }
+        patch(stolen, "dns", evil, "kube-system")
+        assert sim.store.get(PODS, "kube-system", "dns")["spec"]["containers"][0]["image"] == "evil"
+    with SimCluster() as sim:
+        sim.store.create(PODS, "kube-system", pod_manifest("dns", "kube-system", "node-b"))
+        stolen = Client(config=KubeConfig.from_file(sim.kubeconfig(node="node-a")))
+        refused(stolen, "dns", evil, "kube-system")

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ipnc_lab.localapi import LocalAPIServer
+from ipnc_lab.localapi import LocalAPIServer, load_users
 
 from .conftest import Raw, pod_manifest
 
@@ -169,3 +169,21 @@ async def test_a_policy_that_does_not_compile_or_needs_params_is_refused(raw: Ra
 async def test_a_binding_to_a_missing_policy_is_ignored(raw: Raw) -> None:
     assert (await raw.request("POST", BINDINGS, binding("ghost", ["Deny"])))[0] == 201
     assert (await raw.request("POST", PODS, pod_manifest("a")))[0] == 201
+
+
+def test_the_rbac_file_gives_users_groups_and_extra() -> None:
+    (user,) = load_users(
+        {
+            "users": [
+                {
+                    "name": "n",
+                    "token": "t",
+                    "groups": ["g"],
+                    "extra": {"authentication.kubernetes.io/node-name": ["a"]},
+                }
+            ]
+        }
+    )
+    assert user.groups == ("g",) and user.extra == {"authentication.kubernetes.io/node-name": ("a",)}
+    with pytest.raises(ValueError, match="lists of strings"):
+        load_users({"users": [{"name": "n", "token": "t", "extra": {"k": "not-a-list"}}]})
