@@ -187,3 +187,18 @@ def test_the_rbac_file_gives_users_groups_and_extra() -> None:
     assert user.groups == ("g",) and user.extra == {"authentication.kubernetes.io/node-name": ("a",)}
     with pytest.raises(ValueError, match="lists of strings"):
         load_users({"users": [{"name": "n", "token": "t", "extra": {"k": "not-a-list"}}]})
+
+
+async def test_object_selector_sees_old_and_new_labels_and_an_absent_object_matches_nothing(raw: Raw) -> None:
+    selector = {"objectSelector": {"matchExpressions": [{"key": "locked", "operator": "DoesNotExist"}]}}
+    p = policy("unlocked", [{"expression": "false", "message": "no"}])
+    p["spec"]["matchConstraints"]["resourceRules"][0]["operations"] = ["CREATE", "UPDATE", "DELETE"]
+    await install(raw, p, binding("unlocked", ["Deny"], matchResources=selector))
+    assert (await raw.request("POST", PODS, pod_manifest("locked", locked="yes")))[0] == 201
+    assert (await raw.request("POST", PODS, pod_manifest("open")))[0] == 422  # the new object has no label
+    unlock = {"metadata": {"labels": {"locked": None}}}
+    status, _, _ = await raw.request(
+        "PATCH", f"{PODS}/locked", unlock, content_type="application/merge-patch+json"
+    )
+    assert status == 422  # the new object matches
+    assert (await raw.request("DELETE", f"{PODS}/locked"))[0] == 200  # only oldObject, and it is labelled

@@ -256,8 +256,10 @@ def _selects(match: Mapping[str, Any], request: Request, namespaces: Lookup, *, 
     if any(_rule_matches(rule, request) for rule in match.get("excludeResourceRules") or ()):
         return False
     objects = label_selector(match.get("objectSelector"))
-    if not (objects.matches(_labels(request.obj)) or objects.matches(_labels(request.old))):
-        return False
+    if not objects.empty and not any(
+        o is not None and objects.matches(_labels(o)) for o in (request.obj, request.old)
+    ):
+        return False  # an absent object (oldObject of a CREATE, object of a DELETE) matches no selector
     selector = label_selector(match.get("namespaceSelector"))
     if request.resource is NAMESPACES:
         return selector.matches(_labels(request.obj or request.old))
