@@ -202,3 +202,15 @@ async def test_object_selector_sees_old_and_new_labels_and_an_absent_object_matc
     )
     assert status == 422  # the new object matches
     assert (await raw.request("DELETE", f"{PODS}/locked"))[0] == 200  # only oldObject, and it is labelled
+
+
+async def test_the_request_is_its_json_form_so_empty_fields_are_absent(raw: Raw) -> None:
+    """kube-apiserver converts the AdmissionRequest to JSON for CEL: `omitempty` fields are absent when empty,
+    and an unguarded read errors (failurePolicy Fail: denied), as a policy on a real cluster would."""
+    await install(raw, policy("sub", [{"expression": "request.subResource == ''"}]), binding("sub", ["Deny"]))
+    status, body, _ = await raw.request("POST", PODS, pod_manifest("a"))
+    assert status == 422 and "resulted in error" in body["message"] and "subResource" in body["message"]
+    await raw.request("DELETE", f"{BINDINGS}/sub-binding")
+    guarded = [{"expression": "request.?subResource.orValue('') == '' && !has(request.userInfo.extra)"}]
+    await install(raw, policy("guarded", guarded), binding("guarded", ["Deny"]))
+    assert (await raw.request("POST", PODS, pod_manifest("b")))[0] == 201

@@ -52,12 +52,14 @@ class UserInfo:
     extra: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     def to_cel(self) -> Obj:
-        return {
-            "username": self.username,
-            "uid": self.uid,
-            "groups": list(self.groups),
-            "extra": {key: list(values) for key, values in self.extra.items()},
-        }
+        return _omit_empty(
+            {
+                "username": self.username,
+                "uid": self.uid,
+                "groups": list(self.groups),
+                "extra": {key: list(values) for key, values in self.extra.items()},
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,24 +76,35 @@ class Request:
     old: Obj | None
 
     def to_cel(self) -> Obj:
+        """The AdmissionRequest as kube-apiserver hands it to CEL: its JSON form, so the `omitempty` fields
+        (subResource, name, namespace, userInfo's uid/groups/extra...) are absent when empty, and reading one
+        then is an error unless the expression guards it (`request.?subResource.orValue('')`)."""
         res = self.resource
         kind = {"group": res.group, "version": res.version, "kind": res.kind}
         resource = {"group": res.group, "version": res.version, "resource": res.plural}
+        optional = _omit_empty(
+            {
+                "subResource": self.subresource,
+                "requestSubResource": self.subresource,
+                "name": self.name,
+                "namespace": self.namespace,
+            }
+        )
         return {
             "uid": str(uuid.uuid4()),
             "kind": kind,
             "resource": resource,
-            "subResource": self.subresource,
             "requestKind": kind,
             "requestResource": resource,
-            "requestSubResource": self.subresource,
-            "name": self.name,
-            "namespace": self.namespace,
+            **optional,
             "operation": self.operation,
             "userInfo": self.user.to_cel(),
             "dryRun": False,
-            "options": {},
         }
+
+
+def _omit_empty(fields: Obj) -> Obj:
+    return {key: value for key, value in fields.items() if value not in ("", [], {})}
 
 
 # -- CEL ------------------------------------------------------------------------------------------------
