@@ -25,9 +25,8 @@ def main() -> None:
     rows = []
     with SimCluster(history_size=5000) as cluster:
         nodes = [cluster.add_node(f"ipnb{letter}") for letter in "abc"]
-        users = {n.name: f"ipnc-{n.name}" for n in nodes}
         quiet = ["--log-level", "warning"]
-        controllers = [cluster.start_controller(n, quiet, user=users[n.name]) for n in nodes]
+        controllers = [cluster.start_controller(n, quiet) for n in nodes]
         for controller in controllers:
             controller.wait_ready(30)
         on_node: Counter[str] = Counter()
@@ -43,7 +42,7 @@ def main() -> None:
             time.sleep(1.0)  # the last Events land
             records = cluster.api.requests.records()
             for letter, node in zip("abc", nodes, strict=True):
-                mine = Counter(f"{r.verb} {r.resource}" for r in records if r.user == users[node.name])
+                mine = Counter(f"{r.verb} {r.resource}" for r in records if r.node == node.name)
                 rows.append({
                     "round": label, "node": letter, "added": len(new[node.name]),
                     "on_node": on_node[node.name], "in_cluster": sum(on_node.values()),

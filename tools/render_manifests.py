@@ -34,6 +34,9 @@ KIND_ORDER = [
     "ClusterRoleBinding",
     "Role",
     "RoleBinding",
+    # before the DaemonSet: the controller never runs unrestricted, not even for its first write
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
     "Service",
     "DaemonSet",
     "Deployment",

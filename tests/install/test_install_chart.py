@@ -73,6 +73,7 @@ VALUE_SETS: dict[str, dict] = {
         "webhook": {"enabled": True, "tls": {"mode": "cert-manager", "certManager": {"issuerName": "ca"}}}
     },
     "no-injection-template": {"istioInjectionTemplate": {"enabled": False}},
+    "no-node-restriction": {"nodeRestriction": {"enabled": False}},
 }
 NOT_KUBERNETES = {"SecurityContextConstraints", "Certificate"}
 
@@ -102,6 +103,8 @@ def test_objects_per_distribution(rendered: tuple[str, list[dict]]) -> None:
     expected = ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
     if values.get("istioInjectionTemplate", {}).get("enabled", True):
         expected.append("ConfigMap")
+    if values.get("nodeRestriction", {}).get("enabled", True):
+        expected += ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 2
     if openshift:
         expected.append("SecurityContextConstraints")
     if values.get("webhook", {}).get("enabled"):
@@ -257,8 +260,13 @@ def test_modern_values_map_to_controller_flags_and_release_namespace() -> None:
 def test_default_namespace_is_the_2018_one_whatever_helm_is_told() -> None:
     objects = render({}, namespace="istio-pod-network-controller")
     assert {o["metadata"]["namespace"] for o in objects if "namespace" in o["metadata"]} == {"istio-system"}
-    assert {o["metadata"]["name"] for o in objects if o["kind"] != "ConfigMap"} == {
+    policies = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    assert {o["metadata"]["name"] for o in objects if o["kind"] not in {"ConfigMap", *policies}} == {
         "istio-pod-network-controller"
+    }
+    assert {o["metadata"]["name"] for o in objects if o["kind"] in policies} == {
+        "istio-pod-network-controller-pods",
+        "istio-pod-network-controller-events",
     }
 
 

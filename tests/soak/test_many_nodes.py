@@ -10,18 +10,15 @@ import time
 import pytest
 
 from ipnc_lab.localapi import CORE_EVENTS, RequestRecord
-from ipnc_lab.sim.cluster import SimCluster
+from ipnc_lab.sim.cluster import CONTROLLER_USER, SimCluster
 from ipnc_lab.sim.node import SimNode, SimPod
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 
-def user_of(node: SimNode) -> str:
-    return f"ipnc-{node.name}"
-
-
 def requests_of(cluster: SimCluster, node: SimNode) -> list[RequestRecord]:
-    return [r for r in cluster.api.requests.records() if r.user == user_of(node)]
+    """Requests made with the controller token bound to `node` (under the chart's node restriction)."""
+    return [r for r in cluster.api.requests.records() if r.user == CONTROLLER_USER and r.node == node.name]
 
 
 def test_each_controller_touches_only_its_node_and_its_load_ignores_other_nodes() -> None:
@@ -31,7 +28,7 @@ def test_each_controller_touches_only_its_node_and_its_load_ignores_other_nodes(
         for node in nodes:
             pods[node.name] += [cluster.add_pod(node, f"{node.name}-m{i}") for i in range(3)]
             cluster.add_pod(node, f"{node.name}-plain", mesh=False)
-        controllers = {n.name: cluster.start_controller(n, user=user_of(n)) for n in nodes}
+        controllers = {n.name: cluster.start_controller(n) for n in nodes}
         for node in nodes:
             controllers[node.name].wait_ready()
             cluster.wait_initialized(pods[node.name], 20, controllers[node.name].log)

@@ -2,6 +2,8 @@
 
 The chart's ClusterRole (chart/istio-pod-network-controller/templates/rbac.yaml) must render to exactly these
 rules; tests/install compares them, and the controller's own RBAC test checks it works with nothing more.
+RBAC cannot say "pods of this node" or "only these annotations": the chart's ValidatingAdmissionPolicies
+(templates/node-restriction.yaml, docs/install.md) narrow `patch pods` and `create events` to that.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ CLUSTER_ROLE_RULES: Final[tuple[dict[str, list[str]], ...]] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
     # Namespace-level selection: the 2018 `istio-pod-network-controller/initialize` annotation and exclusions.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-    # Events on pods: "capture installed", "rules repaired", "spec rejected".
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    # Events on pods: "capture installed", "rules repaired", "spec rejected". Create only: a repeated Warning
+    # has a deterministic name and is refused as AlreadyExists, never patched.
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 )
 
 

@@ -26,8 +26,10 @@ from istio_pod_network_controller.install import rbac
 from istio_pod_network_controller.settings import annotations as ann
 
 from ..localapi import LocalAPIServer
+from ..localapi.rbac import pod_bound_extra, service_account_groups
 from ..localapi.resources import CORE_EVENTS, NAMESPACES, PODS
 from ..localapi.server import ThreadedServer
+from ..sim import chart
 from ..sim.cluster import CONTROLLER_USER, host_rules, kubelet_status, set_status
 from ..sim.controller import ControllerProcess
 from ..sim.netns import holds_capture_rules
@@ -121,10 +123,18 @@ class Demo:
         self._api = LocalAPIServer().start_in_thread()
         for name, marks in DEMO_NAMESPACES.items():
             self.api.store.create(NAMESPACES, None, {"metadata": {"name": name, "annotations": marks}})
-        user = self.api.add_user(CONTROLLER_USER, uuid.uuid4().hex, rbac.cluster_role_rules())
-        kubeconfig = self.api.api.write_kubeconfig(self.workdir / "controller.kubeconfig", user)
+        self.say("installing the chart's node-restriction admission policies")
+        self.api.api.install_policies(chart.policies())
         self.say("creating the simulated node")
         self._node = SimNode(self.tag)
+        user = self.api.api.add_user(
+            CONTROLLER_USER,
+            uuid.uuid4().hex,
+            rbac.cluster_role_rules(),
+            groups=service_account_groups(chart.NAMESPACE),
+            extra=pod_bound_extra(self.node.name, f"istio-pod-network-controller-{self.node.name}"),
+        )
+        kubeconfig = self.api.api.write_kubeconfig(self.workdir / "controller.kubeconfig", user)
         self.remote.add(self.node.node, "remote", REMOTE_PORT)
         self.remote.start()
         self.say("starting the controller")

@@ -135,6 +135,8 @@ class RequestRecord:
     time: float
     status: int | None = None
     duration: float | None = None
+    node: str | None = None
+    """The node the request's token is bound to (its userInfo.extra node-name), if any."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

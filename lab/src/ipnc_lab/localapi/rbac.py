@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,11 +49,46 @@ class Rule:
 ADMIN_RULES: tuple[Rule, ...] = (Rule(frozenset({"*"}), frozenset({"*"})),)
 
 
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
+NODE_UID_KEY = "authentication.kubernetes.io/node-uid"
+POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
+POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
+CREDENTIAL_ID_KEY = "authentication.kubernetes.io/credential-id"
+
+
 @dataclass(slots=True)
 class User:
+    """A bearer token's identity. `extra` is what admission sees as `request.userInfo.extra`."""
+
     name: str
     token: str
     rules: tuple[Rule, ...] = field(default=())
+    groups: tuple[str, ...] = ()
+    extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def service_account_username(namespace: str, name: str) -> str:
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+def pod_bound_extra(
+    node: str, pod: str, *, node_uid: str = "", pod_uid: str = ""
+) -> dict[str, tuple[str, ...]]:
+    """The extra of a pod-bound service-account token (the projected token a pod mounts) on 1.30+.
+
+    `credential-id` is the token's JWT ID; the node and pod keys come from the pod the token is bound to.
+    """
+    return {
+        CREDENTIAL_ID_KEY: (f"JTI={uuid.uuid4()}",),
+        NODE_NAME_KEY: (node,),
+        NODE_UID_KEY: (node_uid or str(uuid.uuid5(uuid.NAMESPACE_DNS, node)),),
+        POD_NAME_KEY: (pod,),
+        POD_UID_KEY: (pod_uid or str(uuid.uuid4()),),
+    }
+
+
+def service_account_groups(namespace: str) -> tuple[str, ...]:
+    return ("system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated")
 
 
 def parse_rules(rules: Iterable[Rule | Mapping[str, Any]]) -> tuple[Rule, ...]:
@@ -62,13 +98,27 @@ def parse_rules(rules: Iterable[Rule | Mapping[str, Any]]) -> tuple[Rule, ...]:
 def load_users(data: Mapping[str, Any]) -> list[User]:
     """The `--rbac` file format.
 
-    `{users: [{name, token, rules: [{verbs, resources, apiGroups?, namespaces?}]}]}`
+    `{users: [{name, token, rules: [{verbs, resources, apiGroups?, namespaces?}], groups?, extra?}]}`;
+    `extra` maps keys to lists of strings, e.g. `{authentication.kubernetes.io/node-name: [node1]}`.
     """
     users = []
     for entry in data.get("users") or ():
         if not entry.get("name") or not entry.get("token"):
             raise ValueError("every user needs a name and a token")
-        users.append(User(entry["name"], entry["token"], parse_rules(entry.get("rules") or ())))
+        extra = entry.get("extra") or {}
+        if not isinstance(extra, dict) or not all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in extra.values()
+        ):
+            raise ValueError("a user's extra maps keys to lists of strings")
+        users.append(
+            User(
+                entry["name"],
+                entry["token"],
+                parse_rules(entry.get("rules") or ()),
+                tuple(entry.get("groups") or ()),
+                {str(k): tuple(v) for k, v in extra.items()},
+            )
+        )
     return users
 
 

@@ -89,7 +89,19 @@ EVENTS_V1 = ResourceType(
     field_labels=frozenset({"regarding.kind", "regarding.name", "regarding.namespace", "reason", "type"}),
 )  # fmt: skip
 
-ALL_RESOURCES: tuple[ResourceType, ...] = (PODS, NAMESPACES, NODES, CORE_EVENTS, EVENTS_V1)
+VALIDATING_ADMISSION_POLICIES = ResourceType(
+    "admissionregistration.k8s.io", "v1", "validatingadmissionpolicies", "validatingadmissionpolicy",
+    "ValidatingAdmissionPolicy", namespaced=False, has_status=True,
+)  # fmt: skip
+VALIDATING_ADMISSION_POLICY_BINDINGS = ResourceType(
+    "admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings",
+    "validatingadmissionpolicybinding", "ValidatingAdmissionPolicyBinding", namespaced=False,
+)  # fmt: skip
+
+ALL_RESOURCES: tuple[ResourceType, ...] = (
+    PODS, NAMESPACES, NODES, CORE_EVENTS, EVENTS_V1,
+    VALIDATING_ADMISSION_POLICIES, VALIDATING_ADMISSION_POLICY_BINDINGS,
+)  # fmt: skip
 
 
 def lookup(group: str, version: str, plural: str) -> ResourceType | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import secrets
@@ -20,19 +21,29 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import discovery, errors, kubeconfig, patch, protobuf
+from . import admission, discovery, errors, kubeconfig, patch, protobuf
 from .errors import ApiError
 from .faults import Faults, RequestLog, RequestRecord
-from .rbac import ADMIN_RULES, Authorizer, Rule, User, forbidden_message, parse_rules
-from .resources import NAMESPACES, ResourceType, lookup
+from .rbac import ADMIN_RULES, NODE_NAME_KEY, Authorizer, Rule, User, forbidden_message, parse_rules
+from .resources import (
+    NAMESPACES,
+    VALIDATING_ADMISSION_POLICIES,
+    VALIDATING_ADMISSION_POLICY_BINDINGS,
+    ResourceType,
+    lookup,
+)
 from .selectors import FieldSelector, LabelSelector, SelectorError, parse_field_selector, parse_label_selector
-from .store import Obj, Store, dumps
+from .store import Admit, Obj, Store, dumps
 from .tls import ServerCertificates, generate_certificates
 
 log = logging.getLogger(__name__)
 
 _TRUE = ("1", "true", "True")
 _ITEM_VERBS = {"PATCH": "patch", "PUT": "update", "DELETE": "delete", "GET": "get"}
+_OPERATIONS = {
+    "create": "CREATE", "update": "UPDATE", "patch": "UPDATE",
+    "delete": "DELETE", "deletecollection": "DELETE",
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +147,11 @@ class LocalAPIServer:
         self.store = Store(history_size=history_size, require_namespace=require_namespace)
         self.faults = Faults(self.store.drop_watchers, self.store.compact)
         self.requests = RequestLog()
+        self.admission = admission.Admission(
+            lambda: self.store.list(VALIDATING_ADMISSION_POLICIES)[0],
+            lambda: self.store.list(VALIDATING_ADMISSION_POLICY_BINDINGS)[0],
+            self._namespace_object,
+        )
         self.auth = Authorizer()
         self.admin = User(admin_user, admin_token or secrets.token_hex(16), ADMIN_RULES)
         self.auth.add(self.admin)
@@ -199,11 +215,40 @@ class LocalAPIServer:
 
     # -- users ------------------------------------------------------------------------------------------
 
-    def add_user(self, name: str, token: str, rules: Iterable[Rule | Mapping[str, Any]]) -> User:
-        """Add a user; rules are `Rule`s or dicts `{verbs, resources, apiGroups?, namespaces?}`."""
-        user = User(name, token, parse_rules(rules))
+    def add_user(
+        self,
+        name: str,
+        token: str,
+        rules: Iterable[Rule | Mapping[str, Any]],
+        *,
+        groups: Iterable[str] = (),
+        extra: Mapping[str, Iterable[str]] | None = None,
+    ) -> User:
+        """Add a user; rules are `Rule`s or dicts `{verbs, resources, apiGroups?, namespaces?}`.
+
+        `extra` is the token's `userInfo.extra` (see `rbac.pod_bound_extra` for a pod's projected token).
+        """
+        user = User(
+            name,
+            token,
+            parse_rules(rules),
+            tuple(groups),
+            {key: tuple(values) for key, values in (extra or {}).items()},
+        )
         self.auth.add(user)
         return user
+
+    def install_policies(self, objects: Iterable[Obj]) -> None:
+        """Store ValidatingAdmissionPolicies and bindings (checked as on create), as an admin would."""
+        kinds = {r.kind: r for r in (VALIDATING_ADMISSION_POLICIES, VALIDATING_ADMISSION_POLICY_BINDINGS)}
+        for obj in objects:
+            res = kinds.get(obj.get("kind", ""))
+            if res is None or obj.get("apiVersion") != res.api_version:
+                raise ValueError(
+                    f"not an admission policy or binding: {obj.get('apiVersion')} {obj.get('kind')}"
+                )
+            admission.check_definition(res, obj)
+            self.store.create(res, None, copy.deepcopy(obj))
 
     def revoke_token(self, token: str) -> None:
         self.auth.revoke(token)
@@ -307,6 +352,7 @@ class LocalAPIServer:
     async def _serve(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         user = self._authenticate(request)
         record.user = user.name
+        record.node = next(iter(user.extra.get(NODE_NAME_KEY, ())), None)
         path = request.path
         parsed = parse_path(path)
         if parsed is None or len(parsed[2]) == 0 or path.startswith("/apis/authorization.k8s.io/"):
@@ -335,7 +381,7 @@ class LocalAPIServer:
             if target.res.group:
                 details["group"] = target.res.group
             raise ApiError(403, "Forbidden", message, details=details)
-        return await self._resource(request, record, verb, target)
+        return await self._resource(request, record, verb, target, user)
 
     async def _non_resource(
         self, request: web.Request, user: User, parsed: tuple[str, str, list[str]] | None
@@ -424,11 +470,51 @@ class LocalAPIServer:
                 f"{res.api_version} {res.kind}"
             )
 
+    # -- admission ----------------------------------------------------------------------------------------
+
+    def _namespace_object(self, name: str) -> Obj | None:
+        try:
+            return self.store.get(NAMESPACES, None, name)
+        except ApiError:
+            return None
+
+    def _admitter(self, user: User, verb: str, target: Target, warnings: list[str]) -> Admit:
+        """The admission step of one write, run by the store on the object exactly as it would be stored."""
+        info = admission.UserInfo(user.name, user.groups, extra=user.extra)
+
+        def admit(old: Obj | None, new: Obj | None) -> None:
+            if new is not None and target.res in (
+                VALIDATING_ADMISSION_POLICIES,
+                VALIDATING_ADMISSION_POLICY_BINDINGS,
+            ):
+                admission.check_definition(target.res, new)
+            meta = (new or old or {}).get("metadata") or {}
+            request = admission.Request(
+                operation=_OPERATIONS[verb],
+                resource=target.res,
+                subresource=target.subresource or "",
+                namespace=target.namespace or "",
+                name=str(meta.get("name") or target.name or ""),
+                user=info,
+                obj=new,
+                old=old,
+            )
+            warnings.extend(self.admission.admit(request))
+
+        return admit
+
     async def _resource(
-        self, request: web.Request, record: RequestRecord, verb: str, target: Target
+        self, request: web.Request, record: RequestRecord, verb: str, target: Target, user: User
     ) -> web.StreamResponse:
         store, res, query = self.store, target.res, request.query
         ns, name = target.namespace, target.name
+        warnings: list[str] = []
+        admit = self._admitter(user, verb, target, warnings)
+
+        def respond(body: Any, status: int = 200) -> web.Response:
+            headers = {"Warning": ", ".join(f'299 - "{w}"' for w in warnings)} if warnings else None
+            return _json_response(body, status, headers)
+
         if verb in ("list", "watch", "deletecollection"):
             try:
                 labels = parse_label_selector(query.get("labelSelector"))
@@ -439,9 +525,9 @@ class LocalAPIServer:
                 return await self._watch(request, record, target, labels, fields)
             items, rv = store.list(res, ns, labels, fields)
             if verb == "deletecollection":
-                items = [store.delete(res, ns, o["metadata"]["name"]) for o in items]
+                items = [store.delete(res, ns, o["metadata"]["name"], admit=admit) for o in items]
                 rv = store.resource_version
-            return _json_response(
+            return respond(
                 {
                     "kind": f"{res.kind}List",
                     "apiVersion": res.api_version,
@@ -461,24 +547,24 @@ class LocalAPIServer:
                 raise errors.bad_request(
                     "the namespace of the provided object does not match the namespace sent on the request"
                 )
-            return _json_response(store.create(res, ns, body), 201)
+            return respond(store.create(res, ns, body, admit=admit), 201)
         name = name or ""
         if verb == "get":
             return _json_response(store.get(res, ns, name))
         if verb == "update":
             body = await self._body(request)
             self._check_kind(res, body)
-            return _json_response(store.update(res, ns, name, body, subresource=target.subresource))
+            return respond(store.update(res, ns, name, body, subresource=target.subresource, admit=admit))
         if verb == "patch":
-            return _json_response(await self._patch(request, target, name))
+            return respond(await self._patch(request, target, name, admit))
         raw = await request.read()
         preconditions = None
         if raw.strip():
             options = await self._body(request)
             preconditions = options.get("preconditions")
-        return _json_response(store.delete(res, ns, name, preconditions=preconditions))
+        return respond(store.delete(res, ns, name, preconditions=preconditions, admit=admit))
 
-    async def _patch(self, request: web.Request, target: Target, name: str) -> Obj:
+    async def _patch(self, request: web.Request, target: Target, name: str, admit: Admit) -> Obj:
         ctype = request.content_type
         if ctype not in patch.SUPPORTED:
             raise ApiError(
@@ -509,7 +595,9 @@ class LocalAPIServer:
                 raise errors.bad_request("the patched object is not a JSON object")
             return result
 
-        return self.store.mutate(res, target.namespace, name, apply, subresource=target.subresource)
+        return self.store.mutate(
+            res, target.namespace, name, apply, subresource=target.subresource, admit=admit
+        )
 
     async def _watch(
         self,

@@ -25,6 +25,8 @@ from .resources import ALL_RESOURCES, NAMESPACES, ResourceType
 from .selectors import FieldSelector, LabelSelector
 
 Obj = dict[str, Any]
+Admit = Callable[[Obj | None, Obj | None], None]
+"""Admission of one write: (old, new) as they would be stored (None for create/delete); raises to refuse."""
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
@@ -169,7 +171,9 @@ class Store:
 
     # -- writes ------------------------------------------------------------------------------------------
 
-    def create(self, res: ResourceType, namespace: str | None, obj: Obj) -> Obj:
+    def create(
+        self, res: ResourceType, namespace: str | None, obj: Obj, *, admit: Admit | None = None
+    ) -> Obj:
         """Store a new object (taking ownership of `obj`); fills uid, RV, timestamps, generation."""
         meta = obj.get("metadata")
         if not isinstance(meta, dict):
@@ -192,8 +196,6 @@ class Store:
                     raise errors.not_found(NAMESPACES, namespace)
             key = (namespace or "", name)
             bucket = self._objects[res.key]
-            if key in bucket:
-                raise errors.already_exists(res, name)
             obj["kind"] = res.kind
             obj["apiVersion"] = res.api_version
             meta["name"] = name
@@ -205,8 +207,12 @@ class Store:
             meta["creationTimestamp"] = now_rfc3339()
             meta["generation"] = 1
             meta.pop("deletionTimestamp", None)
-            meta["resourceVersion"] = self._next_rv()
             self._default(res, obj)
+            if admit is not None:
+                admit(None, obj)  # before the name conflict, as on the real server (storage comes last)
+            if key in bucket:
+                raise errors.already_exists(res, name)
+            meta["resourceVersion"] = self._next_rv()
             bucket[key] = obj
             self._record(res, "ADDED", obj, None)
             return obj
@@ -223,7 +229,14 @@ class Store:
             obj["status"].setdefault("phase", "Active")
 
     def update(
-        self, res: ResourceType, namespace: str | None, name: str, obj: Obj, *, subresource: str | None = None
+        self,
+        res: ResourceType,
+        namespace: str | None,
+        name: str,
+        obj: Obj,
+        *,
+        subresource: str | None = None,
+        admit: Admit | None = None,
     ) -> Obj:
         """Replace an object (PUT). A non-empty metadata.resourceVersion is a precondition (409 if stale)."""
         with self._lock:
@@ -242,7 +255,7 @@ class Store:
             rv = meta.get("resourceVersion")
             if rv and rv != old["metadata"]["resourceVersion"]:
                 raise errors.conflict(res, name)
-            return self._replace(res, old, obj, subresource)
+            return self._replace(res, old, obj, subresource, admit)
 
     def mutate(
         self,
@@ -252,6 +265,7 @@ class Store:
         fn: Callable[[Obj], Obj],
         *,
         subresource: str | None = None,
+        admit: Admit | None = None,
     ) -> Obj:
         """Read-modify-write under the lock (PATCH). `fn` must return a new dict and not mutate its input.
 
@@ -272,9 +286,11 @@ class Store:
                 raise errors.conflict(res, name)
             if new["metadata"].get("name", name) != name:
                 raise errors.invalid(res, name, "metadata.name", "Invalid value: field is immutable")
-            return self._replace(res, old, new, subresource)
+            return self._replace(res, old, new, subresource, admit)
 
-    def _replace(self, res: ResourceType, old: Obj, new: Obj, subresource: str | None) -> Obj:
+    def _replace(
+        self, res: ResourceType, old: Obj, new: Obj, subresource: str | None, admit: Admit | None = None
+    ) -> Obj:
         old_meta = old["metadata"]
         if subresource == "status":
             # The status subresource changes only status (and metadata labels/annotations are ignored too).
@@ -299,6 +315,8 @@ class Store:
         meta = new["metadata"]
         spec_changed = any(new.get(k) != old.get(k) for k in set(new) | set(old) if k not in _NON_SPEC)
         meta["generation"] = old_meta.get("generation", 1) + (1 if spec_changed else 0)
+        if admit is not None:
+            admit(old, new)  # as on the real server, also for a write that turns out to change nothing
         key = (meta.get("namespace", ""), meta["name"])
         if old_meta.get("deletionTimestamp") and not meta.get("finalizers"):
             meta["resourceVersion"] = self._next_rv()
@@ -319,10 +337,13 @@ class Store:
         name: str,
         *,
         preconditions: dict[str, Any] | None = None,
+        admit: Admit | None = None,
     ) -> Obj:
         """Delete at once, or mark with deletionTimestamp while finalizers remain. Returns the final state."""
         with self._lock:
             old = self.get(res, namespace, name)
+            if admit is not None:
+                admit(old, None)
             meta = old["metadata"]
             pre = preconditions or {}
             if (pre.get("uid") and pre["uid"] != meta["uid"]) or (

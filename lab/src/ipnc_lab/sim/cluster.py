@@ -2,8 +2,10 @@
 
 The test or benchmark plays "the rest of the cluster" by writing straight into the emulator's store (pod
 objects, their kubelet status, annotation edits, deletions), while each controller talks to the emulator
-over HTTP as an RBAC user holding exactly the chart's rules (`rbac.cluster_role_rules()`). close() stops
-every controller started here, removes every node and stops the emulator, also after a failure.
+over HTTP as the chart's service account holding exactly the chart's rules (`rbac.cluster_role_rules()`), with
+a token bound to its node (like the projected token of a DaemonSet pod), under the chart's node-restriction
+ValidatingAdmissionPolicies rendered from the chart itself. close() stops every controller started here,
+removes every node and stops the emulator, also after a failure.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.spec import build_spec
 
 from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
+from ..localapi.rbac import pod_bound_extra, service_account_groups, service_account_username
+from . import chart
 from .controller import ControllerProcess, wait_for
 from .node import SimNode, SimPod
 
 Obj = dict[str, Any]
-CONTROLLER_USER = "istio-pod-network-controller"
+CONTROLLER_USER = service_account_username(chart.NAMESPACE, "istio-pod-network-controller")
+"""The chart's service account, as the API server names it (the node-restriction policies match on it)."""
 INJECTED_STATUS = json.dumps({"initContainers": [ann.WAITER_CONTAINER], "containers": ["istio-proxy"]})
 HOST_RULE_TOOLS = (
     "iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save", "nft",
@@ -100,13 +105,17 @@ def host_rules() -> str:
 class SimCluster:
     """One emulator, any number of SimNodes and controllers; use as a context manager."""
 
-    def __init__(self, *, history_size: int = 1000, bookmark_interval: float = 60.0) -> None:
+    def __init__(
+        self, *, history_size: int = 1000, bookmark_interval: float = 60.0, node_restriction: bool = True
+    ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="ipnc-cluster-"))
         self.nodes: list[SimNode] = []
         self.controllers: list[ControllerProcess] = []
-        self._kubeconfigs: dict[str, Path] = {}
+        self._kubeconfigs: dict[tuple[str, str | None], Path] = {}
         try:
             server = LocalAPIServer(history_size=history_size, bookmark_interval=bookmark_interval)
+            if node_restriction:
+                server.install_policies(chart.policies())
             self.api: ThreadedServer = server.start_in_thread()
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -131,14 +140,30 @@ class SimCluster:
         return node
 
     def kubeconfig(
-        self, user: str = CONTROLLER_USER, rules: Iterable[Mapping[str, Any]] | None = None
+        self,
+        user: str = CONTROLLER_USER,
+        rules: Iterable[Mapping[str, Any]] | None = None,
+        *,
+        node: str | None = None,
     ) -> Path:
-        """A kubeconfig for `user`, created once with `rules` (default: the chart's ClusterRole)."""
-        if user not in self._kubeconfigs:
-            created = self.api.add_user(user, secrets.token_hex(16), rules or rbac.cluster_role_rules())
-            path = self.workdir / f"{user}.kubeconfig"
-            self._kubeconfigs[user] = self.api.api.write_kubeconfig(path, created)
-        return self._kubeconfigs[user]
+        """A kubeconfig for `user`, created once per node with `rules` (default: the chart's ClusterRole).
+
+        With `node`, the token is bound to a pod on that node (its userInfo.extra names the node), as the
+        projected token of the DaemonSet's pod there is.
+        """
+        key = (user, node)
+        if key not in self._kubeconfigs:
+            extra = pod_bound_extra(node, f"istio-pod-network-controller-{node}") if node else None
+            created = self.api.api.add_user(
+                user,
+                secrets.token_hex(16),
+                rules or rbac.cluster_role_rules(),
+                groups=service_account_groups(chart.NAMESPACE) if user == CONTROLLER_USER else (),
+                extra=extra,
+            )
+            path = self.workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', user)}-{node or 'unbound'}.kubeconfig"
+            self._kubeconfigs[key] = self.api.api.write_kubeconfig(path, created)
+        return self._kubeconfigs[key]
 
     def start_controller(
         self, node: SimNode | str, extra: Sequence[str] = (), *, user: str = CONTROLLER_USER
@@ -146,7 +171,7 @@ class SimCluster:
         """The real controller for `node` as `user`; its log is kept in the cluster's work directory."""
         name = node if isinstance(node, str) else node.name
         log = self.workdir / f"controller-{name}-{len(self.controllers)}.log"
-        controller = ControllerProcess.start(self.kubeconfig(user), name, log, extra)
+        controller = ControllerProcess.start(self.kubeconfig(user, node=name), name, log, extra)
         self.controllers.append(controller)
         return controller
 
