@@ -38,6 +38,8 @@ def _matches(match: model.Match, pkt: Connection) -> bool:
         return match.name == "tcp"
     if isinstance(match, model.DPort):
         return (pkt.dport == match.port) != match.negate
+    if isinstance(match, model.DPorts):
+        return (pkt.dport in match.ports) != match.negate
     if isinstance(match, model.Src):
         return (ipaddress.ip_address(pkt.src) in match.net) != match.negate
     if isinstance(match, model.Dst):

@@ -15,11 +15,17 @@ from click.testing import CliRunner
 
 from istio_pod_network_controller.cli import cli
 from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.addresses import (
+    LOOPBACK,
+    PASSTHROUGH,
+    has_global_ipv6,
+    has_passthrough_v6,
+)
 from istio_pod_network_controller.settings.spec import build_spec
 from istio_pod_network_controller.waiter import exitcodes
-from istio_pod_network_controller.waiter.probe import Outcome, has_global_ipv6, has_passthrough_v6
-from istio_pod_network_controller.waiter.probeplan import LOOPBACK, PASSTHROUGH, ProbePlan, plan_probe
+from istio_pod_network_controller.waiter.probe import Outcome
 from istio_pod_network_controller.waiter.probeplan import Path as ProbePath
+from istio_pod_network_controller.waiter.probeplan import ProbePlan, plan_probe
 from istio_pod_network_controller.waiter.wait import (
     CONTROLLER_SELECTOR,
     MAX_INTERVAL,

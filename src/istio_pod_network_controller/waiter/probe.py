@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Final
 
-from .probeplan import LOOPBACK, Path, ProbeTarget
+from ..settings.addresses import LOOPBACK, has_passthrough_v6
+from .probeplan import Path, ProbeTarget
 from .routing import tproxy_routing_missing
 
 SO_ORIGINAL_DST: Final = 80
 """netfilter's getsockopt for the pre-NAT destination (IPv4 SOL_IP; IP6T_SO_ORIGINAL_DST is also 80)."""
 TOKEN_BYTES: Final = 16
 _AF: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
-_PASSTHROUGH_V6_HEX: Final = "00000000000000000000000000000006"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,26 +40,6 @@ class Outcome:
 
 def fmt(family: int, addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
-
-
-def read_if_inet6(path: str = "/proc/self/net/if_inet6") -> list[list[str]]:
-    try:
-        with open(path) as handle:
-            return [line.split() for line in handle if line.strip()]
-    except OSError:
-        return []
-
-
-def has_global_ipv6(rows: list[list[str]] | None = None) -> bool:
-    """A global-scope IPv6 address outside lo: the controller's test for capturing IPv6 under `auto`."""
-    rows = read_if_inet6() if rows is None else rows
-    return any(len(f) == 6 and f[3] == "00" and f[5] != "lo" for f in rows)
-
-
-def has_passthrough_v6(rows: list[list[str]] | None = None) -> bool:
-    """::6 on lo, which the controller adds when it captures IPv6 (and without which we never dial ::6)."""
-    rows = read_if_inet6() if rows is None else rows
-    return any(len(f) == 6 and f[0] == _PASSTHROUGH_V6_HEX and f[5] == "lo" for f in rows)
 
 
 def original_dst(conn: socket.socket, family: int) -> tuple[str, int] | None:

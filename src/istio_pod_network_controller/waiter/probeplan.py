@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+from ..settings.addresses import LOOPBACK, PASSTHROUGH, Family
 from ..settings.spec import (
     HBONE_PORT,
     PROBE_PORT,
@@ -29,8 +30,6 @@ from ..settings.spec import (
     IPv6Policy,
 )
 
-LOOPBACK: Final = {4: "127.0.0.1", 6: "::1"}
-PASSTHROUGH: Final = {4: "127.0.0.6", 6: "::6"}
 TEST_NETS: Final = {
     4: ("192.0.2.1", "198.51.100.1", "203.0.113.1"),
     6: ("2001:db8::1", "2001:db8:1::1", "2001:db8:2::1"),
@@ -48,7 +47,7 @@ class ProbeTarget:
     """One family's probe: dial `address:port` (from `source`, or the kernel's choice) and expect the
     connection at `listen_port` on loopback with SO_ORIGINAL_DST `address:port`."""
 
-    family: int
+    family: Family
     path: Path
     source: str | None
     address: str
@@ -84,7 +83,7 @@ def probe_port(spec: InterceptSpec) -> int | None:
     return None
 
 
-def probed_families(spec: InterceptSpec, global_ipv6: bool) -> tuple[int, ...]:
+def probed_families(spec: InterceptSpec, global_ipv6: bool) -> tuple[Family, ...]:
     """IPv4 rules exist whenever the pod is intercepted; IPv6 ones with ipv6=capture, or with ipv6=auto
     when the pod has a global IPv6 address (the controller's own test)."""
     if spec.ipv6 is IPv6Policy.CAPTURE or (spec.ipv6 is IPv6Policy.AUTO and global_ipv6):
@@ -92,7 +91,7 @@ def probed_families(spec: InterceptSpec, global_ipv6: bool) -> tuple[int, ...]:
     return (4,)
 
 
-def outbound_target(spec: InterceptSpec, family: int, port: int) -> tuple[str, int] | None:
+def outbound_target(spec: InterceptSpec, family: Family, port: int) -> tuple[str, int] | None:
     """(address, port) the pod's outbound capture sends to the proxy: a TEST-NET address or one inside
     an included range, on the probe port; or, with only includeOutboundPorts, a TEST-NET address on the
     first included port. Never inside an excluded range, never loopback."""

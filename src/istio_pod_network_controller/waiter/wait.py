@@ -23,10 +23,11 @@ from typing import Protocol, TextIO
 
 from ..errors import DownwardAPIError, SpecError
 from ..settings import annotations as ann
+from ..settings.addresses import has_global_ipv6
 from ..settings.downward import MAX_FILE_BYTES, parse_annotations
 from ..settings.spec import InterceptSpec, build_spec
 from . import exitcodes
-from .probe import FamilyProbe, Outcome, has_global_ipv6
+from .probe import FamilyProbe, Outcome
 from .probeplan import ProbePlan, ProbeTarget, plan_probe
 
 DEFAULT_FILE = "/etc/podinfo/pod_annotations"
