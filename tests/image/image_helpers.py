@@ -1,7 +1,7 @@
 """Helpers for the image tests: podman as CI runs it, and the chart's pod specs turned into podman flags.
 
-Every container gets the flags the rendered chart (or the injection code) asks for, translated field by field
-(user, capabilities, read-only root, privilege escalation, host PID, volumes), so a test runs each role exactly
+Every container gets the flags the rendered chart (or the injection code) asks for, translated field by
+field (user, capabilities, read-only root, privilege escalation, host PID, volumes), so a test runs each role
 as a kubelet would, not as the test author thinks it should run.
 """
 
@@ -108,7 +108,7 @@ def security_flags(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) ->
 def volume_flags(
     pod_spec: Mapping[str, Any], container: Mapping[str, Any], sources: Mapping[str, Path] | None = None
 ) -> list[str]:
-    """hostPath volumes as bind mounts, emptyDir as tmpfs; other volumes from `sources` (name -> host path)."""
+    """hostPath volumes as bind mounts, emptyDir as tmpfs, the others from `sources` (name -> host path)."""
     volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
     flags: list[str] = []
     for mount in container.get("volumeMounts") or []:

@@ -23,7 +23,8 @@ ZERO_CAPS = "0000000000000000"
 
 def waiter_in_pod(image: str, netns: str, podinfo: Path, timeout: str) -> tuple[list[str], list[str]]:
     """(podman flags, args) of the injected waiter container, its timeout shortened for the test."""
-    container = injection.waiter_container(InjectOptions(image=image), injection.PODINFO_VOLUME, 1337, 1337, [])
+    options = InjectOptions(image=image)
+    container = injection.waiter_container(options, injection.PODINFO_VOLUME, 1337, 1337, [])
     pod_spec = {"volumes": [injection.podinfo_volume()], "containers": [container]}
     args = list(container["args"])
     args[args.index("--timeout") + 1] = timeout
@@ -40,8 +41,7 @@ def downward_dir(tmp_path: Path, annotations: dict[str, str]) -> Path:
     folder = tmp_path / "podinfo"
     folder.mkdir()
     (folder / injection.PODINFO_FILE).write_text("".join(f'{k}="{v}"\n' for k, v in annotations.items()))
-    os.chmod(tmp_path, 0o755)
-    os.chmod(folder, 0o755)
+    os.chmod(folder, 0o755)  # noqa: S103 - the proxy uid reads it, as it reads a kubelet's volume
     os.chmod(folder / injection.PODINFO_FILE, 0o644)
     return folder
 
