@@ -47,7 +47,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]' -e ./lab
 	touch $@
 
-bench: deps $(VENV)/.bench-installed
+bench: deps $(VENV)/.bench-installed image
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
 
 manifests: deps
