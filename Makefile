@@ -32,7 +32,7 @@ typecheck: deps
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-pytest: deps image
+pytest: deps image-archive
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: deps
@@ -61,7 +61,7 @@ clean:
 # tools, cached in build/image/ (delete the tar to refresh it). `make image BASE_IMAGE=docker.io/library/
 # python:3.11-slim-bookworm` uses a public base instead. The build fetches nothing from PyPI: the host's pip
 # downloads the dependencies' wheels, mounted into the build. docs/install.md has the user's side.
-TOOL_APT_PACKAGES := podman buildah debootstrap runc prometheus
+TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= ghcr.io/istio-pod-network-controller/istio-pod-network-controller:$(VERSION)
 LOCAL_BASE := localhost/ipnc-base:bookworm
@@ -73,7 +73,8 @@ BASE_TAR := $(IMAGE_BUILD)/base-bookworm.tar
 WHEELS := $(IMAGE_BUILD)/wheels
 PODMAN := CONTAINERS_CONF=$(CURDIR)/tools/containers.conf podman
 
-# podman, buildah, debootstrap, runc (containers); prometheus (promtool and a server for the monitoring tests).
+# podman, buildah, debootstrap, runc (build and run the image); containerd (tests/image imports the archive);
+# prometheus (promtool and a server for the monitoring tests).
 # No recommends: they would add crun, dbus and the node exporter's service.
 tool-deps:
 	@missing=""; for p in $(TOOL_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
