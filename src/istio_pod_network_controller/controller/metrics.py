@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
+DISTRIBUTION = "istio-pod-network-controller"
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -62,9 +64,18 @@ class Metrics:
         )
         self.pods_cached = Gauge(f"{ns}_pods_cached", "Pods on this node in the local cache", registry=r)
         self.ready = Gauge(f"{ns}_ready", "1 once the initial sync is done", registry=r)
+        self.build = Info(f"{ns}_build", "The running controller's version", registry=r)
+        self.build.info({"version": _version()})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _probe(ok: bool, failure: bytes) -> tuple[str, str, bytes]:
