@@ -22,6 +22,13 @@ RULE_TOOLS = (
     "iptables-legacy-restore", "iptables-legacy-save", "ip6tables-legacy-restore", "ip6tables-legacy-save",
     "iptables-nft-restore", "iptables-nft-save", "ip6tables-nft-restore", "ip6tables-nft-save", "nft", "ip",
 )  # fmt: skip
+CACHE_SCAN = """
+import glob, json, os
+found = [f"{d}/{n}" for d in ("/var/lib/apt/lists", "/var/cache/apt/archives", "/root/.cache", "/tmp")
+         if os.path.isdir(d) for n in os.listdir(d) if n not in ("lock", "partial")]
+found += glob.glob("/opt/ipnc/bin/pip*") + glob.glob("/opt/ipnc/bin/easy_install*")
+print(json.dumps(found))
+"""
 PRIVILEGE_SCAN = """
 import json, os, stat
 found = []
@@ -102,14 +109,24 @@ def test_nothing_in_the_image_adds_privilege(image: str) -> None:
     assert json.loads(done.stdout) == []
 
 
-def test_the_rule_tools_are_in_the_image_and_the_lab_is_not(image: str) -> None:
+def test_rule_tools_in_the_image_and_no_lab_pip_compiler_or_caches(image: str) -> None:
     script = (
         "import importlib.util, shutil, sys; "
         f"missing = [t for t in {RULE_TOOLS!r} if shutil.which(t) is None]; "
         "lab = importlib.util.find_spec('ipnc_lab'); pip = importlib.util.find_spec('pip'); "
         "print(missing, lab, pip, shutil.which('gcc'), shutil.which('cc'))"
     )
-    done = podman(
-        "run", "--rm", "--network", "none", "--entrypoint", "/opt/ipnc/bin/python", image, "-c", script
+    python = (
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--user",
+        "0:0",
+        "--entrypoint",
+        "/opt/ipnc/bin/python",
+        image,
     )
-    assert done.stdout.strip() == "[] None None None None"
+    assert podman(*python, "-c", script).stdout.strip() == "[] None None None None"
+    left = podman(*python, "-c", CACHE_SCAN).stdout
+    assert json.loads(left) == [], f"package or pip caches left in the image: {left}"
