@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import yaml
-from samples import save
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "tools" / "containers.conf")}
@@ -90,26 +89,14 @@ def main() -> None:
     size = json.loads(inspected.stdout)[0]["Size"]
     layers = [h for h in json.loads(podman("history", "--format", "json", image).stdout) if h["size"]]
     packages = podman(
-        "run", "--rm", "--network", "none", "--entrypoint", "/usr/bin/du", image,
-        "-s", "-k", "/opt/ipnc/lib/python3.11/site-packages/*",
+        "run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", image, "-c",
+        "du -s -k /opt/ipnc/lib/python3.11/site-packages/*",
     )  # fmt: skip
-    if packages.returncode != 0:
-        packages = podman(
-            "run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", image, "-c",
-            "du -s -k /opt/ipnc/lib/python3.11/site-packages/* | sort -rn | head -8",
-        )  # fmt: skip
     biggest = [line.split(None, 1) for line in packages.stdout.splitlines() if "dist-info" not in line]
     one_start(image, -1)  # warm the page cache; not counted
     results = [one_start(image, i) for i in range(runs)]
     to_exec = [r[0] for r in results]
     to_probe = [r[1] for r in results]
-    save(
-        "image",
-        {
-            "podman run → exec (ms)": [v * 1000 for v in to_exec],
-            "exec → first probe (ms)": [v * 1000 for v in to_probe],
-        },
-    )
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print("## Image")
     print()
