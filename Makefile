@@ -71,6 +71,7 @@ DEBIAN_MIRROR ?= http://deb.debian.org/debian
 IMAGE_BUILD := build/image
 BASE_TAR := $(IMAGE_BUILD)/base-bookworm.tar
 WHEELS := $(IMAGE_BUILD)/wheels
+ARCHIVE := $(IMAGE_BUILD)/istio-pod-network-controller-$(VERSION).tar
 PODMAN := CONTAINERS_CONF=$(CURDIR)/tools/containers.conf podman
 
 # podman, buildah, debootstrap, runc (build and run the image); containerd (tests/image imports the archive);
@@ -112,5 +113,6 @@ image: image-base $(WHEELS)/.done
 
 # A docker-archive a node's containerd imports: ctr -n k8s.io images import FILE (docs/install.md).
 image-archive: image
-	$(PODMAN) save -q --format docker-archive -o $(IMAGE_BUILD)/istio-pod-network-controller-$(VERSION).tar $(IMAGE)
-	@echo "wrote $(IMAGE_BUILD)/istio-pod-network-controller-$(VERSION).tar ($(IMAGE))"
+	rm -f $(ARCHIVE).part
+	$(PODMAN) save -q --format docker-archive -o $(ARCHIVE).part $(IMAGE) && mv $(ARCHIVE).part $(ARCHIVE)
+	@echo "wrote $(ARCHIVE) ($(IMAGE))"
