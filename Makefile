@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := iptables nftables iproute2 util-linux conntrack python3 python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: test lint typecheck pytest demo bench soak deps system-deps clean manifests
+.PHONY: test lint typecheck pytest demo bench soak deps system-deps clean manifests image image-archive image-base tool-deps
 
 test: deps lint typecheck pytest
 
@@ -32,7 +32,7 @@ typecheck: deps
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-pytest: deps
+pytest: deps image-archive
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: deps
@@ -47,7 +47,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]' -e ./lab
 	touch $@
 
-bench: deps $(VENV)/.bench-installed
+bench: deps $(VENV)/.bench-installed image
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
 
 manifests: deps
@@ -55,3 +55,64 @@ manifests: deps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# -- The image: built from the Dockerfile by podman (runc, lower rlimits: tools/containers.conf). No registry
+# is reachable from CI, so the base is made here: a debootstrap of Debian bookworm with python3 and the rule
+# tools, cached in build/image/ (delete the tar to refresh it). `make image BASE_IMAGE=docker.io/library/
+# python:3.11-slim-bookworm` uses a public base instead. The build fetches nothing from PyPI: the host's pip
+# downloads the dependencies' wheels, mounted into the build. docs/install.md has the user's side.
+TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/istio-pod-network-controller/istio-pod-network-controller:$(VERSION)
+LOCAL_BASE := localhost/ipnc-base:bookworm
+BASE_IMAGE ?= $(LOCAL_BASE)
+BASE_PACKAGES := python3,iptables,nftables,iproute2
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+IMAGE_BUILD := build/image
+BASE_TAR := $(IMAGE_BUILD)/base-bookworm.tar
+WHEELS := $(IMAGE_BUILD)/wheels
+ARCHIVE := $(IMAGE_BUILD)/istio-pod-network-controller-$(VERSION).tar
+PODMAN := CONTAINERS_CONF=$(CURDIR)/tools/containers.conf podman
+
+# podman, buildah, debootstrap, runc (build and run the image); containerd (tests/image imports the archive);
+# prometheus (promtool and a server for the monitoring tests).
+# No recommends: they would add crun, dbus and the node exporter's service.
+tool-deps:
+	@missing=""; for p in $(TOOL_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(BASE_TAR): | tool-deps
+	rm -rf $(IMAGE_BUILD)/rootfs && mkdir -p $(IMAGE_BUILD)
+	debootstrap --variant=minbase --include=$(BASE_PACKAGES) bookworm $(IMAGE_BUILD)/rootfs $(DEBIAN_MIRROR)
+	cd $(IMAGE_BUILD)/rootfs && rm -rf var/cache/apt/archives/*.deb var/cache/apt/*.bin var/lib/apt/lists/* \
+		var/log/* usr/share/doc/* usr/share/man/* usr/share/info/* usr/share/locale/*
+	tar -C $(IMAGE_BUILD)/rootfs --numeric-owner -cf $@.part . && mv $@.part $@
+	rm -rf $(IMAGE_BUILD)/rootfs
+
+ifeq ($(BASE_IMAGE),$(LOCAL_BASE))
+image-base: $(BASE_TAR) | tool-deps
+	@if ! $(PODMAN) image exists $(BASE_IMAGE) || [ $(BASE_TAR) -nt $(IMAGE_BUILD)/.base-imported ]; then \
+		$(PODMAN) import -q $(BASE_TAR) $(BASE_IMAGE) && touch $(IMAGE_BUILD)/.base-imported; fi
+else
+image-base: | tool-deps
+endif
+
+$(WHEELS)/.done: pyproject.toml $(VENV)/.installed
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+		> $(IMAGE_BUILD)/requirements.txt
+	$(BIN)/pip wheel -q -w $(WHEELS) -r $(IMAGE_BUILD)/requirements.txt "setuptools>=68"
+	touch $@
+
+image: image-base $(WHEELS)/.done
+	$(PODMAN) build -q --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
+		--build-arg "PIP_OPTIONS=--no-index --find-links /wheels" -v $(CURDIR)/$(WHEELS):/wheels:ro -t $(IMAGE) .
+
+# A docker-archive a node's containerd imports: ctr -n k8s.io images import FILE (docs/install.md).
+image-archive: image
+	rm -f $(ARCHIVE).part
+	$(PODMAN) save -q --format docker-archive -o $(ARCHIVE).part $(IMAGE) && mv $(ARCHIVE).part $(ARCHIVE)
+	@echo "wrote $(ARCHIVE) ($(IMAGE))"

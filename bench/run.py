@@ -22,6 +22,7 @@ SCRIPTS = [
     "dataplane_bench.py",
     "discovery_bench.py",
     "waiter_bench.py",
+    "image_bench.py",
     "controller_bench.py",
     "localapi_bench.py",
     "many_nodes_bench.py",

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
+DISTRIBUTION = "istio-pod-network-controller"
+FAILURE_REASONS = ("invalid_config", "netns_not_found", "apply_error", "patch_error", "internal")
+"""Every `reason` of pods_failed_total, exported at 0 from the start: a counter series that appears at 1
+has no increase() in Prometheus, so a controller's first failure would otherwise never alert."""
+STAGES = ("discover", "verify", "apply", "patch")
+"""Every `stage` of stage_seconds, exported from the start for the same reason."""
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -41,6 +48,10 @@ class Metrics:
         self.stage_seconds = Histogram(
             f"{ns}_stage_seconds", "Duration of one reconcile stage", ["stage"], buckets=_BUCKETS, registry=r
         )
+        for reason in FAILURE_REASONS:
+            self.failed.labels(reason)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
         self.end_to_end_seconds = Histogram(
             f"{ns}_pod_initialization_seconds",
             "From the pod first seen to the pod marked initialized",
@@ -62,9 +73,18 @@ class Metrics:
         )
         self.pods_cached = Gauge(f"{ns}_pods_cached", "Pods on this node in the local cache", registry=r)
         self.ready = Gauge(f"{ns}_ready", "1 once the initial sync is done", registry=r)
+        self.build = Info(f"{ns}_build", "The running controller's version", registry=r)
+        self.build.info({"version": _version()})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _probe(ok: bool, failure: bytes) -> tuple[str, str, bytes]:
