@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 import click
-from click.utils import make_default_short_help
 
 from . import loglevel
 
@@ -56,7 +55,10 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         names = self.list_commands(ctx)
         limit = formatter.width - 6 - max(len(name) for name in names)
-        rows = [(name, make_default_short_help(SUBCOMMANDS[name][1], limit)) for name in names]
+        # A bare Command shortens the text exactly as click shortens a real subcommand's help.
+        rows = [
+            (name, click.Command(name, help=SUBCOMMANDS[name][1]).get_short_help_str(limit)) for name in names
+        ]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -68,7 +70,7 @@ class LazyGroup(click.Group):
     type=loglevel.CHOICE,
     default=None,
     expose_value=False,
-    callback=loglevel.remember,
+    callback=loglevel.for_root(SUBCOMMANDS),
     help="Log level for the subcommand (2018 root flag; the subcommand's own --log-level wins).",
 )
 def cli() -> None:

@@ -6,6 +6,7 @@ chart set; they map onto Python's levels here. Import-light: the waiter's start-
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import click
@@ -35,6 +36,21 @@ def remember(ctx: click.Context, _: click.Parameter, value: str | None) -> str |
     if value is not None:
         ctx.meta[META_KEY] = normalize(value)
     return value
+
+
+def for_root(subcommands: Iterable[str]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """Callback of the root option: remember the level; `debug` also means --verbose for subcommands having it.
+
+    A subcommand's context takes its defaults from the parent's default map under its own name.
+    """
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        remember(ctx, param, value)
+        if value is not None and normalize(value) == "debug":
+            ctx.default_map = {**(ctx.default_map or {}), **{name: {"verbose": True} for name in subcommands}}
+        return value
+
+    return callback
 
 
 def effective(ctx: click.Context, own: str | None, default: str = "info") -> str:
