@@ -38,8 +38,10 @@ def remember(ctx: click.Context, _: click.Parameter, value: str | None) -> str |
     return value
 
 
-def for_root(subcommands: Iterable[str]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
-    """Callback of the root option: remember the level; `debug` also means --verbose for subcommands having it.
+def for_root(
+    subcommands: Iterable[str],
+) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """Root option callback: remember the level; `debug` also means --verbose where a subcommand has it.
 
     A subcommand's context takes its defaults from the parent's default map under its own name.
     """

@@ -1,28 +1,29 @@
-"""The API reads of `status` and `rules verify --pod` (synchronous lightkube), with errors a user can act on.
+"""The API reads of `status` and `rules verify --pod`, with errors a user can act on.
 
-Objects come back as plain dicts (the API's JSON), so the controller's own pure code (selection, spec) sees
-exactly what it sees in the informer.
+Plain GETs on an httpx client lightkube builds from the kubeconfig (its TLS and auth handling), returning the
+API's JSON as dicts: no model decoding that a malformed object could break, and the controller's own pure
+code (selection, spec) sees exactly what its informer sees.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Final
+from urllib.parse import quote
 
 import httpx2 as httpx
-import lightkube
-from lightkube.core.exceptions import ApiError
-from lightkube.resources.core_v1 import Event, Namespace, Pod
+from lightkube.config.client_adapter import Client as adapter_client
+from lightkube.config.client_adapter import ConnectionParams
 
 from ..controller.kubeconfig import Loaded
 from ..errors import ControllerError
 
 Obj = Mapping[str, Any]
 TIMEOUT: Final = 10.0
-CONTROLLER_LABELS: Final[dict[str, str | None]] = {
-    "app.kubernetes.io/name": "istio-pod-network-controller",
-    "app.kubernetes.io/component": "controller",
-}
+CONTROLLER_SELECTOR: Final = (
+    "app.kubernetes.io/name=istio-pod-network-controller,app.kubernetes.io/component=controller"
+)
 """The chart's selector labels of the DaemonSet's pods."""
 
 
@@ -38,12 +39,12 @@ class Cluster:
     def __init__(self, loaded: Loaded) -> None:
         self.server = loaded.server
         try:
-            self._client = lightkube.Client(config=loaded.config, timeout=httpx.Timeout(TIMEOUT))
+            self._http = adapter_client(loaded.config, ConnectionParams(timeout=httpx.Timeout(TIMEOUT)))
         except (OSError, ValueError) as exc:
             raise ClusterError("unreachable", f"cannot set up a connection to {self.server}: {exc}") from None
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def __enter__(self) -> Cluster:
         return self
@@ -51,53 +52,58 @@ class Cluster:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _get(self, what: str, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
-            return fn(*args, **kwargs)
-        except ApiError as exc:
-            code = int(exc.status.code or 0)
-            message = str(exc.status.message or exc)
-            if code == 404:
-                raise ClusterError("not-found", f"{what}: not found") from None
-            if code in (401, 403):
-                raise ClusterError(
-                    "denied", f"{what}: the API server {self.server} said {code}: {message}"
-                ) from None
-            raise ClusterError(
-                "failed", f"{what}: the API server {self.server} said {code}: {message}"
-            ) from None
+            response = self._http.get(path, params=dict(params or {}))
         except (httpx.HTTPError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise ClusterError(
                 "unreachable", f"cannot reach the API server {self.server}: {detail}"
             ) from None
+        code = response.status_code
+        if code == 404:
+            raise ClusterError("not-found", f"{what}: not found")
+        if code >= 400:
+            message = _message(response.content)
+            kind = "denied" if code in (401, 403) else "failed"
+            raise ClusterError(kind, f"{what}: the API server {self.server} said {code}: {message}")
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            raise ClusterError("failed", f"{what}: the API server {self.server} sent no JSON") from None
+        if not isinstance(body, dict):
+            raise ClusterError("failed", f"{what}: the API server {self.server} sent no object")
+        return body
+
+    def _items(self, what: str, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        items = self._get(what, path, params).get("items") or []
+        return [item for item in items if isinstance(item, dict)]
 
     def pod(self, namespace: str, name: str) -> dict[str, Any]:
-        found = self._call(f"pod {namespace}/{name}", self._client.get, Pod, name, namespace=namespace)
-        return dict(found.to_dict())
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
+        return self._get(f"pod {namespace}/{name}", path)
 
     def namespace(self, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self._call(f"namespace {name}", self._client.get, Namespace, name).to_dict())
+            return self._get(f"namespace {name}", f"/api/v1/namespaces/{quote(name, safe='')}")
         except ClusterError as exc:
             if exc.kind == "not-found":
                 return None
             raise
 
     def controller_pods(self, namespace: str, node: str) -> list[dict[str, Any]]:
-        items = self._call(
-            f"controller pods in {namespace}",
-            lambda: list(
-                self._client.list(
-                    Pod, namespace=namespace, labels=dict(CONTROLLER_LABELS), fields={"spec.nodeName": node}
-                )
-            ),
-        )
-        return [dict(item.to_dict()) for item in items]
+        params = {"labelSelector": CONTROLLER_SELECTOR, "fieldSelector": f"spec.nodeName={node}"}
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods"
+        return self._items(f"controller pods in {namespace}", path, params)
 
     def events(self, namespace: str, uid: str) -> list[dict[str, Any]]:
-        items = self._call(
-            f"events of pod {uid}",
-            lambda: list(self._client.list(Event, namespace=namespace, fields={"involvedObject.uid": uid})),
-        )
-        return [dict(item.to_dict()) for item in items]
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/events"
+        return self._items(f"events of pod {uid}", path, {"fieldSelector": f"involvedObject.uid={uid}"})
+
+
+def _message(body: bytes) -> str:
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace")
+    return str(status.get("message", "")) if isinstance(status, dict) else ""
