@@ -119,6 +119,18 @@ def test_run_outside_a_cluster(tmp_path: Path) -> None:
             "clusters: [{name: k, cluster: {server: 'localhost:6443'}}]\nusers: [{name: u, user: {}}]\n",
             "cluster 'k' has no http(s):// server address",
         ),
+        (
+            "current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+            "clusters: [{name: k, cluster: {server: 'https://a:6443', certificate-authority: ca.crt}}]\n"
+            "users: [{name: u, user: {}}]\n",
+            "cluster certificate-authority ca.crt: no such file",
+        ),
+        (
+            "current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+            "clusters: [{name: k, cluster: {server: 'https://a:6443', certificate-authority: /etc/passwd}}]\n"
+            "users: [{name: u, user: {}}]\n",
+            "invalid cluster configuration: [X509",
+        ),
     ],
 )
 def test_run_with_an_invalid_kubeconfig(tmp_path: Path, text: str, message: str) -> None:

@@ -14,11 +14,14 @@ the few references a usable configuration needs first and names the one that is 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
+from lightkube.config.client_adapter import Client as adapter_client
+from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.core.exceptions import ConfigError
 
@@ -86,8 +89,14 @@ def _named(entries: object, name: str, section: str, where: str) -> Mapping[str,
     raise KubeconfigError(f"{where}: invalid kubeconfig: no entry named {name!r} in '{section}'")
 
 
-def validate(data: object, where: str) -> str:
-    """Check the references the current context needs; returns its API server URL."""
+FILE_FIELDS = (("cluster", "certificate-authority"), ("user", "client-certificate"), ("user", "client-key"),
+               ("user", "tokenFile"))  # fmt: skip
+
+
+def validate(
+    data: object, where: str, base_dir: str = "", exists: Callable[[str], bool] = os.path.isfile
+) -> str:
+    """Check the references the current context needs, files included; returns its API server URL."""
     if not isinstance(data, Mapping):
         raise KubeconfigError(f"{where}: invalid kubeconfig: not a YAML mapping")
     current = data.get("current-context")
@@ -100,7 +109,11 @@ def validate(data: object, where: str) -> str:
     if not isinstance(cluster_name, str) or not isinstance(user_name, str):
         raise KubeconfigError(f"{where}: invalid kubeconfig: context {current!r} needs a cluster and a user")
     cluster = _named(data.get("clusters"), cluster_name, "clusters", where)
-    _named(data.get("users"), user_name, "users", where)
+    user = _named(data.get("users"), user_name, "users", where)
+    for section, key in FILE_FIELDS:
+        named = (cluster if section == "cluster" else user).get(key)
+        if isinstance(named, str) and named and not exists(os.path.join(base_dir, os.path.expanduser(named))):
+            raise KubeconfigError(f"{where}: {section} {key} {named}: no such file")
     server = cluster.get("server")
     if not isinstance(server, str) or not server.startswith(("https://", "http://")):
         raise KubeconfigError(
@@ -139,11 +152,14 @@ def load(source: Source, service_account_dir: str = SERVICE_ACCOUNT_DIR) -> Load
             single = KubeConfig.from_service_account(service_account=service_account_dir).get()
         else:
             data = _read(source.path)
-            validate(data, source.describe())
+            validate(data, source.describe(), os.path.dirname(os.path.abspath(source.path)))
             single = KubeConfig.from_dict(data, fname=source.path).get()  # type: ignore[arg-type]
+        if single is not None:
+            # Build (and drop) a client as lightkube will: TLS material that does not load fails here, once.
+            adapter_client(single, ConnectionParams()).close()
     except KubeconfigError:
         raise
-    except (ConfigError, KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError, OSError, ssl.SSLError) as exc:
         raise KubeconfigError(f"{source.describe()}: invalid cluster configuration: {exc}") from None
     if single is None:
         raise KubeconfigError(f"{source.describe()}: no usable context")
