@@ -214,10 +214,15 @@ def test_rules_verify_pod_reads_the_pods_own_annotations() -> None:
     with SimCluster() as cluster:
         node = cluster.add_node("ipncv")
         pod = cluster.add_pod(node, "mesh", annotations={ann.EXCLUDE_OUTBOUND_PORTS: "5432"})
-        ctl = cluster.start_controller(node)
+        ctl = cluster.start_controller(node, ["--exclude-inbound-ports", "9000"])
         ctl.wait_ready()
         cluster.wait_initialized([pod], 20, ctl.log)
         admin = ["--kubeconfig", str(cluster.api.kubeconfig_path)]
+        # The controller as the API sees its DaemonSet pod: verify takes its flags as the defaults.
+        cluster.store.create(NAMESPACES, None, {"metadata": {"name": "istio-system"}})
+        ctl_pod = controller_pod(node.name, ready=True)
+        ctl_pod["spec"]["containers"][0].update(args=["run", "--exclude-inbound-ports=9000"], env=[])
+        cluster.store.create(PODS, "istio-system", ctl_pod)
 
         def rules(*args: str) -> subprocess.CompletedProcess[str]:
             argv = [sys.executable, "-m", "istio_pod_network_controller", "rules", *args]
@@ -228,6 +233,10 @@ def test_rules_verify_pod_reads_the_pods_own_annotations() -> None:
         assert done.stdout.strip().endswith(": in place")
         pid = str(pod.processes[0].pid)
         assert rules("verify", "--pid", pid, "--pod", "default/mesh", *admin).returncode == exitcodes.OK
+        elsewhere = ["--controller-namespace", "nowhere"]  # no controller pod found: its flags are unknown
+        assert rules("verify", "--pod", "default/mesh", *admin, *elsewhere).returncode == exitcodes.DRIFT
+        given = ["--exclude-inbound-ports", "9000"]
+        assert rules("verify", "--pod", "default/mesh", *admin, *elsewhere, *given).returncode == exitcodes.OK
         # The defaults alone call the pod's correct rules drift: that is why they are refused by default.
         assert rules("verify", "--pid", pid, "--flags-only").returncode == exitcodes.DRIFT
         ctl.terminate()

@@ -15,7 +15,7 @@ from ..errors import ControllerError, DownwardAPIError, HostNetnsRefused, SpecEr
 from . import exitcodes
 
 _PERMISSION = ("Permission denied", "Operation not permitted")
-_MISSING = ("No such file", "not installed", "No such process")
+_MISSING = ("No such file", "No such process")
 
 
 def fail(message: str, code: int) -> NoReturn:

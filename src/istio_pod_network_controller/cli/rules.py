@@ -7,7 +7,7 @@ import functools
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -148,11 +148,7 @@ def _parsed_spec(annotations_file: str | None, settings: dict[str, str | None]) 
     try:
         return _spec(annotations_file, settings)
     except ControllerError as exc:
-        _fail(exc)
-
-
-def _fail(exc: Exception) -> NoReturn:
-    fail_with(exc)
+        fail_with(exc)
 
 
 @click.group()
@@ -224,6 +220,12 @@ def apply(target: Target, annotations_file: str | None, **settings: str | None) 
     "--kubeconfig", default=None, help="for --pod [default: KUBECONFIG, in-cluster, ~/.kube/config]"
 )
 @click.option(
+    "--controller-namespace",
+    default="istio-system",
+    show_default=True,
+    help="for --pod: the controller on the pod's node gives the defaults its flags set",
+)
+@click.option(
     "--flags-only",
     is_flag=True,
     help="compare with the flags alone (a namespace that is no pod's); else --annotations or --pod is needed",
@@ -233,23 +235,27 @@ def verify(
     annotations_file: str | None,
     pod_ref: str | None,
     kubeconfig: str | None,
+    controller_namespace: str,
     flags_only: bool,
     **settings: str | None,
 ) -> None:
     """Compare live rules with the pod's spec: exit 0 in place, 1 drift (with a diff), 8 not installed.
 
     The spec is the pod's own: its annotations (--pod from the API, or --annotations, the downward-API file)
-    over the flags. Comparing a pod's rules with the defaults alone reports false drift, so it is refused.
+    over the defaults (with --pod: those of the controller pod on its node, then the flags given here).
+    Comparing a pod's rules with the defaults alone reports false drift, so it is refused.
     """
     if sum((annotations_file is not None, pod_ref is not None, flags_only)) != 1:
         raise click.UsageError(
             "give the pod's annotations, --pod NS/NAME (from the API) or --annotations FILE (the "
             f"downward-API file, on a node {DOWNWARD_FILE}), or --flags-only to compare with the flags alone"
         )
-    pod = _fetch_pod(pod_ref, kubeconfig) if pod_ref is not None else None
-    if pod is not None:
+    pod: dict[str, Any] | None = None
+    if pod_ref is not None:
+        pod, controller_defaults = _fetch_pod(pod_ref, kubeconfig, controller_namespace)
         annotations = {str(k): str(v) for k, v in (pod["metadata"].get("annotations") or {}).items()}
-        spec = _spec_from(annotations, settings)
+        given = {name: value for name, value in settings.items() if value is not None}
+        spec = _spec_from(annotations, {**controller_defaults, **given})
     else:
         spec = _parsed_spec(annotations_file, settings)
     where, drift = target.run(dataplane.verify, spec, pod=pod)
@@ -264,17 +270,22 @@ def verify(
     raise SystemExit(exitcodes.DRIFT)
 
 
-def _spec_from(annotations: Mapping[str, str], settings: dict[str, str | None]) -> InterceptSpec:
+def _spec_from(annotations: Mapping[str, str], settings: Mapping[str, str | None]) -> InterceptSpec:
     defaults = {name: value for name, value in settings.items() if value is not None}
     try:
         return build_spec(annotations, defaults, default_source=source_name)
     except ControllerError as exc:
-        _fail(exc)
+        fail_with(exc)
 
 
-def _fetch_pod(ref: str, kubeconfig: str | None) -> dict[str, Any]:
+def _fetch_pod(
+    ref: str, kubeconfig: str | None, controller_namespace: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The pod, and the spec defaults of the controller pod on its node (none found: no defaults)."""
     from ..controller.kubeconfig import KubeconfigError, find
     from ..diagnose.cluster import Cluster, ClusterError
+    from ..diagnose.explain import controller_settings
+    from .spec_options import env_name, flag_name
     from .status import KIND_CODES
 
     namespace, sep, name = ref.partition("/")
@@ -286,9 +297,14 @@ def _fetch_pod(ref: str, kubeconfig: str | None) -> dict[str, Any]:
         fail(str(exc), exitcodes.CONFIG)
     try:
         with Cluster(loaded) as cluster:
-            return cluster.pod(namespace, name)
+            pod = cluster.pod(namespace, name)
+            node = str((pod.get("spec") or {}).get("nodeName") or "")
+            controllers = cluster.controller_pods(controller_namespace, node) if node else []
     except ClusterError as exc:
         fail(str(exc), KIND_CODES.get(exc.kind, exitcodes.UNREACHABLE))
+    if not controllers:
+        return pod, {}
+    return pod, controller_settings(controllers[0], flag_name, env_name).defaults
 
 
 @rules.command()
