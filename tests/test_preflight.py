@@ -68,6 +68,9 @@ def test_access_decisions() -> None:
     unreachable = pf.decide_access(server, [], pf.ApiProblem(0, "connection refused"))
     assert unreachable.detail == f"cannot reach the API server {server}: connection refused"
     assert "401" in pf.decide_access(server, [], pf.ApiProblem(401, "Unauthorized")).detail
+    assert not pf.decide_access(server, [], pf.ApiProblem(500, "etcd")).ok
+    refused = pf.decide_access(server, [], pf.ApiProblem(403, "forbidden"))
+    assert refused.ok and "verbs not checked" in refused.detail  # reachable: the informers will tell more
     answers = [pf.Access(a.group, a.resource, a.verb, a.resource != "events") for a in NEEDED]
     denied = pf.decide_access(server, answers, None)
     assert not denied.ok and "create events" in denied.detail and "ClusterRole" in denied.fix

@@ -251,6 +251,12 @@ def decide_access(server: str, answers: Sequence[Access], problem: ApiProblem | 
             f"the API server {server} refused the credentials (401)",
             "renew the token or client certificate in the kubeconfig / service account",
         )
+    if problem is not None and problem.code in (403, 404):
+        # Access reviews themselves refused or not served (a hardened or unusual API server): the server
+        # answers, and a missing permission will show in the informers' errors; not a reason to stay unready.
+        return Check(
+            name, True, f"{server}: reachable; access reviews refused ({problem.code}), verbs not checked"
+        )
     if problem is not None:
         return Check(name, False, f"the API server {server} answered {problem.code}: {problem.message}")
     denied = [str(a) for a in answers if not a.allowed]
