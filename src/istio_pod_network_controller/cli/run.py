@@ -241,7 +241,7 @@ async def _serve(config: ControllerConfig, flag_of: dict[str, str], loaded: Load
     """The controller behind its preflight: capabilities, /proc, tools, the API access of the ClusterRole."""
     from ..controller import preflight
     from ..controller.access import run_checks
-    from ..controller.main import Controller
+    from ..controller.main import run as run_controller
     from ..install import rbac
 
     needed = preflight.required_access(rbac.CLUSTER_ROLE_RULES)
@@ -249,4 +249,4 @@ async def _serve(config: ControllerConfig, flag_of: dict[str, str], loaded: Load
     async def check() -> preflight.Report:
         return await run_checks(config.proc_root, config.backend, loaded.config, loaded.server, needed)
 
-    return await Controller(config, flag_of, check, retry).run()
+    return await run_controller(config, flag_of, check, retry)

@@ -296,5 +296,10 @@ class Controller:
         return 0
 
 
-async def run(config: ControllerConfig, flag_of: dict[str, str], preflight: Preflight | None = None) -> int:
-    return await Controller(config, flag_of, preflight).run()
+async def run(
+    config: ControllerConfig,
+    flag_of: dict[str, str],
+    preflight: Preflight | None = None,
+    preflight_retry: float = PREFLIGHT_RETRY,
+) -> int:
+    return await Controller(config, flag_of, preflight, preflight_retry).run()
