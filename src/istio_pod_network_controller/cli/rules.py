@@ -15,6 +15,7 @@ from ..controller import preflight
 from ..dataplane import apply as dataplane
 from ..dataplane.discovery import PodNetns, find_pod_netns
 from ..dataplane.netns import PinnedNetns
+from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from ..errors import ControllerError
 from ..rules import iptables, nftables, plan
 from ..settings.downward import read_annotations
@@ -221,7 +222,7 @@ def apply(target: Target, annotations_file: str | None, **settings: str | None) 
 )
 @click.option(
     "--controller-namespace",
-    default="istio-system",
+    default=DEFAULT_CONTROLLER_NAMESPACE,
     show_default=True,
     help="for --pod: the controller on the pod's node gives the defaults its flags set",
 )

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import click
 
+from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from . import exitcodes
 from .failures import fail
 from .spec_options import env_name, flag_name
@@ -38,7 +39,7 @@ def _cluster_failure(exc: Exception, kind: str) -> NoReturn:
 )
 @click.option(
     "--controller-namespace",
-    default="istio-system",
+    default=DEFAULT_CONTROLLER_NAMESPACE,
     show_default=True,
     help="where the controller's DaemonSet runs",
 )

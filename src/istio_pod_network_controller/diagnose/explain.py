@@ -18,6 +18,7 @@ from ..controller.reconcile import candidate_digests
 from ..errors import SpecError
 from ..settings import annotations as ann
 from ..settings.spec import SETTINGS, InterceptSpec, build_spec
+from . import DEFAULT_CONTROLLER_NAMESPACE
 
 Obj = Mapping[str, Any]
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
@@ -312,6 +313,8 @@ def _advise(
     ctl = controllers[0].name.split("/", 1)[1] if controllers else "POD"
     exec_prefix = f"kubectl -n {controller_namespace} exec {ctl} --"
     verify = f"{exec_prefix} istio-pod-network-controller rules verify --pod {pod} --proc-root /host/proc"
+    if controller_namespace != DEFAULT_CONTROLLER_NAMESPACE:
+        verify += f" --controller-namespace {controller_namespace}"
     if not decision.selected:
         if marked:
             return (
