@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+from typing import NoReturn
 
 import click
 
@@ -77,5 +77,25 @@ def cli() -> None:
     """Install Istio's traffic capture into mesh pods from the node, so mesh pods need no NET_ADMIN."""
 
 
-def main(argv: list[str] | None = None) -> Any:
-    return cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="istio-pod-network-controller")
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the command; a usage error is one line (click's own form takes four) with click's exit code."""
+    try:
+        code = cli.main(
+            args=argv if argv is not None else sys.argv[1:],
+            prog_name="istio-pod-network-controller",
+            standalone_mode=False,
+        )
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # a group run without a subcommand: its help, as click prints it
+        raise SystemExit(exc.exit_code) from None
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except click.Abort:
+        click.echo("aborted", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
