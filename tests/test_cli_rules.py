@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from istio_pod_network_controller.cli import exitcodes
+
 CLI = [sys.executable, "-m", "istio_pod_network_controller", "rules"]
 
 
@@ -33,29 +35,48 @@ def test_render_nftables_and_annotations_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
         (
             ["render", "--include-inbound-ports", "80,abc"],
+            exitcodes.USAGE,
             "--include-inbound-ports (or IPNC_INCLUDE_INBOUND_PORTS): invalid value '80,abc'",
         ),
         (
             ["render", "--interception-mode", "MAGIC"],
+            exitcodes.USAGE,
             "--interception-mode (or IPNC_INTERCEPTION_MODE): invalid value 'MAGIC'",
         ),
-        (["render", "--annotations", "/nonexistent/file"], "/nonexistent/file: No such file"),
+        (
+            ["render", "--annotations", "/nonexistent/file"],
+            exitcodes.USAGE,
+            "/nonexistent/file: No such file",
+        ),
+        (["apply"], exitcodes.USAGE, "give exactly one of --netns PATH or --pid PID"),
+    ],
+)
+def test_errors_are_one_clear_line_without_traceback(args: list[str], code: int, message: str) -> None:
+    done = cli(*args)
+    assert done.returncode == code
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["apply", "--netns", "/nonexistent"], "cannot open network namespace /nonexistent"),
-        (["apply"], "give exactly one of --netns PATH or --pid PID"),
         (
             ["find-netns", "--pod-uid", "0e0e0e0e-0000-4000-8000-000000000000"],
             "no process in a cgroup of this pod",
         ),
     ],
 )
-def test_errors_are_one_clear_line_without_traceback(args: list[str], message: str) -> None:
+def test_missing_targets_are_not_found(args: list[str], message: str) -> None:
     done = cli(*args)
-    assert done.returncode == 2
-    assert message in done.stderr
+    assert done.returncode == exitcodes.NOT_FOUND, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
 
 
@@ -76,9 +97,9 @@ def test_apply_verify_clean_round_trip(netns_name: str) -> None:
     applied = cli("apply", *target, "--capture-dns", "true")
     assert applied.returncode == 0, applied.stderr
     assert "with legacy" in applied.stdout
-    assert cli("verify", *target, "--capture-dns", "true").returncode == 0
-    drifted = cli("verify", *target)
-    assert drifted.returncode == 1
+    assert cli("verify", *target, "--flags-only", "--capture-dns", "true").returncode == exitcodes.OK
+    drifted = cli("verify", *target, "--flags-only")
+    assert drifted.returncode == exitcodes.DRIFT
     assert "chain ISTIO_OUTPUT_DNS should not exist" in drifted.stdout
     cleaned = cli("clean", *target)
     assert cleaned.returncode == 0, cleaned.stderr
@@ -94,7 +115,7 @@ def test_apply_verify_clean_round_trip(netns_name: str) -> None:
 @pytest.mark.root
 def test_host_netns_refused_by_pid() -> None:
     done = cli("apply", "--pid", str(os.getpid()), "--backend", "legacy")
-    assert done.returncode == 2
+    assert done.returncode == exitcodes.USAGE
     assert "is the host's network namespace" in done.stderr
 
 

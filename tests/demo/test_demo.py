@@ -58,6 +58,15 @@ def test_bad_annotation_pod_is_reported_untouched_and_never_starts(result: DemoR
     assert warnings and "excludeInboundPorts" in warnings[0] and "'8081,http'" in warnings[0]
 
 
+def test_status_explains_the_example_pod(result: DemoResult) -> None:
+    assert (
+        "Selected:   yes: injected sidecar with the istio-pod-network-wait init container"
+        in result.status_output
+    )
+    assert "matches the spec below" in result.status_output
+    assert ": Ready (Running" in result.status_output
+
+
 def test_controller_used_one_patch_per_mesh_pod_and_no_gets(result: DemoResult) -> None:
     assert result.controller_requests.get("patch pods") == 3
     assert not any(key.startswith("get ") for key in result.controller_requests)
@@ -73,6 +82,8 @@ def test_demo_command_prints_the_table_and_leaves_nothing_behind() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "captured → envoy-in" in done.stdout and "direct → app" in done.stdout
     assert "host network namespace rules: unchanged" in done.stdout
+    assert "$ istio-pod-network-controller status injected -n demo" in done.stdout
+    assert "Verdict:    initialized: capture rules installed for this spec" in done.stdout
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     demo_names = re.compile(r"^d\d+-(node|p\d+)\b")
     left = [line for line in after.splitlines() if demo_names.match(line) and line not in before.splitlines()]

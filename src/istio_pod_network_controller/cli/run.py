@@ -1,7 +1,9 @@
 """`istio-pod-network-controller run`: the per-node DaemonSet process (see docs/controller.md).
 
-Every option can also be set from the environment as IPNC_<OPTION> (upper snake case); --node-name also
-reads NODE_NAME, the variable the DaemonSet fills from the downward API.
+Every option can also be set from the environment as IPNC_<OPTION> (upper snake case). The names the 2018
+controller read automatically (viper) work too, after IPNC_*: NODE_NAME, LOG_LEVEL, ENVOY_PORT,
+ENABLE_INBOUND_IPV6, ISTIO_INBOUND_INTERCEPTION_MODE, ISTIO_INCLUDE_OUTBOUND_IP_RANGES,
+ISTIO_EXCLUDE_OUTBOUND_IP_RANGES, ISTIO_EXCLUDE_INBOUND_PORTS, CONTAINER_RUNTIME, CRIO_SOCKET, RUNC_ROOT.
 """
 
 from __future__ import annotations
@@ -9,13 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ..dataplane.apply import BACKEND_CHOICES
 from ..settings.spec import SETTINGS
+from . import exitcodes, loglevel
+from .failures import fail
 from .spec_options import flag_name, spec_options
+
+if TYPE_CHECKING:
+    from ..controller.config import ControllerConfig
+    from ..controller.kubeconfig import Loaded
 
 F = TypeVar("F", bound=Callable[..., Any])
 LEGACY_SPEC_OPTIONS: dict[str, str] = {
@@ -31,20 +39,50 @@ IGNORED_OPTIONS: dict[str, str] = {
 }
 
 
+IPV6_2018 = {"true": "capture", "false": "block"}
+"""--enable-inbound-ipv6 (2018) -> the ipv6 setting; the 2018 script rejected inbound IPv6 when false."""
+
+
+def _env_2018(flag: str) -> list[str]:
+    """IPNC_<NAME>, then the 2018 automatic name <NAME> (viper's AutomaticEnv with - replaced by _)."""
+    name = flag.lstrip("-").replace("-", "_").upper()
+    return [f"IPNC_{name}", name]
+
+
 def _spec_options(func: F) -> F:
-    """The spec flags `rules` has (same names, same parsers), plus the 2018 spellings."""
+    """The spec flags `rules` has (same names, same parsers), plus the 2018 spellings and variables."""
+    func = click.option(
+        "--enable-inbound-ipv6",
+        "enable_inbound_ipv6",
+        default=None,
+        metavar="true|false",
+        envvar=_env_2018("--enable-inbound-ipv6"),
+        help="2018: true = --ipv6 capture, false = --ipv6 block (--ipv6 wins)",
+    )(func)
     for flag, param in reversed(LEGACY_SPEC_OPTIONS.items()):
-        func = click.option(flag, param, default=None, metavar="VALUE", help="2018 spelling of the setting")(
-            func
-        )
-    func = spec_options("default for every pod: ")(func)
+        func = click.option(
+            flag,
+            param,
+            default=None,
+            metavar="VALUE",
+            envvar=_env_2018(flag),
+            help="2018 spelling of the setting",
+        )(func)
+    func = spec_options("default for every pod: ", {"envoy_port": ("ENVOY_PORT",)})(func)
     for flag, param in IGNORED_OPTIONS.items():
-        func = click.option(flag, param, default=None, hidden=True)(func)
+        func = click.option(flag, param, default=None, hidden=True, envvar=_env_2018(flag))(func)
     return func
 
 
-@click.command(context_settings={"auto_envvar_prefix": "IPNC", "show_default": True})
-@click.option("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster service account)")
+@click.command(
+    context_settings={"auto_envvar_prefix": "IPNC", "show_default": True},
+    epilog="\b\nExit codes:\n" + exitcodes.describe(),
+)
+@click.option(
+    "--kubeconfig",
+    default=None,
+    help="kubeconfig file [default: KUBECONFIG, else the in-cluster service account, else ~/.kube/config]",
+)
 @click.option(
     "--node-name",
     envvar=["IPNC_NODE_NAME", "NODE_NAME"],
@@ -90,8 +128,10 @@ def _spec_options(func: F) -> F:
 )
 @click.option(
     "--log-level",
-    type=click.Choice(["debug", "info", "warning", "warn", "error"], case_sensitive=False),
-    default="info",
+    type=loglevel.CHOICE,
+    default=None,
+    envvar=["IPNC_LOG_LEVEL", "LOG_LEVEL"],
+    help="[default: info; also before `run`; env LOG_LEVEL as the 2018 chart set it]",
 )
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json")
 @click.option(
@@ -118,16 +158,23 @@ def _spec_options(func: F) -> F:
     default=25.0,
     help="on SIGTERM, seconds to let in-flight pods finish",
 )
+@click.option(
+    "--preflight-retry",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    help="seconds between preflight attempts while a check fails (not ready meanwhile)",
+)
 @_spec_options
-def run(**options: Any) -> None:
+@click.pass_context
+def run(ctx: click.Context, /, **options: Any) -> None:
     """Initialize every eligible pod on this node: capture rules in its network namespace, then mark it."""
     from ..controller import config as cfg
     from ..controller import logs
-    from ..controller.main import run as run_controller
+    from ..controller.kubeconfig import KubeconfigError, find
     from ..controller.selection import SelectionOptions
     from ..errors import SpecError
 
-    level = "warning" if options["log_level"].lower() == "warn" else options["log_level"].lower()
+    level = loglevel.effective(ctx, options["log_level"])
     logs.setup(level, options["log_format"])
     log = logging.getLogger("istio_pod_network_controller.run")
     ignored = [flag for flag, param in IGNORED_OPTIONS.items() if options[param] is not None]
@@ -139,6 +186,14 @@ def run(**options: Any) -> None:
     if not node:
         raise click.UsageError("--node-name (or NODE_NAME) is required: the controller only serves its node")
     flag_of = {s.name: flag_name(s.name) for s in SETTINGS}
+    legacy_v6 = options["enable_inbound_ipv6"]
+    if legacy_v6 is not None and options["ipv6"] is None:
+        if legacy_v6.strip().lower() not in IPV6_2018:
+            raise click.UsageError(
+                f"--enable-inbound-ipv6: invalid value {legacy_v6!r}: must be true or false"
+            )
+        options["ipv6"] = IPV6_2018[legacy_v6.strip().lower()]
+        flag_of["ipv6"] = "--enable-inbound-ipv6"
     try:
         defaults = cfg.spec_defaults(
             {s.name: options[s.name] for s in SETTINGS},
@@ -153,9 +208,14 @@ def run(**options: Any) -> None:
     except (SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
     excluded = frozenset(n.strip() for n in options["excluded_namespaces"].split(",") if n.strip())
+    try:
+        loaded = find(options["kubeconfig"])
+    except KubeconfigError as exc:
+        fail(str(exc), exitcodes.CONFIG)
+    log.info("API server %s (%s)", loaded.server, loaded.source.describe())
     config = cfg.ControllerConfig(
         node_name=node,
-        kubeconfig=options["kubeconfig"],
+        kubeconfig=loaded.source.path,
         proc_root=options["proc_root"],
         backend=options["backend"],
         listen_host=host,
@@ -174,4 +234,19 @@ def run(**options: Any) -> None:
             relist_jitter=options["relist_jitter"],
         ),
     )
-    raise SystemExit(asyncio.run(run_controller(config, flag_of)))
+    raise SystemExit(asyncio.run(_serve(config, flag_of, loaded, options["preflight_retry"])))
+
+
+async def _serve(config: ControllerConfig, flag_of: dict[str, str], loaded: Loaded, retry: float) -> int:
+    """The controller behind its preflight: capabilities, /proc, tools, the API access of the ClusterRole."""
+    from ..controller import preflight
+    from ..controller.access import run_checks
+    from ..controller.main import run as run_controller
+    from ..install import rbac
+
+    needed = preflight.required_access(rbac.CLUSTER_ROLE_RULES)
+
+    async def check() -> preflight.Report:
+        return await run_checks(config.proc_root, config.backend, loaded.config, loaded.server, needed)
+
+    return await run_controller(config, flag_of, check, retry)

@@ -3,7 +3,7 @@ for `rules`, `run` and `wait`, so the waiter listens exactly where the controlle
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -27,8 +27,14 @@ def source_name(setting: str) -> str:
     return f"{flag_name(setting)} (or {env_name(setting)})"
 
 
-def spec_options(help_prefix: str = "") -> Callable[[F], F]:
-    """One string option per setting (validated later by the spec's own parsers), in SETTINGS order."""
+def spec_options(
+    help_prefix: str = "", more_envvars: Mapping[str, tuple[str, ...]] | None = None
+) -> Callable[[F], F]:
+    """One string option per setting (validated later by the spec's own parsers), in SETTINGS order.
+
+    `more_envvars`: setting name -> further variables read after IPNC_<NAME> (the 2018 names for `run`).
+    """
+    extra = more_envvars or {}
 
     def decorate(func: F) -> F:
         for setting in reversed(SETTINGS):
@@ -37,7 +43,7 @@ def spec_options(help_prefix: str = "") -> Callable[[F], F]:
                 setting.name,
                 default=None,
                 metavar="VALUE",
-                envvar=env_name(setting.name),
+                envvar=[env_name(setting.name), *extra.get(setting.name, ())],
                 show_envvar=True,
                 help=help_prefix + setting.help,
             )(func)

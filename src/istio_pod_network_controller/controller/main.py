@@ -13,6 +13,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..settings import annotations as ann
@@ -22,17 +23,29 @@ from .config import ControllerConfig
 from .kube import Informer, KubeClient, load_config
 from .logs import pod_extra
 from .metrics import Metrics, StatusServer
+from .preflight import Report, node_event
 from .queue import QueueShutDown, WorkQueue
 from .reconcile import VERIFY, Reconciler
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 1.0
 STALL_LIMIT = 30.0
+PREFLIGHT_RETRY = 30.0
+Preflight = Callable[[], Awaitable[Report]]
 
 
 class Controller:
-    def __init__(self, config: ControllerConfig, flag_of: dict[str, str]) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        flag_of: dict[str, str],
+        preflight: Preflight | None = None,
+        preflight_retry: float = PREFLIGHT_RETRY,
+    ) -> None:
         self.config = config
+        self.preflight = preflight
+        self.preflight_retry = preflight_retry
+        self.not_ready = "syncing"
         self.metrics = Metrics()
         self.pods = PodCache()
         self.namespaces = NamespaceCache()
@@ -205,11 +218,38 @@ class Controller:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
+    async def _preflight_passed(self) -> bool:
+        """Re-run the checks until they pass (True) or SIGTERM (False); /readyz says why meanwhile.
+
+        Each new failure is logged once and recorded as a Warning Event on the node (best effort: the API may
+        be what failed).
+        """
+        reported = ""
+        while self.preflight is not None and not self.stopping.is_set():
+            report = await self.preflight()
+            if report.ok:
+                self.not_ready = "syncing"
+                log.info("preflight passed: %s", "; ".join(c.reason() for c in report.checks))
+                return True
+            reason = report.reason()
+            self.not_ready = f"preflight failed: {reason}"
+            if reason != reported:
+                reported = reason
+                log.error("preflight failed (retrying every %.0fs): %s", self.preflight_retry, reason)
+                event = node_event(self.config.node_name, f"preflight failed: {reason}")
+                try:
+                    await self.kube.create_event(event, attempts=1)
+                except Exception as exc:
+                    log.debug("preflight Event not recorded: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.preflight_retry)
+        return not self.stopping.is_set()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        status = StatusServer(self.metrics, self.healthy, lambda: self.ready)
+        status = StatusServer(self.metrics, self.healthy, lambda: self.ready, lambda: self.not_ready)
         port = await status.start(self.config.listen_host, self.config.listen_port)
         log.info(
             "controller for node %s started; status on %s:%d; %d workers",
@@ -219,14 +259,16 @@ class Controller:
             self.config.concurrency,
         )
         self._background.append(asyncio.create_task(self._heartbeat()))
-        ns_task = asyncio.create_task(self.ns_informer.run())
-        self._background.append(ns_task)
-        # Pods wait for the first namespace list, so the 2018 namespace rule is known when they are judged.
-        synced = asyncio.create_task(self.ns_informer.synced.wait())
         stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait({synced, stop}, return_when=asyncio.FIRST_COMPLETED)
-        synced.cancel()
-        informers = [ns_task]
+        informers: list[asyncio.Task[None]] = []
+        if await self._preflight_passed():
+            ns_task = asyncio.create_task(self.ns_informer.run())
+            self._background.append(ns_task)
+            informers.append(ns_task)
+            # Pods wait for the first namespace list: the 2018 namespace rule is known when they are judged.
+            synced = asyncio.create_task(self.ns_informer.synced.wait())
+            await asyncio.wait({synced, stop}, return_when=asyncio.FIRST_COMPLETED)
+            synced.cancel()
         workers: list[asyncio.Task[None]] = []
         if not self.stopping.is_set():
             informers.append(asyncio.create_task(self.pod_informer.run()))
@@ -254,5 +296,10 @@ class Controller:
         return 0
 
 
-async def run(config: ControllerConfig, flag_of: dict[str, str]) -> int:
-    return await Controller(config, flag_of).run()
+async def run(
+    config: ControllerConfig,
+    flag_of: dict[str, str],
+    preflight: Preflight | None = None,
+    preflight_retry: float = PREFLIGHT_RETRY,
+) -> int:
+    return await Controller(config, flag_of, preflight, preflight_retry).run()

@@ -94,10 +94,17 @@ def _probe(ok: bool, failure: bytes) -> tuple[str, str, bytes]:
 class StatusServer:
     """GET /metrics, /healthz, /readyz; anything else is 404. One request per connection."""
 
-    def __init__(self, metrics: Metrics, healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+        not_ready: Callable[[], str] = lambda: "syncing",
+    ) -> None:
         self._metrics = metrics
         self._healthy = healthy
         self._ready = ready
+        self._not_ready = not_ready
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -116,7 +123,7 @@ class StatusServer:
         if path == "/healthz":
             return _probe(self._healthy(), b"stalled\n")
         if path == "/readyz":
-            return _probe(self._ready(), b"syncing\n")
+            return _probe(self._ready(), self._not_ready().encode("utf-8", "replace") + b"\n")
         return "404 Not Found", "text/plain", b"not found\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -69,3 +69,6 @@ def print_report(console: Console, result: DemoResult) -> None:
     console.print(f"controller API requests: {requests or 'none'}")
     verdict = "[green]unchanged[/]" if result.host_rules_unchanged else "[red]CHANGED[/]"
     console.print(f"host network namespace rules: {verdict}")
+    if result.status_command:
+        console.print(f"\n$ {result.status_command}", markup=False, highlight=False)
+        console.print(result.status_output.rstrip(), markup=False, highlight=False)

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +44,9 @@ from .scenario import NAMESPACES as DEMO_NAMESPACES
 T = TypeVar("T")
 PROXY_UID = 1337
 WAITER_TIMEOUT = 30.0
+CONTROLLER_NAMESPACE = "istio-system"
+STATUS_EXAMPLE = "injected"
+"""The pod whose `istio-pod-network-controller status` the demo prints at the end."""
 
 
 @dataclass
@@ -74,6 +79,8 @@ class DemoResult:
     host_rules_unchanged: bool
     controller_requests: dict[str, int]
     controller_exit: int | None
+    status_command: str = ""
+    status_output: str = ""
 
 
 def _started(resource: T | None) -> T:
@@ -144,6 +151,36 @@ class Demo:
             self.controller_log,
             ["--backend", self.backend, "--repair-interval", "0"],
         )
+        self._controller_pod()
+
+    def _controller_pod(self) -> None:
+        """The controller as the API sees a DaemonSet pod (the chart's labels), so `status` finds it."""
+        name = f"istio-pod-network-controller-{self.tag}"
+        args = ["run", "--node-name", self.node.name, "--backend", self.backend, "--repair-interval", "0"]
+        labels = {
+            "app.kubernetes.io/name": "istio-pod-network-controller",
+            "app.kubernetes.io/component": "controller",
+        }
+        self.api.store.create(NAMESPACES, None, {"metadata": {"name": CONTROLLER_NAMESPACE}})
+        body = {"metadata": {"name": name, "namespace": CONTROLLER_NAMESPACE, "labels": labels},
+                "spec": {"nodeName": self.node.name, "containers": [{"name": "controller", "image": "ipnc",
+                                                                     "args": args}]}}  # fmt: skip
+        self.api.store.create(PODS, CONTROLLER_NAMESPACE, body)
+
+    def report_controller_ready(self) -> None:
+        """What the kubelet would write: the controller pod's Ready condition, from its real /readyz."""
+        ready = self.controller is not None and self.controller.http("/readyz")[0] == 200
+        status = {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}]}
+        set_status(self.api.store, CONTROLLER_NAMESPACE, f"istio-pod-network-controller-{self.tag}", status)
+
+    def status_example(self) -> tuple[str, str]:
+        """`istio-pod-network-controller status` of one mesh pod, run as an operator would (as admin)."""
+        pod = next(p for p in self.cast if p.name == STATUS_EXAMPLE)
+        args = ["status", pod.name, "-n", pod.namespace, "--controller-namespace", CONTROLLER_NAMESPACE]
+        argv = [sys.executable, "-m", "istio_pod_network_controller", *args,
+                "--kubeconfig", str(self.api.kubeconfig_path)]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        return "istio-pod-network-controller " + " ".join(args), done.stdout or done.stderr
 
     def create_pods(self) -> None:
         for index, pod in enumerate(self.cast, start=1):
@@ -263,7 +300,7 @@ class Demo:
         counts: dict[str, int] = {}
         for record in self.api.requests.records():
             if record.user == CONTROLLER_USER:
-                key = f"{record.verb} {record.resource}"
+                key = f"{record.verb} {record.resource or record.path.rsplit('/', 1)[-1]}"
                 counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -330,10 +367,13 @@ def run_demo(
             demo.send_traffic()
             demo.collect_events()
             requests = demo.controller_requests()
+            demo.report_controller_ready()
+            command, output = demo.status_example()
             if keep is not None:
                 keep(demo)
             code = demo.stop_controller()
-            return DemoResult(list(demo.outcomes.values()), host_rules() == before, requests, code)
+            unchanged = host_rules() == before
+            return DemoResult(list(demo.outcomes.values()), unchanged, requests, code, command, output)
         finally:
             progress("cleaning up")
             demo.close()
