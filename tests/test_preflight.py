@@ -127,7 +127,7 @@ def test_check_names_the_missing_verb_and_a_bad_proc_root(api: ThreadedServer, t
     failures = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
     assert len(failures) == 2, done.stdout
     assert "/proc root /nonexistent: no such directory; fix: mount the node's /proc" in failures[0]
-    assert "not allowed to create events, patch events" in failures[1]
+    assert "not allowed to create events;" in failures[1]
     assert "Traceback" not in done.stderr
 
 

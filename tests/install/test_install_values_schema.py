@@ -66,7 +66,7 @@ BAD = [
     ("interception.captureDNS", "yes"),
     ("interception.mode", "redirect"),
     ("interception.ipv6", "on"),
-    ("LogLevel", "trace"),
+    ("LogLevel", "verbose"),
     ("webhook.logLevel", "warn"),
     ("webhook.failurePolicy", "fail"),
     ("webhook.tls.mode", "self-signed"),

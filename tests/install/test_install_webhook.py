@@ -302,7 +302,7 @@ def test_chart_passes_the_release_namespace_and_never_trust() -> None:
     """The waiter's timeout advice must name the namespace the chart really installed into."""
     from install_helpers import one, render
 
-    objects = render({"Namespace": "", "webhook": {"enabled": True, "certificate": {"mode": "generate"}}},
+    objects = render({"Namespace": "", "webhook": {"enabled": True, "tls": {"mode": "generate"}}},
                      namespace="mesh-system")  # fmt: skip
     args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--controller-namespace=mesh-system" in args
