@@ -13,17 +13,12 @@ from typing import Any, TypeVar
 
 import click
 
+from ..controller.config import LEGACY_SPEC_FLAGS, legacy_param
 from ..dataplane.apply import BACKEND_CHOICES
-from ..settings.spec import SETTINGS
-from .spec_options import flag_name, spec_options
+from ..settings.spec import SETTINGS, Given
+from .spec_options import env_name, flag_name, spec_options
 
 F = TypeVar("F", bound=Callable[..., Any])
-LEGACY_SPEC_OPTIONS: dict[str, str] = {
-    "--istio-inbound-interception-mode": "legacy_interception_mode",
-    "--istio-include-outbound-ip-ranges": "legacy_include_outbound_ip_ranges",
-    "--istio-exclude-outbound-ip-ranges": "legacy_exclude_outbound_ip_ranges",
-    "--istio-exclude-inbound-ports": "legacy_exclude_inbound_ports",
-}
 IGNORED_OPTIONS: dict[str, str] = {
     "--container-runtime": "container_runtime",
     "--crio-socket": "crio_socket",
@@ -33,10 +28,10 @@ IGNORED_OPTIONS: dict[str, str] = {
 
 def _spec_options(func: F) -> F:
     """The spec flags `rules` has (same names, same parsers), plus the 2018 spellings."""
-    for flag, param in reversed(LEGACY_SPEC_OPTIONS.items()):
-        func = click.option(flag, param, default=None, metavar="VALUE", help="2018 spelling of the setting")(
-            func
-        )
+    for flag in reversed(LEGACY_SPEC_FLAGS):
+        func = click.option(
+            flag, legacy_param(flag), default=None, metavar="VALUE", help="2018 spelling of the setting"
+        )(func)
     func = spec_options("default for every pod: ")(func)
     for flag, param in IGNORED_OPTIONS.items():
         func = click.option(flag, param, default=None, hidden=True)(func)
@@ -138,17 +133,12 @@ def run(**options: Any) -> None:
     node = (options["node_name"] or "").strip()
     if not node:
         raise click.UsageError("--node-name (or NODE_NAME) is required: the controller only serves its node")
-    flag_of = {s.name: flag_name(s.name) for s in SETTINGS}
     try:
         defaults = cfg.spec_defaults(
-            {s.name: options[s.name] for s in SETTINGS},
-            {flag: options[param] for flag, param in LEGACY_SPEC_OPTIONS.items()},
+            {s.name: _given(s.name, options[s.name]) for s in SETTINGS},
+            {flag: options[legacy_param(flag)] for flag in LEGACY_SPEC_FLAGS},
         )
-        for flag, param in LEGACY_SPEC_OPTIONS.items():
-            setting = cfg.LEGACY_SPEC_FLAGS[flag]
-            if options[param] is not None and options[setting] is None:
-                flag_of[setting] = flag
-        cfg.check_spec_defaults(defaults, flag_of)
+        cfg.check_spec_defaults(defaults)
         host, port = cfg.parse_listen(options["listen_address"])
     except (SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -174,4 +164,14 @@ def run(**options: Any) -> None:
             relist_jitter=options["relist_jitter"],
         ),
     )
-    raise SystemExit(asyncio.run(run_controller(config, flag_of)))
+    raise SystemExit(asyncio.run(run_controller(config)))
+
+
+def _given(setting: str, value: str | None) -> Given | None:
+    """The value with its source: the variable when click read it from the environment, else the flag."""
+    if value is None:
+        return None
+    from_env = (
+        click.get_current_context().get_parameter_source(setting) is click.core.ParameterSource.ENVIRONMENT
+    )
+    return Given(value, env_name(setting) if from_env else flag_name(setting))
