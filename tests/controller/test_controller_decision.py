@@ -133,3 +133,13 @@ def test_not_selected_pods_skip_or_warn() -> None:
 
 def test_mark_reasons_are_the_event_reasons() -> None:
     assert [m.value for m in MarkReason] == [ev.INITIALIZED, ev.RECONFIGURED, ev.REPAIRED, ev.REINITIALIZED]
+
+
+def test_a_lost_sandbox_is_reinitialized_whatever_the_update_says() -> None:
+    lost = Known(None, sandbox_lost=True)
+    for pod in (view(), view(ips=("10.1.0.9",)), view(cids=())):
+        action = decide(pod, SELECTED, SPEC, lost)
+        assert isinstance(action, Apply) and action.why is MarkReason.REINITIALIZED
+    # a changed spec still says so (the new sandbox gets the new spec either way)
+    changed = decide(view(digest="0" * 16), SELECTED, SPEC, lost)
+    assert isinstance(changed, Apply) and changed.why is MarkReason.RECONFIGURED

@@ -50,6 +50,8 @@ class Known:
     applied: Applied | None = None
     awaiting_echo: bool = False
     """Our own mark was patched and the watch has not delivered it yet."""
+    sandbox_lost: bool = False
+    """The sandbox the rules were applied to was found dead, and its successor is not captured yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,7 @@ VERIFY_REQUESTED = "periodic drift check"
 NO_RECORD = "marked, but this process has not checked this sandbox yet"
 CONTAINERS_CHANGED = "a container was replaced: is it still the same sandbox?"
 IPS_CHANGED = "pod IPs changed: a new sandbox"
+SANDBOX_LOST = "the sandbox the rules were applied to is gone: capture its successor"
 IN_PLACE = "rules in place for this sandbox"
 STALE_COPY = "a copy older than our own mark"
 
@@ -167,6 +170,8 @@ def decide(
     if digest not in candidate_digests(spec):
         return Apply(spec, MarkReason.RECONFIGURED, "interception annotations changed")
     applied = known.applied
+    if known.sandbox_lost:
+        return Apply(spec, MarkReason.REINITIALIZED, SANDBOX_LOST)
     if applied is None or applied.digest != digest:
         return Verify(spec, digest, NO_RECORD)
     if pod.ips and set(applied.ips) - set(pod.ips):

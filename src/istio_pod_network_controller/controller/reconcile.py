@@ -76,6 +76,8 @@ class PodState:
     applied: Applied | None = None
     pin: PinnedNetns | None = None
     """The sandbox's namespace the rules were applied to, held open for the pod's lifetime."""
+    sandbox_lost: bool = False
+    """The pinned sandbox died; until its successor is captured, an application counts as Reinitialized."""
     busy: bool = False
     foreign_reported: bool = False
 
@@ -189,7 +191,7 @@ class Reconciler:
         except SpecError as exc:
             spec = exc
         wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
-        known = Known(state.applied, awaiting_echo=state.awaiting_echo is not None)
+        known = Known(state.applied, state.awaiting_echo is not None, state.sandbox_lost)
         return decide(view, verdict, spec, known, verify=VERIFY in flags, wants_mesh=wants_mesh)
 
     async def reconcile(self, uid: str, flags: frozenset[str] = frozenset()) -> Result:
@@ -245,6 +247,7 @@ class Reconciler:
             if not alive or why is MarkReason.REINITIALIZED:
                 plog.info("sandbox %s is gone (%s): capturing the new one", pin.id, action.reason)
                 state.drop_pin()
+                state.sandbox_lost = True
                 why = MarkReason.REINITIALIZED
         if why is MarkReason.REINITIALIZED:
             self._restart_deadline(state)
@@ -319,6 +322,7 @@ class Reconciler:
         """The pod's rules are in place in the pinned sandbox, for the pod as `view` shows it."""
         assert state.pin is not None  # noqa: S101 - set by the job that just succeeded
         state.applied = Applied(digest, state.pin.id, view.ips, view.container_ids)
+        state.sandbox_lost = False
         state.settled = True
         state.deadline_reported = False
         state.backoff.reset()

@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ _CGROUP_LINE = re.compile(
 _CID_SCHEME = re.compile(r"^[a-z0-9-]+://")
 _READ_CHUNK = 65536
 _VANISHED = (errno.ENOENT, errno.ESRCH)
+_UNKNOWN_START = sys.maxsize
 
 
 class PodNetnsNotFound(DataplaneError):
@@ -262,10 +264,12 @@ class ProcIndex:
         in_host: list[int] = []
         for proc in procs:
             ns = _netns_id(self.proc_root, proc.pid)
-            start = _start_time(self.proc_root, proc.pid)
             if ns in self.host_ids:
                 in_host.append(proc.pid)
-            elif ns is not None and start is not None:
+            elif ns is not None:
+                # An unreadable start time (the process is exiting) ranks after every readable one.
+                start = _start_time(self.proc_root, proc.pid)
+                start = _UNKNOWN_START if start is None else start
                 by_netns.setdefault(ns, []).append(proc)
                 started[ns] = min(start, started.get(ns, start))
         if not by_netns:
