@@ -121,9 +121,11 @@ def test_not_selected_pods_skip_or_warn() -> None:
     assert decide(view(marked=False), plain, SPEC, Known()) == Skip("not selected: not-selected")
     kept = decide(view(), selection.Decision(False, selection.INJECT_DISABLED), SPEC, APPLIED)
     assert isinstance(kept, Warn) and [n.reason for n in kept.notices] == [ev.CAPTURE_KEPT]
-    # deleting or finished pods lose nothing worth a warning
+    # deleting or finished pods lose nothing worth a warning, and their sandbox is let go
     for reason in (selection.DELETING, selection.FINISHED):
-        assert isinstance(decide(view(), selection.Decision(False, reason), SPEC, APPLIED), Skip)
+        assert decide(view(), selection.Decision(False, reason), SPEC, APPLIED) == Skip(
+            f"not selected: {reason}", release=True
+        )
     host = selection.Decision(False, selection.HOST_NETWORK)
     warned = decide(view(marked=False), host, SPEC, Known(), wants_mesh=True)
     assert isinstance(warned, Warn) and warned.notices[0].reason == ev.HOST_NETWORK_SKIPPED

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ipnc_lab.sim.cluster import SimCluster
+from ipnc_lab.sim.cluster import SimCluster, kubelet_status, set_status
 from ipnc_lab.sim.controller import ControllerProcess, wait_for
 from ipnc_lab.sim.netns import holds_capture_rules
 from ipnc_lab.sim.node import SimNode, SimPod
@@ -236,4 +236,19 @@ def test_a_decoy_namespace_never_steers_capture_or_switches_off_repair(backend: 
         assert all("Repaired" in cluster.reasons(p) for p in (early, late))
         assert all(patches(cluster, p) == 1 for p in (early, late))
         assert cluster.annotations(early)[ann.STATUS] == ann.STATUS_INITIALIZED
+        assert ctl.terminate() == 0
+
+
+def test_a_finished_pod_lets_go_of_its_sandbox() -> None:
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipncf")
+        pod = cluster.add_pod(node, "job")
+        ctl = start(cluster, node)
+        ctl.wait_ready()
+        cluster.wait_initialized([pod], 15, ctl.log)
+        sandbox = sandbox_ino(pod)
+        wait_for(lambda: sandbox in held_netns(ctl), 10, "the sandbox pinned")
+        set_status(cluster.store, pod.namespace, pod.name, kubelet_status(pod.ip, "Succeeded"))
+        wait_for(lambda: sandbox not in held_netns(ctl), 10, "a finished pod's sandbox released")
+        assert cluster.reasons(pod) == ["Initialized"]  # finishing warns about nothing
         assert ctl.terminate() == 0

@@ -65,6 +65,8 @@ class Notice:
 @dataclass(frozen=True, slots=True)
 class Skip:
     reason: str
+    release: bool = False
+    """The pod is finished or being deleted: let go of its sandbox (its pin) now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +147,9 @@ def _not_selected(pod: PodView, verdict: selection.Decision, wants_mesh: bool) -
         )
     if notices:
         return Warn(verdict.reason, tuple(notices))
-    return Skip(f"not selected: {verdict.reason}")
+    return Skip(
+        f"not selected: {verdict.reason}", release=verdict.reason in (selection.DELETING, selection.FINISHED)
+    )
 
 
 def decide(

@@ -218,9 +218,11 @@ class Reconciler:
 
     async def execute(self, view: PodView, state: PodState, action: Action, plog: PodLogger) -> Result:
         match action:
-            case Skip(reason):
+            case Skip(reason, release):
                 if reason.startswith("not selected: "):
                     self.metrics.skipped.labels(reason.removeprefix("not selected: ")).inc()
+                if release:
+                    state.drop_pin()
                 plog.debug("%s", reason)
                 return DONE
             case Warn(reason, notices):
