@@ -656,3 +656,23 @@ def test_a_pid_without_a_usable_netns_is_not_pinned(tmp_path: Path) -> None:
     assert index.processes(UID) == (discovery.PodProcess(7, CID),)
     with pytest.raises(PodNetnsNotFound, match="could not be pinned"):
         index.find(UID)
+
+
+@pytest.mark.root
+def test_a_pin_is_trusted_only_while_its_fd_is_the_namespace_it_was_opened_on(node: Node) -> None:
+    uid, cid, ns = new_uid(), new_cid(), node.netns()
+    pid = node.spawn(ns, node.pod_cgroupfs(uid, cid))
+    found = find_pod_netns(uid, pod_ips=[ns.v4])
+    pin = found.netns
+    assert pin.intact() and ProcIndex.scan().namespaces(uid) == {ns.id: [discovery.PodProcess(pid, cid)]}
+    fd = pin.fd
+    os.close(fd)  # the fd number is now free: whatever gets it next is not this namespace
+    other = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert other == fd and not pin.intact()
+        with pytest.raises(netns.DataplaneError, match="no longer"):
+            netns.run_in(pin, lambda: None)
+    finally:
+        os.close(other)
+        pin.fd = -1
+    assert not pin.intact()
