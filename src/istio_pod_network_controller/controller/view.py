@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 from ..settings import annotations as ann
-
-Obj = dict[str, Any]
+from .cache import Obj, pod_ips
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +32,6 @@ class PodView:
     def of(cls, pod: Obj) -> PodView:
         meta = pod.get("metadata") or {}
         status = pod.get("status") or {}
-        ips = [str(p["ip"]) for p in status.get("podIPs") or () if p.get("ip")]
-        if status.get("podIP") and status["podIP"] not in ips:
-            ips.append(str(status["podIP"]))
         notes = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
         return cls(
             uid=str(meta.get("uid", "")),
@@ -44,7 +39,7 @@ class PodView:
             namespace=str(meta.get("namespace", "")),
             resource_version=str(meta.get("resourceVersion", "")),
             annotations=MappingProxyType(notes),
-            ips=tuple(ips),
+            ips=tuple(str(ip) for ip in pod_ips(pod)),
             container_ids=tuple(sorted({str(c) for c in status.get("containerIDs") or ()})),
             raw=pod,
         )
