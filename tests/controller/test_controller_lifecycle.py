@@ -98,6 +98,7 @@ def test_container_restart_keeps_the_sandbox_and_its_rules() -> None:
         ctl.wait_ready()
         cluster.wait_initialized([pod], 15, ctl.log)
         sandbox = sandbox_ino(pod)
+        wait_for(lambda: cluster.reasons(pod) == ["Initialized"], 10, "Initialized event")
         verifies = ctl.metric("istio_pod_network_controller_stage_seconds_count", 'stage="verify"')
 
         cluster.restart_container(node, pod)
@@ -164,7 +165,10 @@ def test_pod_recreated_under_the_same_name_is_a_new_pod() -> None:
         assert sandbox_ino(second) in held_netns(ctl)
         assert ctl.metric(METRIC.format("initialized")) == 2
         assert ctl.metric(METRIC.format("reinitialized")) == 0
-        assert [e["involvedObject"]["uid"] for e in cluster.events(second)] == [old_uid, second.uid]
+        wait_for(lambda: len(cluster.events(second)) == 2, 10, "the new pod's Initialized event")
+        assert sorted(e["involvedObject"]["uid"] for e in cluster.events(second)) == sorted(
+            [old_uid, second.uid]
+        )
         assert ctl.terminate() == 0
 
 
@@ -233,7 +237,7 @@ def test_a_decoy_namespace_never_steers_capture_or_switches_off_repair(backend: 
         for pod in (early, late):
             delete_output_jump(pod, backend)
         wait_for(lambda: all(in_place(cluster, p) for p in (early, late)), 15, f"rules repaired\n{ctl.log()}")
-        assert all("Repaired" in cluster.reasons(p) for p in (early, late))
+        wait_for(lambda: all("Repaired" in cluster.reasons(p) for p in (early, late)), 10, "Repaired events")
         assert all(patches(cluster, p) == 1 for p in (early, late))
         assert cluster.annotations(early)[ann.STATUS] == ann.STATUS_INITIALIZED
         assert ctl.terminate() == 0
@@ -248,6 +252,7 @@ def test_a_finished_pod_lets_go_of_its_sandbox() -> None:
         cluster.wait_initialized([pod], 15, ctl.log)
         sandbox = sandbox_ino(pod)
         wait_for(lambda: sandbox in held_netns(ctl), 10, "the sandbox pinned")
+        wait_for(lambda: cluster.reasons(pod) == ["Initialized"], 10, "Initialized event")
         set_status(cluster.store, pod.namespace, pod.name, kubelet_status(pod.ip, "Succeeded"))
         wait_for(lambda: sandbox not in held_netns(ctl), 10, "a finished pod's sandbox released")
         assert cluster.reasons(pod) == ["Initialized"]  # finishing warns about nothing
