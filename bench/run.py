@@ -24,6 +24,7 @@ SCRIPTS = [
     "waiter_bench.py",
     "image_bench.py",
     "controller_bench.py",
+    "lifecycle_bench.py",
     "localapi_bench.py",
     "many_nodes_bench.py",
     "soak_report.py",

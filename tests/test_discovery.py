@@ -23,6 +23,7 @@ import pytest
 
 from istio_pod_network_controller.dataplane import discovery, netns
 from istio_pod_network_controller.dataplane.discovery import (
+    InvalidPodIP,
     PodNetnsNotFound,
     ProcIndex,
     find_pod_netns,
@@ -30,6 +31,7 @@ from istio_pod_network_controller.dataplane.discovery import (
     parse_cgroup_line,
     parse_fib_trie_local,
     parse_if_inet6,
+    parse_start_time,
 )
 
 UID = "0f3c2a4e-9b1d-4c6e-8f20-1a2b3c4d5e6f"
@@ -195,6 +197,14 @@ def test_parse_fib_trie_local_addresses_only() -> None:
     assert parse_fib_trie_local("") == set()
 
 
+def test_parse_start_time_survives_hostile_command_names() -> None:
+    tail = " ".join(["S", *["0"] * 18, "123456", "0", "0"])
+    assert parse_start_time(f"42 (sleep) {tail}") == 123456
+    assert parse_start_time(f"42 (a) b) S 1 2 3) {tail}") == 123456  # a process can name itself ") S 1"
+    assert parse_start_time("42 (x) S 1") is None
+    assert parse_start_time("") is None
+
+
 def test_parse_if_inet6() -> None:
     assert parse_if_inet6(IF_INET6) == {"::1", "fd00:250::1", "fe80::5443:9aff:fef5:55c1"}
     assert parse_if_inet6("\n") == set()
@@ -213,6 +223,17 @@ def _run(*argv: str) -> None:
 
 def _ns_ino(path: str) -> int:
     return os.stat(path).st_ino
+
+
+def wait_next_tick(pid: int) -> None:
+    """Until a process started now would have a later start time (clock ticks) than `pid`."""
+    started = parse_start_time(Path(f"/proc/{pid}/stat").read_text())
+    assert started is not None
+    hz = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + 10
+    while int(time.clock_gettime(time.CLOCK_BOOTTIME) * hz) <= started + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
 
 
 @dataclass
@@ -286,6 +307,7 @@ class Node:
                 time.sleep(0.002)
         if cgroup is not None:
             Path(cgroup, "cgroup.procs").write_text(str(proc.pid))
+        wait_next_tick(proc.pid)
         return proc.pid
 
     def kill(self, pid: int) -> None:
@@ -439,20 +461,32 @@ def test_listed_containers_are_preferred(node: Node) -> None:
 
 
 @pytest.mark.root
-def test_two_netns_are_refused_without_ips_and_settled_by_ips(node: Node) -> None:
-    uid, ns1, ns2 = new_uid(), node.netns(), node.netns()
-    node.spawn(ns1, node.pod_cgroupfs(uid, new_cid()))
-    pid2 = node.spawn(ns2, node.pod_cgroupfs(uid, new_cid()))
+def test_the_earliest_process_names_the_sandbox_and_other_namespaces_are_reported(node: Node) -> None:
+    uid, sandbox, later = new_uid(), node.netns(), node.netns()
+    first = node.spawn(sandbox, node.pod_cgroupfs(uid, new_cid()))
+    node.spawn(later, node.pod_cgroupfs(uid, new_cid()))
     index = ProcIndex.scan()
 
-    with pytest.raises(PodNetnsNotFound, match=r"2 network namespaces.*pass the pod IPs.*refusing to guess"):
-        index.find(uid)
-    with pytest.raises(PodNetnsNotFound, match="2 network namespaces"):
-        index.find(uid, pod_ips=[ns1.v4, ns2.v4])
-    with index.find(uid, pod_ips=[ns2.v4]) as found:
-        assert found.pid == pid2
-        assert found.matched_ips == (ns2.v4,)
-        assert_is(found, ns2)
+    for ips in ([], [sandbox.v4], [sandbox.v4, later.v4]):
+        with index.find(uid, pod_ips=ips) as found:
+            assert found.pid == first
+            assert_is(found, sandbox)
+            assert found.others == (later.id,)
+    # an IP only the later namespace holds does not move the choice: the sandbox is not the one described
+    with pytest.raises(PodNetnsNotFound, match=r"none of its IPs.*sandbox"):
+        index.find(uid, pod_ips=[later.v4])
+    assert set(index.namespaces(uid)) == {sandbox.id, later.id}
+
+
+@pytest.mark.root
+def test_a_malformed_pod_ip_is_its_own_error(node: Node) -> None:
+    uid, ns = new_uid(), node.netns()
+    node.spawn(ns, node.pod_cgroupfs(uid, new_cid()))
+    for bad in ("10.0.0.300", "fe80::1%eth0", "not an ip"):
+        with pytest.raises(InvalidPodIP, match="not an IP address") as info:
+            find_pod_netns(uid, pod_ips=[ns.v4, bad])
+        assert bad not in str(info.value)
+        assert not isinstance(info.value, ValueError)
 
 
 @pytest.mark.root
@@ -563,6 +597,7 @@ def fake_pid(root: Path, pid: int, cgroup: str, ns_path: str, fib: str = "", ine
     (d / "ns").mkdir(parents=True)
     (d / "net").mkdir()
     (d / "cgroup").write_text(cgroup)
+    (d / "stat").write_text(" ".join([f"{pid} (sleep) S", *["0"] * 18, "1000", "0"]))
     (d / "ns" / "net").symlink_to(ns_path)
     (d / "net" / "fib_trie").write_text(fib)
     (d / "net" / "if_inet6").write_text(inet6)
@@ -621,3 +656,23 @@ def test_a_pid_without_a_usable_netns_is_not_pinned(tmp_path: Path) -> None:
     assert index.processes(UID) == (discovery.PodProcess(7, CID),)
     with pytest.raises(PodNetnsNotFound, match="could not be pinned"):
         index.find(UID)
+
+
+@pytest.mark.root
+def test_a_pin_is_trusted_only_while_its_fd_is_the_namespace_it_was_opened_on(node: Node) -> None:
+    uid, cid, ns = new_uid(), new_cid(), node.netns()
+    pid = node.spawn(ns, node.pod_cgroupfs(uid, cid))
+    found = find_pod_netns(uid, pod_ips=[ns.v4])
+    pin = found.netns
+    assert pin.intact() and ProcIndex.scan().namespaces(uid) == {ns.id: [discovery.PodProcess(pid, cid)]}
+    fd = pin.fd
+    os.close(fd)  # the fd number is now free: whatever gets it next is not this namespace
+    other = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert other == fd and not pin.intact()
+        with pytest.raises(netns.DataplaneError, match="no longer"):
+            netns.run_in(pin, lambda: None)
+    finally:
+        os.close(other)
+        pin.fd = -1
+    assert not pin.intact()

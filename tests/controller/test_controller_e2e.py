@@ -165,12 +165,18 @@ def test_sigkill_mid_burst_then_restart_initializes_everything_once() -> None:
         ctl.kill()
         done_before = sum(cluster.initialized(p) for p in pods)
         assert done_before < len(pods), "the kill came too late to test anything"
+        restarted = time.time()
         again = start(cluster, node)
         again.wait_ready()
         wait_for(lambda: all(cluster.initialized(p) for p in pods), 20, "all pods marked")
         for pod in pods:
             assert rules_in_place(cluster, pod), pod.name  # exact rules: no duplicates, nothing missing
-            assert cluster.api.requests.count(verb="patch", name=pod.name) == 1
+            # Marked once. A patch the killed process had sent may be on record unfinished (status None:
+            # the server dropped it with the connection, the pod unchanged), and then the restarted
+            # controller marks the pod: count what the server completed, and allow only such orphans.
+            patches = [r for r in cluster.api.requests.records() if r.verb == "patch" and r.name == pod.name]
+            assert [r.status for r in patches if r.status is not None] == [200], pod.name
+            assert all(r.status is not None or r.time < restarted for r in patches), pod.name
             # The Event of a pod marked just before the kill may be lost with the process: best effort.
             assert cluster.reasons(pod) in (["Initialized"], [])
         assert sum(cluster.reasons(p) == ["Initialized"] for p in pods) >= len(pods) - 2

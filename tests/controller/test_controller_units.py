@@ -12,10 +12,11 @@ from istio_pod_network_controller.controller import config as cfg
 from istio_pod_network_controller.controller import events as ev
 from istio_pod_network_controller.controller.backoff import Backoff, jittered
 from istio_pod_network_controller.controller.cache import PodCache, pod_ips, slim_pod
+from istio_pod_network_controller.controller.decision import candidate_digests
 from istio_pod_network_controller.controller.queue import QueueShutDown, WorkQueue
-from istio_pod_network_controller.controller.reconcile import candidate_digests
+from istio_pod_network_controller.controller.view import PodView
 from istio_pod_network_controller.errors import SpecError
-from istio_pod_network_controller.settings.spec import InterceptSpec, IPv6Policy
+from istio_pod_network_controller.settings.spec import Given, InterceptSpec, IPv6Policy
 
 
 async def test_queue_coalesces_and_never_hands_a_key_out_twice() -> None:
@@ -104,7 +105,7 @@ async def test_event_recorder_dedupes_warnings_not_normals() -> None:
         sent.append(event)
 
     rec = ev.EventRecorder("node1", send)
-    pod = slim_pod(_pod())
+    pod = PodView.of(slim_pod(_pod()))
     assert rec.record(pod, ev.WARNING, ev.INVALID_CONFIG, "bad a")
     assert not rec.record(pod, ev.WARNING, ev.INVALID_CONFIG, "bad a")
     assert rec.record(pod, ev.WARNING, ev.INVALID_CONFIG, "bad b")
@@ -129,7 +130,7 @@ async def test_event_recorder_survives_send_failures() -> None:
         raise RuntimeError("api down")
 
     rec = ev.EventRecorder("n", send)
-    rec.record(slim_pod(_pod()), ev.NORMAL, ev.INITIALIZED, "x")
+    rec.record(PodView.of(slim_pod(_pod())), ev.NORMAL, ev.INITIALIZED, "x")
     await rec.flush(1)
 
 
@@ -150,18 +151,25 @@ def test_cache_slims_and_relist_diffs() -> None:
     assert cache.in_namespace("d") == ["u1", "u3"]
 
 
-def test_config_merges_legacy_flags_under_modern_ones() -> None:
+def test_config_merges_legacy_flags_under_modern_ones_and_keeps_each_source() -> None:
+    modern = Given("9000", "IPNC_EXCLUDE_INBOUND_PORTS")
     merged = cfg.spec_defaults(
-        {"interception_mode": None, "exclude_inbound_ports": "9000"},
+        {"interception_mode": None, "exclude_inbound_ports": modern},
         {"--istio-inbound-interception-mode": "TPROXY", "--istio-exclude-inbound-ports": "1,2",
          "--istio-include-outbound-ip-ranges": None, "--istio-exclude-outbound-ip-ranges": None},
     )  # fmt: skip
-    assert merged == {"interception_mode": "TPROXY", "exclude_inbound_ports": "9000"}
-    cfg.check_spec_defaults(merged, {})
-    with pytest.raises(SpecError, match="--istio-inbound-interception-mode"):
-        cfg.check_spec_defaults(
-            {"interception_mode": "X"}, {"interception_mode": "--istio-inbound-interception-mode"}
-        )
+    assert merged == {
+        "interception_mode": Given("TPROXY", "--istio-inbound-interception-mode"),
+        "exclude_inbound_ports": modern,
+    }
+    cfg.check_spec_defaults(merged)
+    with pytest.raises(SpecError, match=r"^--istio-inbound-interception-mode: invalid value 'X'"):
+        cfg.check_spec_defaults(cfg.spec_defaults({}, {"--istio-inbound-interception-mode": "X"}))
+    with pytest.raises(SpecError, match=r"^IPNC_PROXY_UID: invalid value '0'"):
+        cfg.check_spec_defaults({"proxy_uid": Given("0", "IPNC_PROXY_UID")})
+    assert {cfg.legacy_param(f) for f in cfg.LEGACY_SPEC_FLAGS} == {
+        "legacy_" + s for s in cfg.LEGACY_SPEC_FLAGS.values()
+    }
     assert cfg.parse_listen("127.0.0.1:9102") == ("127.0.0.1", 9102)
     assert cfg.parse_listen("[::1]:80") == ("::1", 80)
     assert cfg.parse_listen(":9102") == ("0.0.0.0", 9102)
@@ -180,15 +188,37 @@ def test_candidate_digests_cover_ipv6_resolution() -> None:
     assert candidate_digests(fixed) == {fixed.fingerprint()}
 
 
-def test_log_lines_about_a_pod_carry_namespace_and_name() -> None:
+async def test_pod_logger_lines_carry_the_pod_and_events_share_the_sentence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     import json
     import logging
 
-    from istio_pod_network_controller.controller.logs import JsonFormatter, TextFormatter, pod_extra
+    from istio_pod_network_controller.controller.logs import JsonFormatter, PodLogger, TextFormatter
 
-    extra = pod_extra(slim_pod(_pod()))
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "initialized %s", ("ok",), None)
-    record.__dict__.update(extra)
-    entry = json.loads(JsonFormatter().format(record))
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    plog = PodLogger(
+        logging.getLogger("ipnc.test"), PodView.of(slim_pod(_pod())), ev.EventRecorder("n", send)
+    )
+    with caplog.at_level(logging.DEBUG, logger="ipnc.test"):
+        plog.info("initialized %s", "ok")
+        plog.normal(ev.INITIALIZED, "capture rules installed")
+        assert plog.warn_event(ev.INVALID_CONFIG, "bad value", detail="pid 42")
+        assert not plog.warn_event(ev.INVALID_CONFIG, "bad value", detail="pid 42")  # deduped: no 2nd line
+    await plog.recorder.flush(1)
+    first = caplog.records[0]
+    entry = json.loads(JsonFormatter().format(first))
     assert entry["msg"] == "initialized ok" and entry["namespace"] == "d" and entry["pod"] == "p"
-    assert TextFormatter().format(record).endswith("namespace=d pod=p")
+    assert TextFormatter().format(first).endswith("namespace=d pod=p")
+    assert [r.getMessage() for r in caplog.records[1:]] == [
+        "Initialized: capture rules installed",
+        "InvalidInterceptionConfig: bad value (pid 42)",
+    ]
+    assert [(e["reason"], e["message"]) for e in sent] == [
+        (ev.INITIALIZED, "capture rules installed"),
+        (ev.INVALID_CONFIG, "bad value"),  # the log's detail never reaches the Event
+    ]

@@ -88,7 +88,7 @@ def test_annotation_edits_after_init_reapply_visibly_and_never_remove_capture() 
         assert landed(node, pod, inbound=True) == "app"
         edit_and_wait({ann.INCLUDE_OUTBOUND_IP_RANGES: ""}, 2)
         assert landed(node, pod, inbound=False) == "remote"
-        assert ctl.log(10**6).count("spec changed: capture rules re-applied") == 2
+        assert ctl.log(10**6).count("Reconfigured: interception annotations changed") == 2
         patches = cluster.api.requests.count(verb="patch", name="app")
         assert patches == 3  # initialized + two reconfigurations, nothing else wrote to the pod
 

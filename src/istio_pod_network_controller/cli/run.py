@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ..controller.config import LEGACY_SPEC_FLAGS, legacy_param
 from ..dataplane.apply import BACKEND_CHOICES
-from ..settings.spec import SETTINGS
+from ..settings.spec import SETTINGS, Given
 from . import exitcodes, loglevel
 from .failures import fail
-from .spec_options import flag_name, spec_options
+from .spec_options import env_name, flag_name, spec_options
 
 if TYPE_CHECKING:
     from ..controller.config import ControllerConfig
     from ..controller.kubeconfig import Loaded
 
 F = TypeVar("F", bound=Callable[..., Any])
-LEGACY_SPEC_OPTIONS: dict[str, str] = {
-    "--istio-inbound-interception-mode": "legacy_interception_mode",
-    "--istio-include-outbound-ip-ranges": "legacy_include_outbound_ip_ranges",
-    "--istio-exclude-outbound-ip-ranges": "legacy_exclude_outbound_ip_ranges",
-    "--istio-exclude-inbound-ports": "legacy_exclude_inbound_ports",
-}
+MORE_ENVVARS: dict[str, tuple[str, ...]] = {"envoy_port": ("ENVOY_PORT",)}
+"""Setting -> the 2018 automatic variables `run` also reads, after IPNC_<NAME>."""
 IGNORED_OPTIONS: dict[str, str] = {
     "--container-runtime": "container_runtime",
     "--crio-socket": "crio_socket",
@@ -59,16 +57,16 @@ def _spec_options(func: F) -> F:
         envvar=_env_2018("--enable-inbound-ipv6"),
         help="2018: true = --ipv6 capture, false = --ipv6 block (--ipv6 wins)",
     )(func)
-    for flag, param in reversed(LEGACY_SPEC_OPTIONS.items()):
+    for flag in reversed(LEGACY_SPEC_FLAGS):
         func = click.option(
             flag,
-            param,
+            legacy_param(flag),
             default=None,
             metavar="VALUE",
             envvar=_env_2018(flag),
             help="2018 spelling of the setting",
         )(func)
-    func = spec_options("default for every pod: ", {"envoy_port": ("ENVOY_PORT",)})(func)
+    func = spec_options("default for every pod: ", MORE_ENVVARS)(func)
     for flag, param in IGNORED_OPTIONS.items():
         func = click.option(flag, param, default=None, hidden=True, envvar=_env_2018(flag))(func)
     return func
@@ -185,25 +183,19 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     node = (options["node_name"] or "").strip()
     if not node:
         raise click.UsageError("--node-name (or NODE_NAME) is required: the controller only serves its node")
-    flag_of = {s.name: flag_name(s.name) for s in SETTINGS}
+    modern = {s.name: _given(s.name, options[s.name]) for s in SETTINGS}
     legacy_v6 = options["enable_inbound_ipv6"]
-    if legacy_v6 is not None and options["ipv6"] is None:
+    if legacy_v6 is not None and modern["ipv6"] is None:
         if legacy_v6.strip().lower() not in IPV6_2018:
             raise click.UsageError(
                 f"--enable-inbound-ipv6: invalid value {legacy_v6!r}: must be true or false"
             )
-        options["ipv6"] = IPV6_2018[legacy_v6.strip().lower()]
-        flag_of["ipv6"] = "--enable-inbound-ipv6"
+        modern["ipv6"] = Given(IPV6_2018[legacy_v6.strip().lower()], "--enable-inbound-ipv6")
     try:
         defaults = cfg.spec_defaults(
-            {s.name: options[s.name] for s in SETTINGS},
-            {flag: options[param] for flag, param in LEGACY_SPEC_OPTIONS.items()},
+            modern, {flag: options[legacy_param(flag)] for flag in LEGACY_SPEC_FLAGS}
         )
-        for flag, param in LEGACY_SPEC_OPTIONS.items():
-            setting = cfg.LEGACY_SPEC_FLAGS[flag]
-            if options[param] is not None and options[setting] is None:
-                flag_of[setting] = flag
-        cfg.check_spec_defaults(defaults, flag_of)
+        cfg.check_spec_defaults(defaults)
         host, port = cfg.parse_listen(options["listen_address"])
     except (SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -234,10 +226,21 @@ def run(ctx: click.Context, /, **options: Any) -> None:
             relist_jitter=options["relist_jitter"],
         ),
     )
-    raise SystemExit(asyncio.run(_serve(config, flag_of, loaded, options["preflight_retry"])))
+    raise SystemExit(asyncio.run(_serve(config, loaded, options["preflight_retry"])))
 
 
-async def _serve(config: ControllerConfig, flag_of: dict[str, str], loaded: Loaded, retry: float) -> int:
+def _given(setting: str, value: str | None) -> Given | None:
+    """The value with its source: the variable click read it from, else the flag."""
+    if value is None:
+        return None
+    source = click.get_current_context().get_parameter_source(setting)
+    if source is not click.core.ParameterSource.ENVIRONMENT:
+        return Given(value, flag_name(setting))
+    names = [env_name(setting), *MORE_ENVVARS.get(setting, ())]
+    return Given(value, next((n for n in names if n in os.environ), names[0]))
+
+
+async def _serve(config: ControllerConfig, loaded: Loaded, retry: float) -> int:
     """The controller behind its preflight: capabilities, /proc, tools, the API access of the ClusterRole."""
     from ..controller import preflight
     from ..controller.access import run_checks
@@ -249,4 +252,4 @@ async def _serve(config: ControllerConfig, flag_of: dict[str, str], loaded: Load
     async def check() -> preflight.Report:
         return await run_checks(config.proc_root, config.backend, loaded.config, loaded.server, needed)
 
-    return await run_controller(config, flag_of, check, retry)
+    return await run_controller(config, check, retry)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..dataplane.apply import BackendChoice
-from ..settings.spec import SETTINGS_BY_NAME, build_spec
+from ..settings.spec import SETTINGS_BY_NAME, Given, build_spec
 from .selection import SelectionOptions
 
 LEGACY_SPEC_FLAGS: dict[str, str] = {
@@ -16,7 +16,8 @@ LEGACY_SPEC_FLAGS: dict[str, str] = {
     "--istio-exclude-outbound-ip-ranges": "exclude_outbound_ip_ranges",
     "--istio-exclude-inbound-ports": "exclude_inbound_ports",
 }
-"""2018 flag -> spec setting; the modern flag for the same setting wins when both are given."""
+"""The one table of 2018 `run` flags: flag -> spec setting. The modern flag for the same setting wins when
+both are given; `run` derives its options from this table."""
 
 
 class ConfigError(ValueError):
@@ -45,7 +46,8 @@ class ControllerConfig:
     repair_interval: float = 60.0
     netns_deadline: float = 120.0
     selection: SelectionOptions = field(default_factory=SelectionOptions)
-    spec_defaults: Mapping[str, str] = field(default_factory=dict)
+    spec_defaults: Mapping[str, Given] = field(default_factory=dict)
+    """Controller-wide settings, each with the flag or variable it came from (named in every refusal)."""
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 25.0
@@ -64,19 +66,23 @@ def parse_listen(address: str, flag: str = "--listen-address") -> tuple[str, int
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 
-def spec_defaults(modern: Mapping[str, str | None], legacy: Mapping[str, str | None]) -> dict[str, str]:
+def legacy_param(flag: str) -> str:
+    """The click parameter name of a 2018 flag."""
+    return "legacy_" + LEGACY_SPEC_FLAGS[flag]
+
+
+def spec_defaults(modern: Mapping[str, Given | None], legacy: Mapping[str, str | None]) -> dict[str, Given]:
     """Merge modern settings (by setting name) over 2018 ones (by 2018 flag), dropping unset values."""
-    merged: dict[str, str] = {}
-    for flag, value in legacy.items():
-        if value is not None:
-            merged[LEGACY_SPEC_FLAGS[flag]] = value
-    merged.update({name: value for name, value in modern.items() if value is not None})
+    merged = {
+        LEGACY_SPEC_FLAGS[flag]: Given(value, flag) for flag, value in legacy.items() if value is not None
+    }
+    merged.update({name: given for name, given in modern.items() if given is not None})
     unknown = set(merged) - set(SETTINGS_BY_NAME)
     if unknown:
         raise ConfigError(f"unknown spec settings {sorted(unknown)}")
     return merged
 
 
-def check_spec_defaults(defaults: Mapping[str, str], flag_of: Mapping[str, str]) -> None:
+def check_spec_defaults(defaults: Mapping[str, Given]) -> None:
     """Parse the defaults once now, so a bad flag stops start-up instead of failing every pod."""
-    build_spec({}, defaults, default_source=lambda name: flag_of.get(name, name))
+    build_spec({}, defaults)

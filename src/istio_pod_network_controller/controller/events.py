@@ -15,9 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
-
-from .cache import Obj
+from typing import Any, Final, Protocol
 
 COMPONENT: Final = "istio-pod-network-controller"
 NORMAL: Final = "Normal"
@@ -27,6 +25,8 @@ WARNING: Final = "Warning"
 INITIALIZED: Final = "Initialized"
 REPAIRED: Final = "Repaired"
 RECONFIGURED: Final = "Reconfigured"
+REINITIALIZED: Final = "Reinitialized"
+FOREIGN_NETNS: Final = "ForeignNetworkNamespace"
 INVALID_CONFIG: Final = "InvalidInterceptionConfig"
 HOST_NETWORK_SKIPPED: Final = "HostNetworkSkipped"
 NETNS_NOT_FOUND: Final = "NetworkNamespaceNotFound"
@@ -41,28 +41,45 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build_event(pod: Obj, event_type: str, reason: str, message: str, node: str) -> dict[str, Any]:
+class PodRef(Protocol):
+    """What an Event names about its pod (a PodView is one)."""
+
+    @property
+    def uid(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def resource_version(self) -> str: ...
+
+
+def public_text(exc: BaseException) -> str:
+    """The one place an error becomes Event text (tenant-readable): the error's own sentence."""
+    return str(exc)
+
+
+def build_event(pod: PodRef, event_type: str, reason: str, message: str, node: str) -> dict[str, Any]:
     """A core/v1 Event whose involvedObject pins the pod by uid and resourceVersion."""
-    meta = pod["metadata"]
     stamp = _now()
     if event_type == WARNING:
-        suffix = hashlib.sha256(f"{meta['uid']}|{reason}|{message}".encode()).hexdigest()[:16]
+        suffix = hashlib.sha256(f"{pod.uid}|{reason}|{message}".encode()).hexdigest()[:16]
     else:
         suffix = f"{time.time_ns():x}{next(_seq) % 1000:03d}"
     return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {
-            "name": f"{meta['name']}.{suffix}",
-            "namespace": meta["namespace"],
+            "name": f"{pod.name}.{suffix}",
+            "namespace": pod.namespace,
         },
         "involvedObject": {
             "apiVersion": "v1",
             "kind": "Pod",
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta["uid"],
-            "resourceVersion": meta.get("resourceVersion", ""),
+            "name": pod.name,
+            "namespace": pod.namespace,
+            "uid": pod.uid,
+            "resourceVersion": pod.resource_version,
         },
         "reason": reason,
         "message": message[:1024],
@@ -85,11 +102,10 @@ class EventRecorder:
         self._warned: dict[str, set[tuple[str, str]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def record(self, pod: Obj, event_type: str, reason: str, message: str) -> bool:
+    def record(self, pod: PodRef, event_type: str, reason: str, message: str) -> bool:
         """Queue one Event; False when it is a Warning already sent for this pod."""
-        uid = pod["metadata"]["uid"]
         if event_type == WARNING:
-            seen = self._warned.setdefault(uid, set())
+            seen = self._warned.setdefault(pod.uid, set())
             if (reason, message) in seen:
                 return False
             seen.add((reason, message))

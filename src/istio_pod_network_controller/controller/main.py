@@ -16,12 +16,12 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from ..dataplane.netns import raise_open_files_limit
 from ..settings import annotations as ann
 from . import events as ev
 from .cache import NamespaceCache, Obj, PodCache, pod_key
 from .config import ControllerConfig
 from .kube import Informer, KubeClient, load_config
-from .logs import pod_extra
 from .metrics import Metrics, StatusServer
 from .preflight import Report, node_event
 from .queue import QueueShutDown, WorkQueue
@@ -38,7 +38,6 @@ class Controller:
     def __init__(
         self,
         config: ControllerConfig,
-        flag_of: dict[str, str],
         preflight: Preflight | None = None,
         preflight_retry: float = PREFLIGHT_RETRY,
     ) -> None:
@@ -61,7 +60,6 @@ class Controller:
             self.recorder,
             self.metrics,
             self.executor,
-            lambda name: flag_of.get(name, name),
         )
         self.pod_informer = Informer(
             "pods",
@@ -160,10 +158,9 @@ class Controller:
                 return
             self.in_flight += 1
             try:
-                delay = await self.reconciler.reconcile(uid, flags)
+                delay = (await self.reconciler.reconcile(uid, flags)).retry_after
             except Exception:
-                pod = self.pods.get(uid)
-                log.exception("reconcile failed", extra=pod_extra(pod) if pod else {"pod": uid})
+                log.exception("reconcile of pod %s failed", uid)
                 self.metrics.failed.labels("internal").inc()
                 delay = 5.0
             finally:
@@ -185,7 +182,7 @@ class Controller:
                 uid
                 for uid, pod in self.pods.objects.items()
                 if (pod["metadata"].get("annotations") or {}).get(ann.STATUS) == ann.STATUS_INITIALIZED
-                and self.reconciler.decide(pod).selected
+                and self.reconciler.select(pod).selected
             ]
             log.debug("drift check of %d pods", len(marked))
             for uid in marked:
@@ -247,6 +244,7 @@ class Controller:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        log.debug("open files limit: %d (one pinned namespace per initialized pod)", raise_open_files_limit())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         status = StatusServer(self.metrics, self.healthy, lambda: self.ready, lambda: self.not_ready)
@@ -298,8 +296,7 @@ class Controller:
 
 async def run(
     config: ControllerConfig,
-    flag_of: dict[str, str],
     preflight: Preflight | None = None,
     preflight_retry: float = PREFLIGHT_RETRY,
 ) -> int:
-    return await Controller(config, flag_of, preflight, preflight_retry).run()
+    return await Controller(config, preflight, preflight_retry).run()

@@ -42,6 +42,16 @@ class Metrics:
         self.reconfigured = Counter(
             f"{ns}_pods_reconfigured", "Pods re-applied after a spec change", registry=r
         )
+        self.reinitialized = Counter(
+            f"{ns}_pods_reinitialized",
+            "Marked pods whose sandbox was recreated (new netns): rules applied to the new sandbox",
+            registry=r,
+        )
+        self.foreign_netns = Counter(
+            f"{ns}_pods_foreign_netns",
+            "Pods found with processes in a network namespace other than their sandbox's (once per pod)",
+            registry=r,
+        )
         self.skipped = Counter(
             f"{ns}_pods_skipped", "Pod evaluations not selected, by reason", ["reason"], registry=r
         )

@@ -1,8 +1,14 @@
-"""One pod, one pass: select → spec → discover → apply (or verify) → mark, with Events and metrics.
+"""One pod, one pass: view → decision (pure, see decision.py) → effects (data plane, mark, Events, metrics).
 
 The blocking data-plane work (a /proc scan, setns threads, iptables-restore) runs on a thread pool; one
 /proc scan serves every pod whose last change was seen before the scan started, so a burst of N pods costs
 a handful of scans, not N.
+
+Once a pod's rules are applied, its sandbox's network namespace stays pinned (an fd, checked by inode)
+for as long as the pod lives, and every later verify or repair works on that namespace: no process the
+tenant starts later can steer it elsewhere. The pin is trusted only while processes of the pod still live
+in it; a sandbox without them is dead (the kubelet made a new one), so the pin is dropped and the new
+sandbox is found and captured at once.
 """
 
 from __future__ import annotations
@@ -18,22 +24,35 @@ from typing import TypeVar
 from ..dataplane import apply as dataplane
 from ..dataplane.apply import ApplyResult, Drift
 from ..dataplane.discovery import PodNetnsNotFound, ProcIndex
+from ..dataplane.netns import NetnsId, PinnedNetns
 from ..errors import DataplaneError, SpecError
 from ..settings import annotations as ann
-from ..settings.spec import InterceptSpec, IPv6Policy, build_spec
+from ..settings.spec import InterceptSpec, build_spec
 from . import events as ev
 from . import selection
 from .backoff import Backoff
-from .cache import NamespaceCache, Obj, PodCache, pod_ips
+from .cache import NamespaceCache, Obj, PodCache
 from .config import ControllerConfig
+from .decision import Action, Applied, Apply, Invalid, Known, MarkReason, Skip, Verify, Warn, decide
 from .kube import ApiStatusError, KubeClient
-from .logs import pod_extra
+from .logs import PodLogger
 from .metrics import Metrics
+from .view import PodView
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 VERIFY = "verify"
 """Queue flag: verify the rules of a marked pod even if this process verified or applied them already."""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The end of one pass: done, or try again after `retry_after` seconds."""
+
+    retry_after: float | None = None
+
+
+DONE = Result()
 
 
 @dataclass(slots=True)
@@ -42,8 +61,9 @@ class PodState:
     changed_at: float
     failed_at: float = 0.0
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=5.0))
-    in_place: str | None = None
-    """The spec digest this process applied or verified in the pod; skips re-verifying our own patch echo."""
+    pending_since: float = 0.0
+    """Start of the current attempt to capture (first sight, or a sandbox found dead): deadline origin."""
+    settled: bool = False
     deadline_reported: bool = False
     attempted: bool = False
     awaiting_echo: str | None = None
@@ -53,6 +73,30 @@ class PodState:
     we applied) and acting on it would apply and mark twice. resourceVersions are opaque: only equality is
     used, as the API conventions require.
     """
+    applied: Applied | None = None
+    pin: PinnedNetns | None = None
+    """The sandbox's namespace the rules were applied to, held open for the pod's lifetime."""
+    sandbox_lost: bool = False
+    """The pinned sandbox died; until its successor is captured, an application counts as Reinitialized."""
+    busy: bool = False
+    foreign_reported: bool = False
+
+    def drop_pin(self) -> None:
+        if self.pin is not None:
+            self.pin.close()
+        self.pin = None
+        self.applied = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What the data-plane job did: applied (a result) or verified in place (None), in which namespace."""
+
+    pin: PinnedNetns
+    drift: Drift | None
+    result: ApplyResult | None
+    others: tuple[NetnsId, ...]
+    timings: dict[str, float]
 
 
 class ScanCache:
@@ -77,11 +121,12 @@ class ScanCache:
             return self._index
 
 
-def candidate_digests(spec: InterceptSpec) -> set[str]:
-    """Digests an application of `spec` can record: IPv6 `auto` resolves to capture or block per pod."""
-    if spec.ipv6 is IPv6Policy.AUTO:
-        return {spec.with_ipv6(True).fingerprint(), spec.with_ipv6(False).fingerprint()}
-    return {spec.fingerprint()}
+def sandbox_alive(index: ProcIndex, uid: str, pin: PinnedNetns) -> tuple[bool, tuple[NetnsId, ...]]:
+    """Whether processes of the pod still live in the pinned namespace; and the pod's other namespaces."""
+    if not pin.intact():
+        return False, ()
+    live = index.namespaces(uid)
+    return pin.id in live, tuple(ns for ns in live if ns != pin.id)
 
 
 class Reconciler:
@@ -94,7 +139,6 @@ class Reconciler:
         recorder: ev.EventRecorder,
         metrics: Metrics,
         executor: Executor,
-        flag_of: Callable[[str], str],
     ) -> None:
         self.config = config
         self.pods = pods
@@ -103,7 +147,6 @@ class Reconciler:
         self.recorder = recorder
         self.metrics = metrics
         self.executor = executor
-        self.flag_of = flag_of
         self.scans = ScanCache(config.proc_root, executor)
         self.states: dict[str, PodState] = {}
 
@@ -114,239 +157,260 @@ class Reconciler:
         now = time.monotonic()
         state = self.states.get(uid)
         if state is None:
-            self.states[uid] = PodState(first_seen=now, changed_at=now)
+            self.states[uid] = PodState(first_seen=now, changed_at=now, pending_since=now)
             return
         state.changed_at = now
         if relisted or (resource_version is not None and resource_version == state.awaiting_echo):
             state.awaiting_echo = None
 
     def forget(self, uid: str) -> None:
-        self.states.pop(uid, None)
+        """The pod is gone: drop its state and its pin (after the pass that may be using it)."""
+        state = self.states.pop(uid, None)
+        if state is not None and not state.busy:
+            state.drop_pin()
         self.recorder.forget(uid)
 
-    def decide(self, pod: Obj) -> selection.Decision:
+    def select(self, pod: Obj) -> selection.Decision:
         ns = self.namespaces.get(pod["metadata"].get("namespace", ""))
         return selection.select(pod, ns, self.config.selection)
+
+    def _wants_mesh(self, pod: Obj) -> bool:
+        return self.select({**pod, "spec": {**pod.get("spec", {}), "hostNetwork": False}}).selected
 
     async def _blocking(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     # -- the pass ------------------------------------------------------------------------------------------
 
-    async def reconcile(self, uid: str, flags: frozenset[str] = frozenset()) -> float | None:
-        """Bring one pod to its wanted state; returns a delay after which to try again, or None."""
+    def plan(self, view: PodView, state: PodState, flags: frozenset[str]) -> Action:
+        """The pure decision, fed from the cache and this process's memory of the pod."""
+        verdict = self.select(view.raw)
+        spec: InterceptSpec | SpecError
+        try:
+            spec = build_spec(view.annotations, self.config.spec_defaults)
+        except SpecError as exc:
+            spec = exc
+        wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
+        known = Known(state.applied, state.awaiting_echo is not None, state.sandbox_lost)
+        return decide(view, verdict, spec, known, verify=VERIFY in flags, wants_mesh=wants_mesh)
+
+    async def reconcile(self, uid: str, flags: frozenset[str] = frozenset()) -> Result:
+        """Bring one pod to its wanted state."""
         pod = self.pods.get(uid)
         if pod is None:
             self.forget(uid)
-            return None
+            return DONE
         state = self.states.get(uid)
         if state is None:
             self.observe(uid)
             state = self.states[uid]
         state.attempted = True
-        extra = pod_extra(pod)
-        decision = self.decide(pod)
-        meta_ann: dict[str, str] = pod["metadata"].get("annotations") or {}
-        marked = meta_ann.get(ann.STATUS) == ann.STATUS_INITIALIZED
-        if state.awaiting_echo is not None and not marked:
-            # A copy from before our own patch; the patch's echo queues the pod again.
-            log.debug("skipping a copy older than our mark", extra=extra)
-            return None
-        if not decision.selected:
-            self.metrics.skipped.labels(decision.reason).inc()
-            if marked and decision.reason not in (selection.DELETING, selection.FINISHED):
-                # Fail closed: an annotation or label edit never removes capture from a running pod.
-                message = (
-                    f"pod no longer selected ({decision.reason}) after its capture rules were installed; "
-                    "the rules are kept (only deleting the pod removes them)"
-                )
-                if self.recorder.record(pod, ev.WARNING, ev.CAPTURE_KEPT, message):
-                    log.warning("%s", message, extra=extra)
-            if decision.reason == selection.HOST_NETWORK and self._wanted_mesh(pod):
-                self.recorder.record(
-                    pod,
-                    ev.WARNING,
-                    ev.HOST_NETWORK_SKIPPED,
-                    "hostNetwork pod asks for mesh capture; the node's own network is never "
-                    "changed, so this pod gets no capture rules",
-                )
-            log.debug("not selected: %s", decision.reason, extra=extra)
-            return None
+        view = PodView.of(pod)
+        plog = PodLogger(log, view, self.recorder)
+        action = self.plan(view, state, flags)
+        state.busy = True
         try:
-            spec = build_spec(meta_ann, self.config.spec_defaults, default_source=self.flag_of)
-        except SpecError as exc:
-            self.metrics.failed.labels("invalid_config").inc()
-            if marked:
-                message = f"{exc}; the capture rules installed before are kept unchanged (fail closed)"
-            else:
-                message = f"{exc}; capture rules not installed (fail closed)"
-            if self.recorder.record(pod, ev.WARNING, ev.INVALID_CONFIG, message):
-                log.warning("invalid interception config: %s", message, extra=extra)
-            return None
+            return await self.execute(view, state, action, plog)
+        finally:
+            state.busy = False
+            if self.states.get(uid) is not state:  # deleted meanwhile
+                state.drop_pin()
 
-        digest = meta_ann.get(ann.SPEC_DIGEST)
-        if marked and digest in candidate_digests(spec):
-            if VERIFY not in flags and state.in_place == digest:
-                return None
-            return await self._verify(pod, spec, state, digest or "")
-        return await self._apply(pod, spec, state, reconfigure=marked)
+    async def execute(self, view: PodView, state: PodState, action: Action, plog: PodLogger) -> Result:
+        match action:
+            case Skip(reason, release):
+                if reason.startswith("not selected: "):
+                    self.metrics.skipped.labels(reason.removeprefix("not selected: ")).inc()
+                if release:
+                    state.drop_pin()
+                plog.debug("%s", reason)
+                return DONE
+            case Warn(reason, notices):
+                self.metrics.skipped.labels(reason).inc()
+                for notice in notices:
+                    plog.warn_event(notice.reason, notice.message)
+                return DONE
+            case Invalid():
+                self.metrics.failed.labels("invalid_config").inc()
+                plog.warn_event(ev.INVALID_CONFIG, action.message)
+                return DONE
+            case Verify() | Apply():
+                return await self._capture(view, state, action, plog)
 
-    def _wanted_mesh(self, pod: Obj) -> bool:
-        as_pod_network = {**pod, "spec": {**pod.get("spec", {}), "hostNetwork": False}}
-        return self.decide(as_pod_network).selected
-
-    async def _index_for(self, state: PodState) -> ProcIndex:
-        return await self.scans.index(max(state.changed_at, state.failed_at))
+    async def _capture(
+        self, view: PodView, state: PodState, action: Verify | Apply, plog: PodLogger
+    ) -> Result:
+        index = await self.scans.index(max(state.changed_at, state.failed_at))
+        why = action.why if isinstance(action, Apply) else MarkReason.REPAIRED
+        others: tuple[NetnsId, ...] = ()
+        pin = state.pin
+        if pin is not None:
+            alive, others = await self._blocking(lambda: sandbox_alive(index, view.uid, pin))
+            if not alive or why is MarkReason.REINITIALIZED:
+                plog.info("sandbox %s is gone (%s): capturing the new one", pin.id, action.reason)
+                state.drop_pin()
+                state.sandbox_lost = True
+                why = MarkReason.REINITIALIZED
+        if why is MarkReason.REINITIALIZED:
+            self._restart_deadline(state)
+        verify_first = isinstance(action, Verify) and why is MarkReason.REPAIRED
+        plog.debug("%s: %s", "verify" if verify_first else "apply", action.reason)
+        try:
+            outcome = await self._blocking(
+                self._job(index, view, state.pin, others, action.spec, verify_first)
+            )
+        except PodNetnsNotFound as exc:
+            return self._not_yet(state, plog, "netns_not_found", ev.NETNS_NOT_FOUND, exc)
+        except (DataplaneError, OSError) as exc:
+            plog.warning("applying capture rules failed: %s", exc)
+            return self._not_yet(state, plog, "apply_error", ev.APPLY_FAILED, exc)
+        for stage, seconds in outcome.timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        if state.pin is not outcome.pin:
+            state.drop_pin()
+            state.pin = outcome.pin
+        self._report_foreign(state, outcome.others, plog)
+        if outcome.result is None:
+            self._settle(state, view, action.digest if isinstance(action, Verify) else "")
+            return DONE
+        return await self._mark(view, state, outcome, why, plog)
 
     def _job(
-        self, index: ProcIndex, pod: Obj, spec: InterceptSpec, verify_first: bool
-    ) -> Callable[[], tuple[Drift | None, ApplyResult | None, dict[str, float]]]:
-        """The blocking part: pin the pod's netns, verify and/or apply; stage timings in seconds."""
-        uid = pod["metadata"]["uid"]
-        cids = pod["status"].get("containerIDs") or ()
-        ips = pod_ips(pod)
+        self,
+        index: ProcIndex,
+        view: PodView,
+        pin: PinnedNetns | None,
+        others: tuple[NetnsId, ...],
+        spec: InterceptSpec,
+        verify_first: bool,
+    ) -> Callable[[], JobOutcome]:
+        """The blocking part: find and pin the sandbox (unless pinned), verify and/or apply; timings in s."""
         cfg = self.config
 
-        def work() -> tuple[Drift | None, ApplyResult | None, dict[str, float]]:
+        def work() -> JobOutcome:
             timings: dict[str, float] = {}
             started = time.perf_counter()
-            with index.find(uid, container_ids=cids, pod_ips=ips) as found:
-                timings["discover"] = time.perf_counter() - started
+            target, strays = pin, others
+            if target is None:
+                found = index.find(view.uid, container_ids=view.container_ids, pod_ips=view.ips)
+                target, strays = found.netns, found.others
+            timings["discover"] = time.perf_counter() - started
+            try:
                 drift = None
-                pids = [p.pid for p in index.processes(uid)]
+                pids = [p.pid for p in index.processes(view.uid)]
                 if verify_first:
                     started = time.perf_counter()
                     drift = dataplane.verify(
-                        found.netns, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids
+                        target, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids
                     )
                     timings["verify"] = time.perf_counter() - started
                     if drift.in_place:
-                        return drift, None, timings
+                        return JobOutcome(target, drift, None, strays, timings)
                 started = time.perf_counter()
-                result = dataplane.apply(
-                    found.netns, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids
-                )
+                result = dataplane.apply(target, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids)
                 timings["apply"] = time.perf_counter() - started
-                return drift, result, timings
+            except BaseException:
+                if target is not pin:
+                    target.close()
+                raise
+            return JobOutcome(target, drift, result, strays, timings)
 
         return work
 
-    def _observe_timings(self, timings: dict[str, float]) -> None:
-        for stage, seconds in timings.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
+    def _restart_deadline(self, state: PodState) -> None:
+        if state.settled:
+            state.settled = False
+            state.pending_since = time.monotonic()
+            state.deadline_reported = False
 
-    async def _run_job(
-        self, pod: Obj, spec: InterceptSpec, state: PodState, verify_first: bool
-    ) -> tuple[Drift | None, ApplyResult | None] | float | None:
-        """Run the data-plane job; on failure, the retry delay (or None once the deadline passed)."""
-        extra = pod_extra(pod)
-        index = await self._index_for(state)
-        try:
-            drift, result, timings = await self._blocking(self._job(index, pod, spec, verify_first))
-        except PodNetnsNotFound as exc:
-            return self._not_yet(pod, state, "netns_not_found", ev.NETNS_NOT_FOUND, str(exc))
-        except (DataplaneError, ValueError, OSError) as exc:
-            log.warning("applying capture rules failed: %s", exc, extra=extra)
-            return self._not_yet(pod, state, "apply_error", ev.APPLY_FAILED, str(exc))
-        self._observe_timings(timings)
-        return drift, result
+    def _settle(self, state: PodState, view: PodView, digest: str) -> None:
+        """The pod's rules are in place in the pinned sandbox, for the pod as `view` shows it."""
+        assert state.pin is not None  # noqa: S101 - set by the job that just succeeded
+        state.applied = Applied(digest, state.pin.id, view.ips, view.container_ids)
+        state.sandbox_lost = False
+        state.settled = True
+        state.deadline_reported = False
+        state.backoff.reset()
+
+    def _report_foreign(self, state: PodState, others: tuple[NetnsId, ...], plog: PodLogger) -> None:
+        """Processes of the pod in other namespaces: never the pod's capture target, but worth a Warning."""
+        if not others or state.foreign_reported:
+            return
+        state.foreign_reported = True
+        self.metrics.foreign_netns.inc()
+        plog.warn_event(
+            ev.FOREIGN_NETNS,
+            "processes of this pod run in a network namespace of their own, outside the pod's sandbox; "
+            "capture rules are kept in the sandbox's namespace only",
+            detail=f"sandbox {state.pin.id if state.pin else '?'}, others {', '.join(map(str, others))}",
+        )
 
     def _not_yet(
-        self, pod: Obj, state: PodState, reason: str, event_reason: str, message: str
-    ) -> float | None:
+        self, state: PodState, plog: PodLogger, reason: str, event_reason: str, exc: Exception
+    ) -> Result:
         """Retry with backoff until the deadline; then one Warning, and wait for the pod's next event."""
         state.failed_at = time.monotonic()
-        if state.failed_at - state.first_seen < self.config.netns_deadline:
+        if state.failed_at - state.pending_since < self.config.netns_deadline:
             delay = state.backoff.next()
-            log.debug("not ready (%s), retrying in %.2fs: %s", reason, delay, message, extra=pod_extra(pod))
-            return delay
+            plog.debug("not ready (%s), retrying in %.2fs: %s", reason, delay, exc)
+            return Result(delay)
         if not state.deadline_reported:
             state.deadline_reported = True
             self.metrics.failed.labels(reason).inc()
-            log.warning("gave up after %.0fs: %s", self.config.netns_deadline, message, extra=pod_extra(pod))
-            self.recorder.record(
-                pod,
-                ev.WARNING,
-                event_reason,
-                f"no capture rules after {self.config.netns_deadline:.0f}s: {message}",
+            plog.warning("gave up after %.0fs: %s", self.config.netns_deadline, exc)
+            if isinstance(exc, PodNetnsNotFound):
+                sentence = (
+                    "no network namespace can be attributed to this pod's sandbox (not started, exited, "
+                    "or not the one its status describes); the controller's log has the details"
+                )
+            else:
+                sentence = ev.public_text(exc)
+            plog.warn_event(
+                event_reason, f"no capture rules after {self.config.netns_deadline:.0f}s: {sentence}"
             )
-        return None
-
-    async def _verify(self, pod: Obj, spec: InterceptSpec, state: PodState, digest: str) -> float | None:
-        outcome = await self._run_job(pod, spec, state, verify_first=True)
-        if not isinstance(outcome, tuple):
-            return outcome
-        drift, result = outcome
-        if result is None:
-            state.in_place = digest
-            state.backoff.reset()
-            return None
-        lines = len(drift.lines) if drift else 0
-        self.metrics.repaired.inc()
-        log.info("repaired capture rules (%d lines of drift)", lines, extra=pod_extra(pod))
-        self.recorder.record(
-            pod,
-            ev.NORMAL,
-            ev.REPAIRED,
-            f"capture rules were missing or changed ({lines} differences); re-applied with "
-            f"{result.backend} (spec {result.fingerprint})",
-        )
-        if result.fingerprint != digest:
-            return await self._mark(pod, state, result, started=None)
-        state.in_place = digest
-        state.backoff.reset()
-        return None
-
-    async def _apply(self, pod: Obj, spec: InterceptSpec, state: PodState, reconfigure: bool) -> float | None:
-        outcome = await self._run_job(pod, spec, state, verify_first=False)
-        if not isinstance(outcome, tuple):
-            return outcome
-        _, result = outcome
-        assert result is not None  # noqa: S101 - apply-only jobs always return a result
-        return await self._mark(
-            pod, state, result, started=None if reconfigure else state.first_seen, reconfigure=reconfigure
-        )
+        return DONE
 
     async def _mark(
-        self, pod: Obj, state: PodState, result: ApplyResult, started: float | None, reconfigure: bool = False
-    ) -> float | None:
-        meta = pod["metadata"]
-        extra = pod_extra(pod)
-        patch_started = time.perf_counter()
-        try:
-            version = await self.kube.patch_pod_annotations(
-                meta["namespace"],
-                meta["name"],
-                {ann.STATUS: ann.STATUS_INITIALIZED, ann.SPEC_DIGEST: result.fingerprint},
-            )
-        except ApiStatusError as exc:
-            if exc.code == 404:
-                return None  # deleted meanwhile; the watch will say so
-            self.metrics.failed.labels("patch_error").inc()
-            state.failed_at = time.monotonic()
-            delay = state.backoff.next(exc.retry_after)
-            log.warning("marking failed (%s), retrying in %.2fs", exc, delay, extra=extra)
-            return delay
-        self.metrics.stage_seconds.labels("patch").observe(time.perf_counter() - patch_started)
-        state.awaiting_echo = version or None
-        state.in_place = result.fingerprint
-        state.backoff.reset()
-        state.deadline_reported = False
+        self, view: PodView, state: PodState, outcome: JobOutcome, why: MarkReason, plog: PodLogger
+    ) -> Result:
+        """Record what was applied; patch the mark when the pod does not carry it yet; count and tell."""
+        result = outcome.result
+        assert result is not None  # noqa: S101 - only applications are marked
+        if not (view.marked and view.digest == result.fingerprint):
+            patch_started = time.perf_counter()
+            try:
+                version = await self.kube.patch_pod_annotations(
+                    view.namespace,
+                    view.name,
+                    {ann.STATUS: ann.STATUS_INITIALIZED, ann.SPEC_DIGEST: result.fingerprint},
+                )
+            except ApiStatusError as exc:
+                if exc.code == 404:
+                    return DONE  # deleted meanwhile; the watch will say so
+                self.metrics.failed.labels("patch_error").inc()
+                state.failed_at = time.monotonic()
+                delay = state.backoff.next(exc.retry_after)
+                plog.warning("marking failed (%s), retrying in %.2fs", exc, delay)
+                return Result(delay)
+            self.metrics.stage_seconds.labels("patch").observe(time.perf_counter() - patch_started)
+            state.awaiting_echo = version or None
+        self._settle(state, view, result.fingerprint)
         detail = f"with {result.backend} in {result.seconds * 1000:.1f} ms (spec {result.fingerprint})"
-        if reconfigure:
-            self.metrics.reconfigured.inc()
-            log.info("spec changed: capture rules re-applied %s", detail, extra=extra)
-            self.recorder.record(
-                pod,
-                ev.NORMAL,
-                ev.RECONFIGURED,
-                f"interception annotations changed; capture rules re-applied {detail}",
-            )
-        elif started is not None:
-            self.metrics.initialized.inc()
-            self.metrics.end_to_end_seconds.observe(time.monotonic() - started)
-            log.info("initialized: capture rules installed %s", detail, extra=extra)
-            self.recorder.record(
-                pod, ev.NORMAL, ev.INITIALIZED, f"capture rules installed by {self.recorder.node} {detail}"
-            )
-        return None
+        match why:
+            case MarkReason.INITIALIZED:
+                self.metrics.initialized.inc()
+                self.metrics.end_to_end_seconds.observe(time.monotonic() - state.first_seen)
+                plog.normal(why, f"capture rules installed by {self.recorder.node} {detail}")
+            case MarkReason.RECONFIGURED:
+                self.metrics.reconfigured.inc()
+                plog.normal(why, f"interception annotations changed; capture rules re-applied {detail}")
+            case MarkReason.REPAIRED:
+                lines = len(outcome.drift.lines) if outcome.drift else 0
+                self.metrics.repaired.inc()
+                plog.normal(
+                    why, f"capture rules were missing or changed ({lines} differences); re-applied {detail}"
+                )
+            case MarkReason.REINITIALIZED:
+                self.metrics.reinitialized.inc()
+                plog.normal(why, f"the pod's sandbox was recreated; capture rules installed in it {detail}")
+        return DONE

@@ -1,9 +1,14 @@
 """Find a pod's network namespace from the node's /proc, by pod UID, and pin it.
 
 The kubelet names every pod's cgroup after the pod UID, so /proc/PID/cgroup maps processes to pods without
-asking the container runtime. A pod's containers all share the sandbox's network namespace; the only
-processes of a pod that live elsewhere are runtime helpers such as CRI-O's conmon (host namespace), which
-are ignored. One scan of /proc indexes every pod on the node, so a burst of pod events costs one scan.
+asking the container runtime. A pod's containers all share the sandbox's network namespace; runtime helpers
+such as CRI-O's conmon (host namespace) are ignored. A process of the pod may still make a namespace of its
+own (`unshare -Urn` needs no privilege) and give it the pod's IP, so neither "the namespace holding the pod
+IP" nor "the only namespace" identifies the sandbox. What does is time: the runtime creates the sandbox (its
+pause process and namespace) before any container of the pod runs, so the sandbox's namespace is the one of
+the pod's earliest-started process, a start time the kernel records and no later process can take back.
+The pod IPs then only confirm that choice; other namespaces of the pod are reported, never chosen.
+One scan of /proc indexes every pod on the node, so a burst of pod events costs one scan.
 
 Parsing (cgroup text, fib_trie, if_inet6) is pure; the /proc I/O is kept in a few small functions.
 """
@@ -14,6 +19,7 @@ import errno
 import ipaddress
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -33,10 +39,15 @@ _CGROUP_LINE = re.compile(
 _CID_SCHEME = re.compile(r"^[a-z0-9-]+://")
 _READ_CHUNK = 65536
 _VANISHED = (errno.ENOENT, errno.ESRCH)
+_UNKNOWN_START = sys.maxsize
 
 
 class PodNetnsNotFound(DataplaneError):
     """No network namespace can be attributed to the pod with confidence; the message says what was seen."""
+
+
+class InvalidPodIP(DataplaneError):
+    """A pod IP from the API that is not an IP address (the API server is not trusted to validate it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,8 @@ class PodNetns:
     container_id: str | None
     netns: PinnedNetns
     matched_ips: tuple[str, ...]
+    others: tuple[NetnsId, ...] = ()
+    """Other namespaces (not the host's) that processes of the pod live in: not the sandbox, reported only."""
 
     def __enter__(self) -> PodNetns:
         return self
@@ -163,6 +176,17 @@ def _netns_id(proc_root: str, pid: int) -> NetnsId | None:
     return NetnsId(info.st_dev, info.st_ino)
 
 
+def parse_start_time(stat: str) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks after boot); the command name may hold ')'."""
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _start_time(proc_root: str, pid: int) -> int | None:
+    data = _read(os.path.join(proc_root, str(pid), "stat"))
+    return None if data is None else parse_start_time(data.decode("utf-8", "replace"))
+
+
 def _pod_of(proc_root: str, pid: int) -> tuple[str, str | None] | None:
     data = _read(os.path.join(proc_root, str(pid), "cgroup"))
     if data is None or b"kubepods" not in data:
@@ -207,19 +231,27 @@ class ProcIndex:
     def processes(self, pod_uid: str) -> tuple[PodProcess, ...]:
         return tuple(self.pods.get(normalize_uid(pod_uid), ()))
 
+    def namespaces(self, pod_uid: str) -> dict[NetnsId, list[PodProcess]]:
+        """The pod's live processes by namespace, read now (not at scan time); the host's are left out."""
+        by_netns: dict[NetnsId, list[PodProcess]] = {}
+        for proc in self.processes(pod_uid):
+            ns = _netns_id(self.proc_root, proc.pid)
+            if ns is not None and ns not in self.host_ids:
+                by_netns.setdefault(ns, []).append(proc)
+        return by_netns
+
     def find(
         self, pod_uid: str, *, container_ids: Iterable[str] = (), pod_ips: Iterable[str] = ()
     ) -> PodNetns:
-        """Pin the pod's network namespace.
+        """Pin the pod's sandbox namespace: the one of its earliest-started process.
 
-        container_ids (bare or "runtime://id") put those containers' processes first; any container of the
-        pod would do, they share one namespace. pod_ips, when given, must include an address local to the
-        namespace; they also settle which namespace is the pod's if its processes are in several.
-        Raises PodNetnsNotFound; ValueError for a malformed pod IP.
+        container_ids (bare or "runtime://id") choose which of the sandbox's processes to pin through.
+        pod_ips, when given, must include an address local to that namespace (else the sandbox is not the
+        one the API describes yet). Raises PodNetnsNotFound, or InvalidPodIP for a malformed pod IP.
         """
         uid = normalize_uid(pod_uid)
         wanted = {normalize_container_id(c) for c in container_ids}
-        ips = {str(ipaddress.ip_address(ip.strip())) for ip in pod_ips}
+        ips = _parse_ips(uid, pod_ips)
         procs = sorted(self.processes(uid), key=lambda p: p.container_id not in wanted)
         if not procs:
             raise PodNetnsNotFound(
@@ -228,13 +260,18 @@ class ProcIndex:
             )
 
         by_netns: dict[NetnsId, list[PodProcess]] = {}
+        started: dict[NetnsId, int] = {}
         in_host: list[int] = []
         for proc in procs:
             ns = _netns_id(self.proc_root, proc.pid)
             if ns in self.host_ids:
                 in_host.append(proc.pid)
             elif ns is not None:
+                # An unreadable start time (the process is exiting) ranks after every readable one.
+                start = _start_time(self.proc_root, proc.pid)
+                start = _UNKNOWN_START if start is None else start
                 by_netns.setdefault(ns, []).append(proc)
+                started[ns] = min(start, started.get(ns, start))
         if not by_netns:
             gone = sorted({p.pid for p in procs} - set(in_host))
             raise PodNetnsNotFound(
@@ -242,43 +279,44 @@ class ProcIndex:
                 f"in the host's (hostNetwork pod?): {in_host or 'none'}; exited: {gone or 'none'}"
             )
 
-        matched: dict[NetnsId, tuple[str, ...]] = dict.fromkeys(by_netns, ())
-        if ips:
-            matched, seen = self._confirm(by_netns, ips)
-            if not matched:
-                raise PodNetnsNotFound(
-                    f"pod {uid}: none of its IPs {sorted(ips)} is local to its network namespace(s): "
-                    + "; ".join(f"{ns} has {addrs}" for ns, addrs in seen.items())
-                )
-        if len(matched) > 1:
+        first = min(started.values())
+        earliest = [ns for ns, start in started.items() if start == first]
+        if len(earliest) > 1:
             raise PodNetnsNotFound(
-                f"pod {uid}: its processes are in {len(matched)} network namespaces "
-                + ", ".join(f"{ns} (pids {[p.pid for p in by_netns[ns]]})" for ns in matched)
-                + ("" if ips else "; pass the pod IPs to tell which one is the pod's")
-                + "; refusing to guess"
+                f"pod {uid}: its earliest processes started in the same clock tick in "
+                + ", ".join(f"{ns} (pids {[p.pid for p in by_netns[ns]]})" for ns in earliest)
+                + "; refusing to guess which is the sandbox's"
             )
-        ((ns_id, ns_ips),) = matched.items()
-        return self._pin(uid, ns_id, by_netns[ns_id], ns_ips)
-
-    def _confirm(
-        self, by_netns: dict[NetnsId, list[PodProcess]], ips: set[str]
-    ) -> tuple[dict[NetnsId, tuple[str, ...]], dict[NetnsId, list[str]]]:
-        """Namespaces holding one of `ips` (with the ones matched), and every address seen, for messages."""
-        matched: dict[NetnsId, tuple[str, ...]] = {}
-        seen: dict[NetnsId, list[str]] = {}
-        for ns, procs in by_netns.items():
-            local = next(
-                (a for a in (_local_ips(self.proc_root, p.pid, ns) for p in procs) if a is not None), None
-            )
+        (ns_id,) = earliest
+        others = tuple(ns for ns in by_netns if ns != ns_id)
+        matched: tuple[str, ...] = ()
+        if ips:
+            local = self._local(by_netns[ns_id], ns_id)
             if local is None:
-                seen[ns] = ["(unreadable: its processes exited)"]
-                continue
-            seen[ns] = sorted(a for a in local if not ipaddress.ip_address(a).is_loopback)
-            if hits := tuple(sorted(ips & local)):
-                matched[ns] = hits
-        return matched, seen
+                raise PodNetnsNotFound(f"pod {uid}: the processes of {ns_id} exited while it was read")
+            matched = tuple(sorted(ips & local))
+            if not matched:
+                shown = sorted(a for a in local if not ipaddress.ip_address(a).is_loopback)
+                raise PodNetnsNotFound(
+                    f"pod {uid}: none of its IPs {sorted(ips)} is local to its sandbox's network namespace "
+                    f"{ns_id} (has {shown}; a sandbox the API does not describe yet?)"
+                )
+        return self._pin(uid, ns_id, by_netns[ns_id], matched, others)
 
-    def _pin(self, uid: str, ns: NetnsId, procs: list[PodProcess], ips: tuple[str, ...]) -> PodNetns:
+    def _local(self, procs: list[PodProcess], ns: NetnsId) -> set[str] | None:
+        """The namespace's addresses, read through the first of its processes that is still there."""
+        return next(
+            (a for a in (_local_ips(self.proc_root, p.pid, ns) for p in procs) if a is not None), None
+        )
+
+    def _pin(
+        self,
+        uid: str,
+        ns: NetnsId,
+        procs: list[PodProcess],
+        ips: tuple[str, ...],
+        others: tuple[NetnsId, ...],
+    ) -> PodNetns:
         """Open the namespace of the first process that is still this pod's, proven after the open.
 
         The fd is taken first and membership re-read second: a PID reused before the open then shows up as a
@@ -292,12 +330,26 @@ class ProcIndex:
             still = _pod_of(self.proc_root, proc.pid)
             if pinned.id == ns and still is not None and still[0] == uid:
                 pinned.description = f"pod {uid} pid {proc.pid} ({ns})"
-                return PodNetns(uid, proc.pid, proc.container_id, pinned, ips)
+                return PodNetns(uid, proc.pid, proc.container_id, pinned, ips, others)
             pinned.close()
         raise PodNetnsNotFound(
             f"pod {uid}: {ns} could not be pinned: its processes {[p.pid for p in procs]} exited, were "
             "replaced by other processes (PID reuse), or had no usable namespace link"
         )
+
+
+def _parse_ips(uid: str, pod_ips: Iterable[str]) -> set[str]:
+    """Canonical addresses; a scoped IPv6 address ("fe80::1%eth0") is no pod IP either."""
+    parsed = set()
+    for ip in pod_ips:
+        try:
+            address = ipaddress.ip_address(ip.strip())
+        except ValueError:
+            address = None
+        if address is None or "%" in str(address):
+            raise InvalidPodIP(f"pod {uid}: its status lists a pod IP that is not an IP address")
+        parsed.add(str(address))
+    return parsed
 
 
 def find_pod_netns(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import stat
 import threading
 from collections.abc import Callable
@@ -58,6 +59,16 @@ class PinnedNetns:
     @classmethod
     def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
         return cls.open_path(os.path.join(proc_root, str(pid), "ns", "net"))
+
+    def intact(self) -> bool:
+        """Whether the fd is open and still refers to the namespace it was opened on (same inode)."""
+        if self.fd < 0:
+            return False
+        try:
+            info = os.fstat(self.fd)
+        except OSError:
+            return False
+        return NetnsId(info.st_dev, info.st_ino) == self.id
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -116,8 +127,8 @@ def _on_thread(enter: Callable[[], None], work: Callable[[], T]) -> T:
 
 def run_in(netns: PinnedNetns, work: Callable[[], T]) -> T:
     """Run `work` on a thread inside `netns`; the thread exits afterwards, so nothing leaks out."""
-    if netns.fd < 0:
-        raise DataplaneError(f"{netns.description}: namespace handle is closed")
+    if not netns.intact():
+        raise DataplaneError(f"{netns.description}: namespace handle is closed or no longer {netns.id}")
     return _on_thread(lambda: _setns(netns.fd), work)
 
 
@@ -149,3 +160,11 @@ def refuse_host(netns: PinnedNetns, proc_root: str = "/proc", *, allow_host: boo
             f"{netns.description} ({netns.id}) is the host's network namespace; refusing to change the "
             "node's own firewall (override: --allow-host-netns)"
         )
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard one: the controller keeps one fd per initialized pod."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

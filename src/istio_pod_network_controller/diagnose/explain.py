@@ -1,7 +1,7 @@
 """Explain one pod, purely: selected and why, which spec from where, its mark, its controller, what next.
 
 Selection and spec come from the controller's own code (controller/selection.py, settings/spec.py,
-reconcile.candidate_digests); the controller's defaults are read from its pod's arguments and environment, so
+decision.candidate_digests); the controller's defaults are read from its pod's arguments and environment, so
 the verdict uses the settings that node's controller really has.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from ..controller import selection
 from ..controller.config import LEGACY_SPEC_FLAGS
-from ..controller.reconcile import candidate_digests
+from ..controller.decision import candidate_digests
 from ..errors import SpecError
 from ..settings import annotations as ann
 from ..settings.spec import SETTINGS, InterceptSpec, build_spec

@@ -276,15 +276,25 @@ SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
 SPEC_ANNOTATIONS: Final = frozenset(key for s in SETTINGS for key in s.annotations)
 
 
+@dataclass(frozen=True, slots=True)
+class Given:
+    """A controller-default value as it was given, with where it came from (a flag, its 2018 spelling or a
+    variable), so a refusal names the exact input the operator wrote."""
+
+    value: str
+    source: str
+
+
 def build_spec(
     annotations: Mapping[str, str],
-    defaults: Mapping[str, str] | None = None,
+    defaults: Mapping[str, str | Given] | None = None,
     default_source: Callable[[str], str] = lambda name: "--" + name.replace("_", "-"),
 ) -> InterceptSpec:
-    """Parse the pod's annotations over controller defaults (raw strings keyed by Setting.name).
+    """Parse the pod's annotations over controller defaults (keyed by Setting.name).
 
-    A setting given both as a 2018 combined value (envoy_port) and a modern one takes the more specific
-    modern value from the same layer; a pod annotation always beats any controller default.
+    A default is a Given (it names its own source) or a raw string named by `default_source`. A setting
+    given both as a 2018 combined value (envoy_port) and a modern one takes the more specific modern value
+    from the same layer; a pod annotation always beats any controller default.
     """
     defaults = defaults or {}
     unknown = set(defaults) - set(SETTINGS_BY_NAME)
@@ -306,11 +316,14 @@ def _lookup(
     setting: Setting,
     layer: str,
     annotations: Mapping[str, str],
-    defaults: Mapping[str, str],
+    defaults: Mapping[str, str | Given],
     default_source: Callable[[str], str],
 ) -> tuple[str | None, str]:
     if layer == "defaults":
-        return defaults.get(setting.name), default_source(setting.name)
+        given = defaults.get(setting.name)
+        if isinstance(given, Given):
+            return given.value, given.source
+        return given, default_source(setting.name)
     for key in setting.annotations:
         if key in annotations:
             return annotations[key], f"annotation {key}"

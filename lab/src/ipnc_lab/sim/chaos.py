@@ -3,10 +3,11 @@
 A seeded RNG drives a schedule of pod creations (mesh and ineligible kinds) and deletions, API faults
 (watch drops, 410 after compaction, 429 with Retry-After, 500 bursts, added latency, API restarts), pods
 deleted or their network namespace removed right after creation (mid-apply), rules flushed inside pods
-(drift) and SIGKILLs of the controller followed by a restart. Then faults stop and `check()` judges the
-end state: every eligible live pod initialized with exactly its rules, each of our jumps present once,
-ineligible pods and the host namespace untouched, the controller's RSS bounded. Timing still varies from
-run to run; the seed fixes every choice.
+(drift), sandboxes recreated as the kubelet does (new netns and IP, status updates in either order),
+container restarts, and SIGKILLs of the controller followed by a restart. Then faults stop and `check()`
+judges the end state: every eligible live pod initialized with exactly its rules, each of our jumps present
+once, ineligible pods and the host namespace untouched, the controller's RSS bounded. Timing still varies
+from run to run; the seed fixes every choice.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .node import SimNode, SimPod
 
 FAULTS = (
     "drop_watches", "compact410", "throttle429", "error500", "latency", "api_restart",
-    "delete_mid_apply", "netns_gone_mid_apply", "drift", "controller_kill",
+    "delete_mid_apply", "netns_gone_mid_apply", "drift", "sandbox_recreated", "container_restart",
+    "controller_kill",
 )  # fmt: skip
 INELIGIBLE = ("plain", "host_network", "opted_out", "invalid", "mode_none", "excluded_namespace")
 CONTROLLER_FLAGS = [
@@ -258,6 +260,16 @@ class ChaosSoak:
             if marked and (netns := rng.choice(marked).sim.netns) is not None:
                 for argv in (["nft", "flush", "ruleset"], ["iptables-legacy", "-t", "nat", "-F"]):
                     netns.exec(argv)
+        elif kind in ("sandbox_recreated", "container_restart"):
+            marked = [p for p in self.live if p.eligible and self.cluster.initialized(p.sim)]
+            if marked:
+                sim = rng.choice(marked).sim
+                if kind == "container_restart":
+                    self.cluster.restart_container(self.node, sim)
+                else:
+                    self.cluster.recreate_sandbox(
+                        self.node, sim, rng.choice(("ip-first", "containers-first"))
+                    )
         elif kind == "controller_kill":
             self._harvest_metrics()
             self.controller.kill()

@@ -79,11 +79,14 @@ def pod_manifest(
     }
 
 
-def kubelet_status(pod_ip: str | None, phase: str = "Running") -> Obj:
+def kubelet_status(pod_ip: str | None, phase: str = "Running", container_ids: Sequence[str] = ()) -> Obj:
     """The status the kubelet reports once the sandbox exists (no IP: still Pending)."""
+    running = {"image": "app", "imageID": "app", "ready": True, "restartCount": 0, "state": {"running": {}}}
+    containers = [{"name": "app", "containerID": cid, **running} for cid in container_ids]
     if pod_ip is None:
-        return {"phase": "Pending"}
-    return {"phase": phase, "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}
+        return {"phase": "Pending", **({"containerStatuses": containers} if containers else {})}
+    status: Obj = {"phase": phase, "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}
+    return {**status, "containerStatuses": containers} if containers else status
 
 
 def set_status(store: Store, namespace: str, name: str, status: Obj) -> None:
@@ -185,7 +188,7 @@ class SimCluster:
                    **manifest: Any) -> Obj:  # fmt: skip
         """Store the pod object (status included when `sim` has an address) and hand its UID to `sim`."""
         body = pod_manifest(name, namespace, node.name, **manifest)
-        body["status"] = kubelet_status(sim.ip if sim is not None else None)
+        body["status"] = kubelet_status(*((sim.ip, "Running", sim.container_ids) if sim else (None,)))
         obj = self.store.create(PODS, namespace, body)
         if sim is not None:
             node.adopt(sim, obj["metadata"]["uid"])
@@ -198,8 +201,47 @@ class SimCluster:
         obj = self.store.create(PODS, namespace, body)
         sim = node.add_pod(name, namespace, obj["metadata"]["uid"], host_network=host_network)
         if sim.ip is not None:
-            set_status(self.store, namespace, name, kubelet_status(sim.ip))
+            self.report(sim)
         return sim
+
+    def report(self, pod: SimPod, *, ip: str | None = None, containers: bool = True) -> None:
+        """The kubelet's status update: the pod's IP (or `ip`) and, unless told not to, its containers."""
+        ids = pod.container_ids if containers else ()
+        set_status(self.store, pod.namespace, pod.name, kubelet_status(ip or pod.ip, container_ids=ids))
+
+    def recreate_sandbox(self, node: SimNode, pod: SimPod, order: str = "ip-first") -> None:
+        """The kubelet's SandboxChanged: a new sandbox, then two status updates in the given order.
+
+        "ip-first": the new IP while the containers start (none reported), then the containers.
+        "containers-first": the new containers while the old IP is still reported, then the new IP.
+        """
+        old_ip = pod.ip
+        node.recreate_sandbox(pod)
+        if order == "ip-first":
+            self.report(pod, containers=False)
+            self.report(pod)
+        elif order == "containers-first":
+            self.report(pod, ip=old_ip)
+            self.report(pod)
+        else:
+            raise ValueError(f"unknown order {order!r}")
+
+    def restart_container(self, node: SimNode, pod: SimPod) -> None:
+        """A container restart in the same sandbox: a new container ID in the status, same IP."""
+        node.restart_container(pod)
+        self.report(pod)
+
+    def reboot(self, node: SimNode) -> None:
+        """A node reboot: every pod's sandbox recreated (new netns, new IP) and reported, pod by pod."""
+        for pod in list(node.pods):
+            if not pod.host_network:
+                node.recreate_sandbox(pod)
+                self.report(pod)
+
+    def recreate_pod(self, node: SimNode, pod: SimPod, **manifest: Any) -> SimPod:
+        """The pod deleted and created again under the same name (a new UID, sandbox and IP)."""
+        self.delete_pod(node, pod)
+        return self.add_pod(node, pod.name, pod.namespace, **manifest)
 
     def delete_pod(self, node: SimNode, pod: SimPod) -> None:
         """Delete the API object (if still there) and the pod's sandbox on the node."""

@@ -4,8 +4,11 @@
 
 Each pod's "sandbox" is a `sleep` inside its namespace, placed in the cgroup the kubelet's systemd driver
 would use (`kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope`), so pod discovery finds it by the
-pod UID exactly as on a real node. A hostNetwork pod gets the cgroup but no namespace of its own. Nothing is
-routed to or from the host namespace; everything is removed by close(), also after a failure.
+pod UID exactly as on a real node; the same process stands for the app container until
+`restart_container` starts a new one. `recreate_sandbox` does what the kubelet does after SandboxChanged
+(every process stopped, the namespace gone, a new namespace with a new address, a new sandbox process).
+A hostNetwork pod gets the cgroup but no namespace of its own. Nothing is routed to or from the host
+namespace; everything is removed by close(), also after a failure.
 """
 
 from __future__ import annotations
@@ -43,10 +46,18 @@ class SimPod:
     cgroup: Path
     container_id: str
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    app_container_id: str = ""
+    """The container the status reports as the app's (the sandbox's own scope until a restart)."""
+    sandboxes: int = 1
 
     @property
     def host_network(self) -> bool:
         return self.netns is None
+
+    @property
+    def container_ids(self) -> list[str]:
+        """As the pod status spells them."""
+        return [f"containerd://{self.app_container_id or self.container_id}"]
 
 
 class SimNode:
@@ -90,29 +101,61 @@ class SimNode:
         Without `uid` the sandbox waits in a cgroup no discovery matches until adopt() gives it the UID the
         API server assigned (so namespaces can be made before a burst of API objects).
         """
+        container_id = secrets.token_hex(32)
+        pod = SimPod(name, namespace, uid or "", None, None, self._cgroup(uid, container_id), container_id)
+        pod.cgroup.mkdir(parents=True)
+        self.pods.append(pod)
+        if not host_network:
+            self._plumb(pod)
+        self.spawn(pod, ["sleep", "infinity"])
+        return pod
+
+    def _plumb(self, pod: SimPod) -> None:
+        """A new namespace with a new address on the node's bridge (what CNI gives a new sandbox)."""
         with self._lock:
             number = self._next_host
             self._next_host += 1
-        container_id = secrets.token_hex(32)
-        netns = None if host_network else NamedNetns(f"{self.name}-p{number}")
-        pod = SimPod(name, namespace, uid or "", None, netns, self._cgroup(uid, container_id), container_id)
+        pod.netns = NamedNetns(f"{self.name}-p{number}")
+        pod.ip = f"10.{self.subnet}.{(number - 1) // 250}.{(number - 1) % 250 + 1}"
+        veth = f"v{self.name[-6:]}{number}"[:15]
+        ip_batch(
+            [
+                f"link add eth0 type veth peer name {veth} netns {self.node.name}",
+                "link set lo up",
+                f"addr add {pod.ip}/16 dev eth0",
+                "link set eth0 up",
+            ],
+            pod.netns.name,
+        )
+        ip("-n", self.node.name, "link", "set", veth, "master", "br0", "up")
+
+    def recreate_sandbox(self, pod: SimPod) -> None:
+        """The sandbox died and the kubelet made a new one: new namespace, new IP, new processes.
+
+        Nothing is written to the API here; the caller reports the new status (in the order it chooses).
+        """
+        if pod.netns is None:
+            raise ValueError(f"{pod.name} is a hostNetwork pod: it has no sandbox namespace")
+        self._stop_all(pod)
+        pod.netns.delete()
+        old = pod.cgroup
+        pod.container_id = secrets.token_hex(32)
+        pod.app_container_id = ""
+        pod.cgroup = self._cgroup(pod.uid, pod.container_id)
         pod.cgroup.mkdir(parents=True)
-        self.pods.append(pod)
-        if netns is not None:
-            pod.ip = f"10.{self.subnet}.{(number - 1) // 250}.{(number - 1) % 250 + 1}"
-            veth = f"v{self.name[-6:]}{number}"[:15]
-            ip_batch(
-                [
-                    f"link add eth0 type veth peer name {veth} netns {self.node.name}",
-                    "link set lo up",
-                    f"addr add {pod.ip}/16 dev eth0",
-                    "link set eth0 up",
-                ],
-                netns.name,
-            )
-            ip("-n", self.node.name, "link", "set", veth, "master", "br0", "up")
+        _remove_tree(old, stop_at=pod.cgroup.parent)
+        self._plumb(pod)
+        pod.sandboxes += 1
         self.spawn(pod, ["sleep", "infinity"])
-        return pod
+
+    def restart_container(self, pod: SimPod) -> subprocess.Popen[str]:
+        """The app container restarts in the same sandbox: a new container ID, a new process, same netns."""
+        app_id = secrets.token_hex(32)
+        scope = pod.cgroup.parent / f"cri-containerd-{app_id}.scope"
+        scope.mkdir()
+        process = self.spawn(pod, ["sleep", "infinity"], cgroup=scope)
+        pod.app_container_id = app_id
+        return process
 
     def _cgroup(self, uid: str | None, container_id: str) -> Path:
         if not uid:
@@ -141,8 +184,9 @@ class SimNode:
         uid: int = 0,
         gid: int = 0,
         env: dict[str, str] | None = None,
+        cgroup: Path | None = None,
     ) -> subprocess.Popen[str]:
-        """Start a process in the pod's namespace as uid/gid and put it in the pod's cgroup."""
+        """Start a process in the pod's namespace as uid/gid and put it in the pod's cgroup (or `cgroup`)."""
 
         def start() -> subprocess.Popen[str]:
             return subprocess.Popen(
@@ -160,14 +204,20 @@ class SimNode:
 
         process = start() if pod.netns is None else pod.netns.run(start)
         pod.processes.append(process)
-        (pod.cgroup / "cgroup.procs").write_text(str(process.pid))
+        ((cgroup or pod.cgroup) / "cgroup.procs").write_text(str(process.pid))
         return process
 
-    def remove_pod(self, pod: SimPod) -> None:
-        """Stop the pod's processes and delete its namespace and cgroup (the pod is gone from the node)."""
+    def _stop_all(self, pod: SimPod) -> None:
         for process in pod.processes:
             _stop(process)
         pod.processes.clear()
+        for scope in pod.cgroup.parent.glob("cri-containerd-*.scope"):
+            if scope != pod.cgroup:
+                _remove_tree(scope, stop_at=pod.cgroup.parent)
+
+    def remove_pod(self, pod: SimPod) -> None:
+        """Stop the pod's processes and delete its namespace and cgroup (the pod is gone from the node)."""
+        self._stop_all(pod)
         if pod.netns is not None:
             pod.netns.delete()
             pod.netns = None
