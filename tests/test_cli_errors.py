@@ -259,7 +259,7 @@ def test_run_with_a_proc_root_that_is_not_there_fails_preflight_with_an_event(
 @pytest.mark.parametrize(
     ("env", "args", "message"),
     [
-        ({"ENVOY_PORT": "abc"}, [], "--envoy-port: invalid value 'abc'"),
+        ({"ENVOY_PORT": "abc"}, [], "ENVOY_PORT: invalid value 'abc'"),
         (
             {"ISTIO_INCLUDE_OUTBOUND_IP_RANGES": "not-a-cidr"},
             [],

@@ -20,7 +20,8 @@ from ipnc_lab.sim.controller import free_port
 from istio_pod_network_controller.cli import exitcodes
 from istio_pod_network_controller.cli.spec_options import env_name, flag_name
 from istio_pod_network_controller.controller import events as ev
-from istio_pod_network_controller.controller.reconcile import candidate_digests
+from istio_pod_network_controller.controller.decision import candidate_digests
+from istio_pod_network_controller.controller.view import PodView
 from istio_pod_network_controller.diagnose import explain as ex
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.spec import SETTINGS, build_spec
@@ -78,7 +79,9 @@ def api() -> Iterator[ThreadedServer]:
         marked = {**notes, ann.STATUS: ann.STATUS_INITIALIZED, ann.SPEC_DIGEST: digest}
         web = store.create(PODS, "shop", mesh_pod("web", "shop", "node-1", marked))
         store.create(
-            CORE_EVENTS, "shop", ev.build_event(web, ev.NORMAL, ev.INITIALIZED, "installed", "node-1")
+            CORE_EVENTS,
+            "shop",
+            ev.build_event(PodView.of(web), ev.NORMAL, ev.INITIALIZED, "installed", "node-1"),
         )
         store.create(PODS, "shop", {**mesh_pod("plain", "shop", "node-1"), "metadata": {"name": "plain"}})
         store.create(
