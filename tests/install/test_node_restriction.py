@@ -25,6 +25,7 @@ from ipnc_lab.localapi import CORE_EVENTS, PODS, LocalAPIServer, ThreadedServer
 from ipnc_lab.localapi.rbac import pod_bound_extra, service_account_username
 from ipnc_lab.sim.cluster import SimCluster, pod_manifest
 from istio_pod_network_controller.controller import events as ev
+from istio_pod_network_controller.controller.view import PodView
 from istio_pod_network_controller.install.rbac import cluster_role_rules
 from istio_pod_network_controller.settings import annotations as ann
 
@@ -234,7 +235,9 @@ def test_admin_and_other_accounts_are_unaffected(cluster: Cluster) -> None:
 
 
 def event(pod: dict[str, Any], node: str, **changes: Any) -> Event:
-    body = ev.build_event(pod, ev.WARNING, ev.APPLY_FAILED, "capture rules could not be installed", node)
+    body = ev.build_event(
+        PodView.of(pod), ev.WARNING, ev.APPLY_FAILED, "capture rules could not be installed", node
+    )
     body.update(changes)
     return Event.from_dict(body)
 
@@ -265,6 +268,23 @@ def test_events_must_come_from_the_controller_on_its_own_node(cluster: Cluster) 
     with pytest.raises(ApiError) as info:
         client.patch(Event, name, {"message": "all is well"}, namespace="default", patch_type=PatchType.MERGE)
     assert info.value.status.code == 403  # RBAC: the ClusterRole has no `patch events` any more
+    assert len(cluster.api.store.objects(CORE_EVENTS, "default")) == 1
+
+
+def test_a_node_event_only_about_the_tokens_own_node(cluster: Cluster) -> None:
+    """The preflight's PreflightFailed Event names the controller's Node: allowed for its own node only."""
+    from istio_pod_network_controller.controller.preflight import node_event
+
+    client = cluster.client()
+    client.create(Event.from_dict(node_event("node-a", "rule tools missing")))
+    with pytest.raises(ApiError) as info:
+        client.create(Event.from_dict(node_event("node-b", "rule tools missing")))
+    assert info.value.status.code == 403
+    forged = node_event("node-b", "rule tools missing")
+    forged["source"]["host"] = forged["reportingInstance"] = "node-a"
+    with pytest.raises(ApiError) as info:
+        client.create(Event.from_dict(forged))
+    assert info.value.status.code == 403
     assert len(cluster.api.store.objects(CORE_EVENTS, "default")) == 1
 
 
