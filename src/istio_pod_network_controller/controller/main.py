@@ -59,6 +59,8 @@ class Controller:
             self._pod_event,
             self.metrics,
             config.watch,
+            required=("name", "namespace", "uid", "resourceVersion"),
+            accept=self._on_this_node,
         )
         self.ns_informer = Informer(
             "namespaces",
@@ -79,6 +81,10 @@ class Controller:
         self._background: list[asyncio.Task[None]] = []
 
     # -- cache feeds ---------------------------------------------------------------------------------------
+
+    def _on_this_node(self, pod: Obj) -> bool:
+        """The fieldSelector asks the server for this node's pods; a server that ignores it is not trusted."""
+        return (pod.get("spec") or {}).get("nodeName") == self.config.node_name
 
     def _enqueue(
         self, uid: str, *flags: str, resource_version: str | None = None, relisted: bool = False
@@ -196,6 +202,10 @@ class Controller:
             and not self.initial
         )
 
+    def serving(self) -> bool:
+        """/readyz: the initial sync is done and no informer is failing right now."""
+        return self.ready and not any(i.failing for i in (self.pod_informer, self.ns_informer))
+
     def healthy(self) -> bool:
         now = time.monotonic()
         if now - self.beat > 10 * HEARTBEAT:
@@ -209,7 +219,7 @@ class Controller:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        status = StatusServer(self.metrics, self.healthy, lambda: self.ready)
+        status = StatusServer(self.metrics, self.healthy, self.serving)
         port = await status.start(self.config.listen_host, self.config.listen_port)
         log.info(
             "controller for node %s started; status on %s:%d; %d workers",
