@@ -291,7 +291,7 @@ async def test_garbage_is_logged_counted_retried_and_reported(
         api.faults.set_hostile(Hostile())
         api.store.seed(PODS, [pod("b")])
         await until(lambda: h.names() == {"a", "b"}, 40)
-        await until(lambda: h.informer.failing is None)
+        await until(lambda: h.informer.failing is None, 15)
     finally:
         await stop(task, h)
 

@@ -204,8 +204,9 @@ class Informer:
     - a failed request → jittered exponential backoff (Retry-After honoured), reset by the next success
       (a list, or a watch the server accepted); no answer at all, or a 403 in the RBAC grace window after
       an outage → retries capped at PROBE_MAX, cut short when any request of the client succeeds;
-    - a stream that ends before MIN_STREAM_LIFETIME (cleanly or not) → its own backoff, reset only by a
-      stream that lived that long, so a server closing every watch at once is not re-watched in a hot loop;
+    - a stream that ends before MIN_STREAM_LIFETIME (cleanly or not; a 410 only right after a list) → its
+      own backoff, reset only by a stream that lived that long, so a server closing every watch at once is
+      not re-watched in a hot loop;
     - a body that is not the Kubernetes shape (wire.BadResponse), or a callback that fails on an object →
       logged, counted, retried like a failed request; the object is not applied and the resourceVersion
       does not move past it;
@@ -216,7 +217,8 @@ class Informer:
       nothing for `inactivity` seconds (for a server that never sent a bookmark: for the requested
       timeout plus `inactivity`, since without a watch cache a quiet stream is silent for its whole life).
 
-    `failing` holds the current failure (None once a request succeeds); /readyz reports it.
+    `failing` holds the current failure, cleared by a good list or a stream that lived MIN_STREAM_LIFETIME;
+    /readyz reports it.
     """
 
     def __init__(
@@ -254,6 +256,8 @@ class Informer:
         self._streak = 0
         self._streak_started = 0.0
         self._stream_started: float | None = None
+        self._from_list = False
+        self._stream_after_list = False
 
     async def run(self) -> None:
         while True:
@@ -268,6 +272,8 @@ class Informer:
             except Expired as exc:
                 self.metrics.watch_restarts.labels(self.resource, "expired").inc()
                 self.resource_version = None
+                if not self._stream_after_list:  # resuming an old version: the protocol, not churn
+                    self._stream_started = None
                 delay = max(self._relist_delay(), self._stream_over())
                 log.info("%s watch expired (410: %s), relisting in %.2fs", self.resource, show(str(exc)),
                          delay)  # fmt: skip
@@ -317,12 +323,9 @@ class Informer:
         return random.uniform(0, jitter)  # noqa: S311 - jitter, not crypto
 
     def _stream_over(self) -> float:
-        """A watch stream (if one was accepted) ended: the churn delay it costs."""
+        """A watch stream (if one was accepted) ended: the churn delay it costs (none if it was proven)."""
         started, self._stream_started = self._stream_started, None
-        if started is None:
-            return 0.0
-        if time.monotonic() - started >= MIN_STREAM_LIFETIME:
-            self._churn.reset()
+        if started is None or time.monotonic() - started >= MIN_STREAM_LIFETIME:
             return 0.0
         return self._churn.next()
 
@@ -336,15 +339,22 @@ class Informer:
         log.log(level, "%s list/watch failed (%s, %d in a row): %s", self.resource, reason, self._streak,
                 show(detail))  # fmt: skip
 
-    def _succeeded(self) -> None:
-        """A list or an accepted watch: the server works for us again."""
+    def _request_ok(self) -> None:
+        """A list or a watch the server accepted: the backoffs come down at once."""
+        self._failures.reset()
+        self._probe.reset()
+
+    def _recovered(self) -> None:
+        """A good list, or a stream that lived MIN_STREAM_LIFETIME: no longer failing (/readyz)."""
         if self._streak:
             log.info("%s list/watch works again after %d failures in %.1fs", self.resource, self._streak,
                      time.monotonic() - self._streak_started)  # fmt: skip
         self._streak = 0
         self.failing = None
-        self._failures.reset()
-        self._probe.reset()
+
+    def _proven(self) -> None:
+        self._churn.reset()
+        self._recovered()
 
     async def _pause(self, delay: float, wake: bool) -> None:
         if delay <= 0:
@@ -358,9 +368,11 @@ class Informer:
 
     async def _relist(self) -> None:
         items, rv = await self.client.list(self.path, self.params, self.required)
-        self._succeeded()
+        self._request_ok()
         self.on_list(self._accepted(items))
+        self._recovered()
         self.resource_version = rv
+        self._from_list = True
         self.metrics.relists.labels(self.resource).inc()
         self.last_activity = time.monotonic()
         self.synced.set()
@@ -395,7 +407,9 @@ class Informer:
         loop = asyncio.get_running_loop()
         async with self.client.stream(self.path, params) as response:
             self._stream_started = time.monotonic()
-            self._succeeded()
+            self._stream_after_list, self._from_list = self._from_list, False
+            self._request_ok()
+            proof = loop.call_later(MIN_STREAM_LIFETIME, self._proven)
             limit = self._watchdog_limit(timeout)
             try:
                 async with asyncio.timeout(limit) as guard:
@@ -406,6 +420,8 @@ class Informer:
                         guard.reschedule(loop.time() + limit)
             except TimeoutError:
                 raise WatchStalled from None
+            finally:
+                proof.cancel()
 
     def _handle(self, kind: str, obj: Obj) -> None:
         self.last_activity = time.monotonic()
