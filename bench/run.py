@@ -23,6 +23,7 @@ SCRIPTS = [
     "discovery_bench.py",
     "waiter_bench.py",
     "controller_bench.py",
+    "recovery_bench.py",
     "localapi_bench.py",
     "many_nodes_bench.py",
     "soak_report.py",

@@ -266,6 +266,24 @@ async def test_after_an_outage_with_an_rbac_window_and_410_the_informer_is_back_
         await stop(task, h)
 
 
+async def test_restart_after_restart_does_not_grow_the_backoff(api: LocalAPIServer) -> None:
+    """Streams a restart cuts short are the outage's doing, not churn: the eighth recovery is as quick.
+    (Each outage outlasts the first re-watch, so the client sees it, as it sees a real restart.)"""
+    h = Harness(api, WatchTuning(timeout=30, relist_jitter=2.0))
+    task = await running(h)
+    try:
+        for i in range(8):
+            restart = api.faults.restart(down=1.0)
+            await asyncio.sleep(0.1)
+            api.store.seed(PODS, [pod(f"p{i}")])
+            await until(lambda i=i: f"p{i}" in h.names(), 40)
+            assert restart.listening is not None
+            late = time.time() - restart.listening
+            assert late < 2.0, f"restart {i}: seen {late:.2f}s after the server listened again"
+    finally:
+        await stop(task, h)
+
+
 GARBAGE_LISTS = [b"[]", b'{"metadata": {"resourceVersion": "9"}, "items": [1, "x"]}', b"null", b"{"]
 GARBAGE_LINES = [b"null", b'{"object":"x"}', b'{"type":"ADDED","object":{"metadata":{"name":"x"}}}', b"}{"]
 

@@ -293,8 +293,7 @@ class Informer:
             except (OSError, httpx.HTTPError) as exc:  # transport trouble in the middle of a stream
                 self._note_failure("unreachable", repr(exc))
                 self.client.health.unreachable()
-                delay = max(self._probe.next(), self._stream_over())
-                wake = True
+                delay, wake = self._outage(), True
             except Exception as exc:  # a callback failed on an object: never let the informer die
                 log.exception("%s informer failed on the server's data", self.resource)
                 self._note_failure("internal", f"{type(exc).__name__}: {exc}")
@@ -309,11 +308,20 @@ class Informer:
         if exc.code == 410:
             log.info("%s: 410 Gone (%s), relisting", self.resource, show(str(exc)))
             return self._relist_delay(), False
-        if exc.code == 0 or (exc.code == 403 and health.recovering()):
-            self._note_failure("unreachable" if exc.code == 0 else "http_403", str(exc))
+        if exc.code == 0:
+            self._note_failure("unreachable", str(exc))
+            return self._outage(), True
+        if exc.code == 403 and health.recovering():
+            self._note_failure("http_403", str(exc))
             return max(self._probe.next(), self._stream_over()), True
         self._note_failure(f"http_{exc.code}", str(exc))
         return max(self._failures.next(exc.retry_after), self._stream_over()), False
+
+    def _outage(self) -> float:
+        """No answer at all: the streams that ended short were cut by the outage, not churn. Probe."""
+        self._stream_started = None
+        self._churn.reset()
+        return self._probe.next()
 
     def _relist_delay(self) -> float:
         """Spread a fleet's relists after a compaction; after an outage the probes already spread them."""

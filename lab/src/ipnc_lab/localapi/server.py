@@ -309,7 +309,7 @@ class LocalAPIServer:
         if self.faults.offline:  # a connection kept alive from before the outage: cut, no answer
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("the emulated API server is offline")
+            return web.Response(status=503)  # never sent: the connection is gone
         query = request.query
         record = RequestRecord(
             method=request.method,
