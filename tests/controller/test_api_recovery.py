@@ -60,6 +60,29 @@ def test_new_pod_marked_right_after_each_of_two_api_restarts(bookmarks: bool) ->
         assert ctl.terminate() == 0
 
 
+def test_a_mark_that_kept_failing_is_retried_as_soon_as_the_api_is_back() -> None:
+    """A pod whose patch failed until the API went down has a per-pod backoff grown to its 5 s cap; the
+    first success after the outage retries it at once instead of when that timer ends (without this the
+    mark landed anywhere up to 5 s after the API was back)."""
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipncs")
+        ctl = cluster.start_controller(node)
+        ctl.wait_ready()
+        faults = cluster.api.faults
+        faults.fail_next(10_000, status=503, verb="patch", resource="pods")
+        pod = cluster.add_pod(node, "stuck")
+        failed = lambda: cluster.api.requests.count(verb="patch", name="stuck", status=503)  # noqa: E731
+        wait_for(lambda: failed() >= 7, 60, f"the mark failing long enough\n{ctl.log()}")
+        restart = faults.restart(down=1.0)
+        faults.clear()  # the server comes back healthy
+        cluster.wait_initialized([pod], 30, ctl.log)
+        assert restart.listening is not None
+        late = mark_of(cluster, "stuck").time - restart.listening
+        assert late < 2.0, f"marked {late:.2f}s after the API listened again"
+        assert "retrying 1 pods now" in ctl.log(200_000)
+        assert ctl.terminate() == 0
+
+
 def garbage_phase(cluster: SimCluster, ctl: ControllerProcess, hostile: Hostile, label: str) -> None:
     """Serve `hostile` until the controller has refused it twice: /readyz 503, /healthz 200, a log line."""
     before = ctl.metric(f"{METRIC}informer_failures_total", 'reason="bad_response"')

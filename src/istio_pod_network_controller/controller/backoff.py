@@ -48,7 +48,9 @@ class ApiHealth:
 
     "Unreachable" means no HTTP answer at all (refused, reset, timed out); the first answer of any kind
     ends it and opens the RBAC grace window. Waiters that sleep out an outage wake as soon as any request
-    of the client succeeds, so one informer's success brings the others back at once.
+    of the client succeeds, so one informer's success brings the others back at once, and the callbacks
+    given to `on_recovery` run once at the first success after an outage (retries waiting on a timer can
+    go now instead of when their grown backoff ends).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -56,10 +58,16 @@ class ApiHealth:
         self.unreachable_since: float | None = None
         self.answered_at: float | None = None
         self._success = asyncio.Event()
+        self._down = False
+        self._on_recovery: list[Callable[[], None]] = []
+
+    def on_recovery(self, callback: Callable[[], None]) -> None:
+        self._on_recovery.append(callback)
 
     def unreachable(self) -> None:
         if self.unreachable_since is None:
             self.unreachable_since = self._clock()
+        self._down = True
 
     def answered(self, ok: bool) -> None:
         """An HTTP response arrived (`ok`: a 2xx)."""
@@ -69,6 +77,10 @@ class ApiHealth:
         if ok:
             self._success.set()
             self._success = asyncio.Event()
+            if self._down:
+                self._down = False
+                for callback in self._on_recovery:
+                    callback()
 
     def recovering(self) -> bool:
         """Within the RBAC grace window after an outage."""

@@ -73,6 +73,8 @@ class Controller:
             config.watch,
         )
         self.initial: set[str] | None = None
+        self.retrying: set[str] = set()
+        self.kube.health.on_recovery(self._retry_now)
         self.ready = False
         self.beat = time.monotonic()
         self.in_flight = 0
@@ -120,6 +122,7 @@ class Controller:
         self.metrics.pods_cached.set(len(self.pods))
 
     def _pod_gone(self, uid: str) -> None:
+        self.retrying.discard(uid)
         self.queue.forget(uid)
         self.reconciler.forget(uid)
         if self.initial is not None:
@@ -145,6 +148,14 @@ class Controller:
 
     # -- work ----------------------------------------------------------------------------------------------
 
+    def _retry_now(self) -> None:
+        """The API answers again after an outage: pods waiting out a retry (a mark that failed meanwhile)
+        go now, not when their grown per-pod backoff ends."""
+        if self.retrying:
+            log.info("API reachable again: retrying %d pods now", len(self.retrying))
+        for uid in list(self.retrying):
+            self.queue.add(uid)
+
     async def _worker(self) -> None:
         while True:
             try:
@@ -164,7 +175,10 @@ class Controller:
                 self.last_progress = time.monotonic()
                 self.queue.done(uid)
             if delay is not None:
+                self.retrying.add(uid)
                 self.queue.add_after(uid, delay)
+            else:
+                self.retrying.discard(uid)
             if self.initial is not None:
                 self.initial.discard(uid)
             self.metrics.queue_depth.set(self.queue.depth)
