@@ -146,3 +146,12 @@ async def test_http_form(api: LocalAPIServer, raw: Raw) -> None:
     assert (
         state["forbidding"] is False and state["bookmarks"] is True and state["hostile"]["list_body"] is False
     )
+
+
+async def test_stopping_during_an_outage() -> None:
+    api = LocalAPIServer()
+    await api.start()
+    restart = api.faults.restart(down=30)
+    await asyncio.sleep(0.05)
+    await api.stop()  # does not wait for the outage to end
+    assert restart.listening is None

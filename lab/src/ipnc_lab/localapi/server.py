@@ -206,6 +206,8 @@ class LocalAPIServer:
 
     async def stop(self) -> None:
         self.faults.resume()
+        if self._outage is not None:
+            self._outage.cancel()
         self.store.drop_watchers()
         if self._runner is not None:
             await self._runner.cleanup()
