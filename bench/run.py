@@ -25,6 +25,7 @@ SCRIPTS = [
     "image_bench.py",
     "controller_bench.py",
     "lifecycle_bench.py",
+    "recovery_bench.py",
     "localapi_bench.py",
     "many_nodes_bench.py",
     "soak_report.py",

@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
 import httpx2 as httpx
@@ -27,13 +27,20 @@ from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Event, Pod
 from lightkube.types import PatchType
 
-from .backoff import Backoff, jittered
+from .backoff import ApiHealth, Backoff, jittered
 from .cache import Obj
 from .config import WatchTuning
 from .metrics import Metrics
+from .wire import BadResponse, parse_event, parse_list, show
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 10.0
+DEFAULT_REQUIRED = ("name", "uid", "resourceVersion")
+MIN_STREAM_LIFETIME = 5.0
+"""A watch stream that ends sooner did not prove the server healthy: consecutive short streams back off."""
+PROBE_MAX = 0.5
+"""Retry cap while the server is unreachable or in its RBAC grace window: a refused connection costs the
+server nothing, and a new pod must be seen within a second of the server answering again."""
 
 
 class ApiStatusError(Exception):
@@ -92,6 +99,7 @@ def load_config(kubeconfig: str | None, service_account: str = SERVICE_ACCOUNT_D
 class KubeClient:
     def __init__(self, config: SingleConfig, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.health = ApiHealth()
         self._http: httpx.AsyncClient = _adapter_client(
             config, ConnectionParams(timeout=httpx.Timeout(REQUEST_TIMEOUT))
         )
@@ -103,8 +111,15 @@ class KubeClient:
 
     def _count(self, code: int) -> None:
         self.metrics.api_errors.labels(str(code)).inc()
+        if code == 0:
+            self.health.unreachable()
+        else:
+            self.health.answered(ok=False)
 
-    async def list(self, path: str, params: dict[str, str]) -> tuple[list[Obj], str]:
+    async def list(
+        self, path: str, params: dict[str, str], required: Sequence[str] = DEFAULT_REQUIRED
+    ) -> tuple[list[Obj], str]:
+        """Items and resourceVersion of a list; BadResponse for a body that is not a Kubernetes list."""
         try:
             response = await self._http.get(path, params=params)
         except httpx.HTTPError as exc:
@@ -113,8 +128,8 @@ class KubeClient:
         if response.status_code >= 400:
             self._count(response.status_code)
             raise status_error(response.status_code, response.content, response.headers)
-        body = response.json()
-        return list(body.get("items") or ()), str(body["metadata"]["resourceVersion"])
+        self.health.answered(ok=True)
+        return parse_list(response.content, required)
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, params: dict[str, str]) -> AsyncIterator[httpx.Response]:
@@ -126,6 +141,7 @@ class KubeClient:
                     body = await response.aread()
                     self._count(response.status_code)
                     raise status_error(response.status_code, body, response.headers)
+                self.health.answered(ok=True)
                 yield response
         except httpx.HTTPError as exc:
             self._count(0)
@@ -155,6 +171,7 @@ class KubeClient:
             patched = await self._lk.patch(Pod, name, body, namespace=namespace, patch_type=PatchType.MERGE)
         except (httpx.HTTPError, ApiError) as exc:
             raise self._translate(exc) from exc
+        self.health.answered(ok=True)
         version = getattr(getattr(patched, "metadata", None), "resourceVersion", None)
         return version if isinstance(version, str) else None
 
@@ -165,6 +182,7 @@ class KubeClient:
         for attempt in range(attempts):
             try:
                 await self._lk.create(obj)
+                self.health.answered(ok=True)
                 return
             except (httpx.HTTPError, ApiError) as exc:
                 error = self._translate(exc)
@@ -180,13 +198,27 @@ class Expired(Exception):
 
 
 class Informer:
-    """List, then watch from the list's resourceVersion, forever; never loses a change.
+    """List, then watch from the list's resourceVersion, forever; never loses a change, never dies.
 
     - 410 Gone (an ERROR event or an HTTP 410) → relist after a random delay, diff against the cache;
-    - every failure → jittered exponential backoff (Retry-After honoured);
-    - BOOKMARK events only move the resourceVersion (allowWatchBookmarks=true is always sent);
-    - a jittered server-side timeoutSeconds ends streams regularly, and a watchdog restarts a stream that
-      delivered nothing for `inactivity` seconds.
+    - a failed request → jittered exponential backoff (Retry-After honoured), reset by the next success
+      (a list, or a watch the server accepted); no answer at all, or a 403 in the RBAC grace window after
+      an outage → retries capped at PROBE_MAX, cut short when any request of the client succeeds;
+    - a stream that ends before MIN_STREAM_LIFETIME (cleanly or not; a 410 only right after a list) → its
+      own backoff, reset only by a stream that lived that long, so a server closing every watch at once is
+      not re-watched in a hot loop;
+    - a body that is not the Kubernetes shape (wire.BadResponse), or a callback that fails on an object →
+      logged, counted, retried like a failed request; the object is not applied and the resourceVersion
+      does not move past it;
+    - objects `accept` refuses (another node's pods from a server that ignored the fieldSelector) are
+      dropped and counted, never handed on;
+    - BOOKMARK events only move the resourceVersion (allowWatchBookmarks=true is always sent); a jittered
+      server-side timeoutSeconds ends streams regularly, and a watchdog restarts a stream that delivered
+      nothing for `inactivity` seconds (for a server that never sent a bookmark: for the requested
+      timeout plus `inactivity`, since without a watch cache a quiet stream is silent for its whole life).
+
+    `failing` holds the current failure, cleared by a good list or a stream that lived MIN_STREAM_LIFETIME;
+    /readyz reports it.
     """
 
     def __init__(
@@ -199,6 +231,9 @@ class Informer:
         on_event: Callable[[str, Obj], None],
         metrics: Metrics,
         tuning: WatchTuning,
+        *,
+        required: Sequence[str] = DEFAULT_REQUIRED,
+        accept: Callable[[Obj], bool] | None = None,
     ) -> None:
         self.resource = resource
         self.client = client
@@ -208,85 +243,207 @@ class Informer:
         self.on_event = on_event
         self.metrics = metrics
         self.tuning = tuning
+        self.required = required
+        self.accept = accept
         self.resource_version: str | None = None
         self.synced = asyncio.Event()
         self.last_activity = time.monotonic()
-        self._backoff = Backoff(initial=0.2, maximum=30.0)
+        self.failing: str | None = None
+        self.bookmarks_seen = False
+        self._failures = Backoff(initial=0.2, maximum=30.0)
+        self._probe = Backoff(initial=0.1, maximum=PROBE_MAX)
+        self._churn = Backoff(initial=0.2, maximum=30.0)
+        self._streak = 0
+        self._streak_started = 0.0
+        self._stream_started: float | None = None
+        self._from_list = False
+        self._stream_after_list = False
 
     async def run(self) -> None:
         while True:
+            self._stream_started = None
+            wake = False
             try:
                 if self.resource_version is None:
                     await self._relist()
-                started = time.monotonic()
-                received = await self._watch()
+                await self._watch()
                 self.metrics.watch_restarts.labels(self.resource, "closed").inc()
-                if received == 0 and time.monotonic() - started < 1.0:
-                    await asyncio.sleep(self._backoff.next())  # a server ending streams at once: no hot loop
-            except Expired:
+                delay = self._stream_over()
+            except Expired as exc:
                 self.metrics.watch_restarts.labels(self.resource, "expired").inc()
                 self.resource_version = None
-                delay = random.uniform(0, self.tuning.relist_jitter)  # noqa: S311 - jitter, not crypto
-                log.info("%s watch expired (410), relisting in %.2fs", self.resource, delay)
-                await asyncio.sleep(delay)
+                if not self._stream_after_list:  # resuming an old version: the protocol, not churn
+                    self._stream_started = None
+                delay = max(self._relist_delay(), self._stream_over())
+                log.info("%s watch expired (410: %s), relisting in %.2fs", self.resource, show(str(exc)),
+                         delay)  # fmt: skip
             except WatchStalled:
                 self.metrics.watch_restarts.labels(self.resource, "inactivity").inc()
-                log.warning("%s watch silent for %.0fs, restarting it", self.resource, self.tuning.inactivity)
+                delay = self._stream_over()
+                level = logging.WARNING if self.bookmarks_seen else logging.INFO
+                log.log(level, "%s watch silent for too long, restarting it", self.resource)
             except ApiStatusError as exc:
                 if exc.code == 410:
                     self.resource_version = None
                 self.metrics.watch_restarts.labels(self.resource, f"error_{exc.code}").inc()
-                delay = self._backoff.next(exc.retry_after)
-                log.warning("%s list/watch failed (%s), retrying in %.2fs", self.resource, exc, delay)
-                await asyncio.sleep(delay)
-            except (ValueError, KeyError, OSError) as exc:  # a garbled line or an odd transport error
-                delay = self._backoff.next()
-                log.warning("%s watch broke (%r), retrying in %.2fs", self.resource, exc, delay)
-                await asyncio.sleep(delay)
+                delay, wake = self._failed(exc)
+            except BadResponse as exc:
+                self._note_failure("bad_response", str(exc))
+                delay = max(self._failures.next(), self._stream_over())
+            except (OSError, httpx.HTTPError) as exc:  # transport trouble in the middle of a stream
+                self._note_failure("unreachable", repr(exc))
+                self.client.health.unreachable()
+                delay, wake = self._outage(), True
+            except Exception as exc:  # a callback failed on an object: never let the informer die
+                log.exception("%s informer failed on the server's data", self.resource)
+                self._note_failure("internal", f"{type(exc).__name__}: {exc}")
+                delay = max(self._failures.next(), self._stream_over())
+            await self._pause(delay, wake)
+
+    # -- outcomes -------------------------------------------------------------------------------------
+
+    def _failed(self, exc: ApiStatusError) -> tuple[float, bool]:
+        """Delay after a failed request, and whether another request's success may cut it short."""
+        health = self.client.health
+        if exc.code == 410:
+            log.info("%s: 410 Gone (%s), relisting", self.resource, show(str(exc)))
+            return self._relist_delay(), False
+        if exc.code == 0:
+            self._note_failure("unreachable", str(exc))
+            return self._outage(), True
+        if exc.code == 403 and health.recovering():
+            self._note_failure("http_403", str(exc))
+            return max(self._probe.next(), self._stream_over()), True
+        self._note_failure(f"http_{exc.code}", str(exc))
+        return max(self._failures.next(exc.retry_after), self._stream_over()), False
+
+    def _outage(self) -> float:
+        """No answer at all: the streams that ended short were cut by the outage, not churn. Probe."""
+        self._stream_started = None
+        self._churn.reset()
+        return self._probe.next()
+
+    def _relist_delay(self) -> float:
+        """Spread a fleet's relists after a compaction; after an outage the probes already spread them."""
+        jitter = self.tuning.relist_jitter
+        if self.client.health.recovering():
+            jitter = min(jitter, PROBE_MAX / 2)
+        return random.uniform(0, jitter)  # noqa: S311 - jitter, not crypto
+
+    def _stream_over(self) -> float:
+        """A watch stream (if one was accepted) ended: the churn delay it costs (none if it was proven)."""
+        started, self._stream_started = self._stream_started, None
+        if started is None or time.monotonic() - started >= MIN_STREAM_LIFETIME:
+            return 0.0
+        return self._churn.next()
+
+    def _note_failure(self, reason: str, detail: str) -> None:
+        self.metrics.informer_failures.labels(self.resource, reason).inc()
+        self.failing = f"{reason}: {detail}"
+        if self._streak == 0:
+            self._streak_started = time.monotonic()
+        self._streak += 1
+        level = logging.WARNING if self._streak == 1 or self._streak % 50 == 0 else logging.DEBUG
+        log.log(level, "%s list/watch failed (%s, %d in a row): %s", self.resource, reason, self._streak,
+                show(detail))  # fmt: skip
+
+    def _request_ok(self) -> None:
+        """A list or a watch the server accepted: the backoffs come down at once."""
+        self._failures.reset()
+        self._probe.reset()
+
+    def _recovered(self) -> None:
+        """A good list, or a stream that lived MIN_STREAM_LIFETIME: no longer failing (/readyz)."""
+        if self._streak:
+            log.info("%s list/watch works again after %d failures in %.1fs", self.resource, self._streak,
+                     time.monotonic() - self._streak_started)  # fmt: skip
+        self._streak = 0
+        self.failing = None
+
+    def _proven(self) -> None:
+        self._churn.reset()
+        self._recovered()
+
+    async def _pause(self, delay: float, wake: bool) -> None:
+        if delay <= 0:
+            return
+        if not wake:
+            await asyncio.sleep(delay)
+        elif await self.client.health.sleep_until_success(delay):
+            await asyncio.sleep(random.uniform(0, 0.05))  # noqa: S311 - do not all retry in the same instant
+
+    # -- protocol -------------------------------------------------------------------------------------
 
     async def _relist(self) -> None:
-        items, rv = await self.client.list(self.path, self.params)
-        self.on_list(items)
+        items, rv = await self.client.list(self.path, self.params, self.required)
+        self._request_ok()
+        self.on_list(self._accepted(items))
+        self._recovered()
         self.resource_version = rv
+        self._from_list = True
         self.metrics.relists.labels(self.resource).inc()
         self.last_activity = time.monotonic()
-        self._backoff.reset()
         self.synced.set()
 
-    async def _watch(self) -> int:
+    def _accepted(self, items: list[Obj]) -> list[Obj]:
+        if self.accept is None:
+            return items
+        kept = [item for item in items if self.accept(item)]
+        if len(kept) < len(items):
+            self._foreign(len(items) - len(kept))
+        return kept
+
+    def _foreign(self, count: int) -> None:
+        self.metrics.foreign_objects.labels(self.resource).inc(count)
+        log.warning("%s: the server sent %d objects outside the requested selector %s; dropped",
+                    self.resource, count, show(self.params))  # fmt: skip
+
+    def _watchdog_limit(self, timeout: int) -> float:
+        if self.bookmarks_seen:
+            return self.tuning.inactivity
+        return timeout + self.tuning.inactivity
+
+    async def _watch(self) -> None:
+        timeout = max(1, int(jittered(self.tuning.timeout, self.tuning.jitter)))
         params = {
             **self.params,
             "watch": "true",
             "allowWatchBookmarks": "true",
             "resourceVersion": self.resource_version or "",
-            "timeoutSeconds": str(max(1, int(jittered(self.tuning.timeout, self.tuning.jitter)))),
+            "timeoutSeconds": str(timeout),
         }
-        received = 0
         loop = asyncio.get_running_loop()
         async with self.client.stream(self.path, params) as response:
+            self._stream_started = time.monotonic()
+            self._stream_after_list, self._from_list = self._from_list, False
+            self._request_ok()
+            proof = loop.call_later(MIN_STREAM_LIFETIME, self._proven)
+            limit = self._watchdog_limit(timeout)
             try:
-                async with asyncio.timeout(self.tuning.inactivity) as guard:
+                async with asyncio.timeout(limit) as guard:
                     async for line in response.aiter_lines():
-                        guard.reschedule(loop.time() + self.tuning.inactivity)
                         if line.strip():
-                            received += 1
-                            self._handle(json.loads(line))
+                            self._handle(*parse_event(line, self.required))
+                            limit = self._watchdog_limit(timeout)
+                        guard.reschedule(loop.time() + limit)
             except TimeoutError:
                 raise WatchStalled from None
-        return received
+            finally:
+                proof.cancel()
 
-    def _handle(self, event: Obj) -> None:
-        kind = event.get("type")
-        obj = event.get("object") or {}
+    def _handle(self, kind: str, obj: Obj) -> None:
         self.last_activity = time.monotonic()
         if kind == "ERROR":
-            code = int(obj.get("code") or 0)
+            code = obj.get("code")
+            code = code if isinstance(code, int) else 0
             if code == 410:
-                raise Expired(obj.get("message", ""))
+                raise Expired(str(obj.get("message", "")))
             raise ApiStatusError(code, str(obj.get("reason", "")), str(obj.get("message", "")))
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
-        if rv:
-            self.resource_version = str(rv)
-        self._backoff.reset()
-        if kind in ("ADDED", "MODIFIED", "DELETED"):
+        rv = str(obj["metadata"]["resourceVersion"])
+        if kind == "BOOKMARK":
+            self.bookmarks_seen = True
+        elif self.accept is not None and not self.accept(obj):
+            self._foreign(1)
+        else:
             self.on_event(kind, obj)
+        self.resource_version = rv

@@ -70,6 +70,8 @@ class Controller:
             self._pod_event,
             self.metrics,
             config.watch,
+            required=("name", "namespace", "uid", "resourceVersion"),
+            accept=self._on_this_node,
         )
         self.ns_informer = Informer(
             "namespaces",
@@ -82,6 +84,8 @@ class Controller:
             config.watch,
         )
         self.initial: set[str] | None = None
+        self.retrying: set[str] = set()
+        self.kube.health.on_recovery(self._retry_now)
         self.ready = False
         self.beat = time.monotonic()
         self.in_flight = 0
@@ -90,6 +94,10 @@ class Controller:
         self._background: list[asyncio.Task[None]] = []
 
     # -- cache feeds ---------------------------------------------------------------------------------------
+
+    def _on_this_node(self, pod: Obj) -> bool:
+        """The fieldSelector asks the server for this node's pods; a server that ignores it is not trusted."""
+        return (pod.get("spec") or {}).get("nodeName") == self.config.node_name
 
     def _enqueue(
         self, uid: str, *flags: str, resource_version: str | None = None, relisted: bool = False
@@ -125,6 +133,7 @@ class Controller:
         self.metrics.pods_cached.set(len(self.pods))
 
     def _pod_gone(self, uid: str) -> None:
+        self.retrying.discard(uid)
         self.queue.forget(uid)
         self.reconciler.forget(uid)
         if self.initial is not None:
@@ -150,6 +159,14 @@ class Controller:
 
     # -- work ----------------------------------------------------------------------------------------------
 
+    def _retry_now(self) -> None:
+        """The API answers again after an outage: pods waiting out a retry (a mark that failed meanwhile)
+        go now, not when their grown per-pod backoff ends."""
+        if self.retrying:
+            log.info("API reachable again: retrying %d pods now", len(self.retrying))
+        for uid in list(self.retrying):
+            self.queue.add(uid)
+
     async def _worker(self) -> None:
         while True:
             try:
@@ -168,7 +185,10 @@ class Controller:
                 self.last_progress = time.monotonic()
                 self.queue.done(uid)
             if delay is not None:
+                self.retrying.add(uid)
                 self.queue.add_after(uid, delay)
+            else:
+                self.retrying.discard(uid)
             if self.initial is not None:
                 self.initial.discard(uid)
             self.metrics.queue_depth.set(self.queue.depth)
@@ -205,6 +225,22 @@ class Controller:
             and self.initial is not None
             and not self.initial
         )
+
+    def serving(self) -> bool:
+        """/readyz: the initial sync is done and no informer is failing right now."""
+        return self.ready and not self._failing_informers()
+
+    def _failing_informers(self) -> list[str]:
+        return [
+            name for name, i in (("pods", self.pod_informer), ("namespaces", self.ns_informer)) if i.failing
+        ]
+
+    def unready_reason(self) -> str:
+        """/readyz's body when not ready: the preflight's reason, the sync, or the failing informers."""
+        failing = self._failing_informers()
+        if self.ready and failing:
+            return f"{', '.join(failing)} informer failing (see the log and informer_failures_total)"
+        return self.not_ready
 
     def healthy(self) -> bool:
         now = time.monotonic()
@@ -247,7 +283,7 @@ class Controller:
         log.debug("open files limit: %d (one pinned namespace per initialized pod)", raise_open_files_limit())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        status = StatusServer(self.metrics, self.healthy, lambda: self.ready, lambda: self.not_ready)
+        status = StatusServer(self.metrics, self.healthy, self.serving, self.unready_reason)
         port = await status.start(self.config.listen_host, self.config.listen_port)
         log.info(
             "controller for node %s started; status on %s:%d; %d workers",

@@ -81,6 +81,18 @@ class Metrics:
         self.api_errors = Counter(
             f"{ns}_api_errors", "Failed API requests by HTTP code (0: no response)", ["code"], registry=r
         )
+        self.informer_failures = Counter(
+            f"{ns}_informer_failures",
+            "Failed lists/watches by resource and reason: unreachable, http_<code>, bad_response, internal",
+            ["resource", "reason"],
+            registry=r,
+        )
+        self.foreign_objects = Counter(
+            f"{ns}_foreign_objects",
+            "Objects the server sent outside the requested selector (another node's pods), dropped",
+            ["resource"],
+            registry=r,
+        )
         self.pods_cached = Gauge(f"{ns}_pods_cached", "Pods on this node in the local cache", registry=r)
         self.ready = Gauge(f"{ns}_ready", "1 once the initial sync is done", registry=r)
         self.build = Info(f"{ns}_build", "The running controller's version", registry=r)

@@ -1,7 +1,8 @@
 """A Kubernetes API emulator for end-to-end tests and the demo (see docs/localapi.md)."""
 
 from .errors import ApiError
-from .faults import Faults, RequestLog, RequestRecord
+from .faults import Faults, RequestLog, RequestRecord, Restart
+from .hostile import Hostile
 from .rbac import Rule, User, load_users
 from .resources import CORE_EVENTS, EVENTS_V1, NAMESPACES, NODES, PODS, ResourceType
 from .server import LocalAPIServer, ThreadedServer
@@ -15,10 +16,12 @@ __all__ = [
     "PODS",
     "ApiError",
     "Faults",
+    "Hostile",
     "LocalAPIServer",
     "RequestLog",
     "RequestRecord",
     "ResourceType",
+    "Restart",
     "Rule",
     "Store",
     "ThreadedServer",

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .hostile import Hostile
+
+GoOffline = Callable[[float, Callable[[], None]], None]
+"""Stop listening for `seconds`, then listen again and call the callback (the server provides it)."""
 
 
 @dataclass(slots=True)
@@ -24,16 +30,42 @@ class FailureRule:
         )
 
 
+@dataclass(slots=True)
+class Restart:
+    """One emulated kube-apiserver restart, in wall-clock seconds (`time.time()`, as the request log).
+
+    `listening`: connections are accepted again; `rbac_ready`: requests are authorized again (before it,
+    every non-admin request is 403, as while a real server's RBAC authorizer syncs).
+    """
+
+    began: float
+    down: float
+    rbac_delay: float
+    listening: float | None = None
+    rbac_ready: float | None = None
+
+
 class Faults:
     """Faults the server applies to Kubernetes API requests (never to /_emulator/ requests)."""
 
-    def __init__(self, drop_watches: Callable[[], int], compact: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        drop_watches: Callable[[], int],
+        compact: Callable[[], None],
+        go_offline: GoOffline | None = None,
+    ) -> None:
         self._drop_watches = drop_watches
         self._compact = compact
+        self._go_offline = go_offline
         self._lock = threading.Lock()
         self._failures: list[FailureRule] = []
+        self._forbid_until = 0.0
         self.latency = 0.0
         self.paused = False
+        self.offline = False
+        self.bookmarks = True
+        self.hostile = Hostile()
+        self.restarts: list[Restart] = []
 
     def drop_watches(self) -> int:
         return self._drop_watches()
@@ -55,10 +87,41 @@ class Faults:
     def set_latency(self, seconds: float) -> None:
         self.latency = max(0.0, seconds)
 
-    def restart(self) -> None:
-        """What clients see when the API server restarts: watches end and old resourceVersions are gone."""
+    def restart(self, down: float = 0.0, rbac_delay: float = 0.0) -> Restart:
+        """What clients see when kube-apiserver restarts: watches end and every resourceVersion handed out
+        is gone (410 on resume, as with the watch cache); for `down` seconds nothing listens (connections
+        are refused); then for `rbac_delay` seconds every non-admin request is 403 Forbidden, although
+        /readyz says ok. Returns the restart's record, whose times fill in as it happens."""
+        record = Restart(time.time(), down, rbac_delay)
+        self.restarts.append(record)
         self._compact()
-        self._drop_watches()
+        if down > 0:
+            if self._go_offline is None:
+                raise ValueError("this emulator cannot go offline")
+            self.offline = True
+            self._drop_watches()
+            self._go_offline(down, lambda: self._listening(record))
+        else:
+            self._drop_watches()
+            self._listening(record)
+        return record
+
+    def _listening(self, record: Restart) -> None:
+        self._forbid_until = time.monotonic() + record.rbac_delay
+        record.listening = time.time()
+        record.rbac_ready = record.listening + record.rbac_delay
+        self.offline = False
+
+    def forbidding(self) -> bool:
+        """Within a restart's RBAC window."""
+        return time.monotonic() < self._forbid_until
+
+    def set_bookmarks(self, enabled: bool) -> None:
+        """False: no BOOKMARK events at all, as a kube-apiserver with `--watch-cache=false`."""
+        self.bookmarks = enabled
+
+    def set_hostile(self, hostile: Hostile) -> None:
+        self.hostile = hostile
 
     def pause(self) -> None:
         self.paused = True
@@ -71,6 +134,9 @@ class Faults:
             self._failures.clear()
         self.latency = 0.0
         self.paused = False
+        self._forbid_until = 0.0
+        self.bookmarks = True
+        self.hostile = Hostile()
 
     def take_failure(self, verb: str, resource: str) -> FailureRule | None:
         with self._lock:
@@ -88,6 +154,10 @@ class Faults:
                 "failures": [asdict(f) for f in self._failures],
                 "latency": self.latency,
                 "paused": self.paused,
+                "offline": self.offline,
+                "forbidding": self.forbidding(),
+                "bookmarks": self.bookmarks,
+                "hostile": self.hostile.describe(),
             }
 
     def apply(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +177,12 @@ class Faults:
         elif action == "latency":
             self.set_latency(float(command.get("seconds", 0)))
         elif action == "restart":
-            self.restart()
+            restart = self.restart(float(command.get("down", 0)), float(command.get("rbac_delay", 0)))
+            result["restart"] = asdict(restart)
+        elif action == "bookmarks":
+            self.set_bookmarks(bool(command.get("enabled", True)))
+        elif action == "hostile":
+            self.set_hostile(Hostile.from_command(command))
         elif action == "pause":
             self.pause()
         elif action == "resume":

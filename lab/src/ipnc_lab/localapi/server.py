@@ -9,10 +9,11 @@ import json
 import logging
 import secrets
 import shutil
+import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +25,7 @@ from aiohttp import web
 from . import admission, discovery, errors, kubeconfig, patch, protobuf
 from .errors import ApiError
 from .faults import Faults, RequestLog, RequestRecord
+from .hostile import Hostile
 from .rbac import ADMIN_RULES, NODE_NAME_KEY, Authorizer, Rule, User, forbidden_message, parse_rules
 from .resources import (
     NAMESPACES,
@@ -33,7 +35,7 @@ from .resources import (
     lookup,
 )
 from .selectors import FieldSelector, LabelSelector, SelectorError, parse_field_selector, parse_label_selector
-from .store import Admit, Obj, Store, dumps
+from .store import Admit, Obj, Store, Watcher, dumps
 from .tls import ServerCertificates, generate_certificates
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ class LocalAPIServer:
         # no credentials act as the admin unless told otherwise; a token that is sent must still be known.
         self.anonymous = (not tls) if anonymous is None else anonymous
         self.store = Store(history_size=history_size, require_namespace=require_namespace)
-        self.faults = Faults(self.store.drop_watchers, self.store.compact)
+        self.faults = Faults(self.store.drop_watchers, self.store.compact, self._go_offline)
         self.requests = RequestLog()
         self.admission = admission.Admission(
             lambda: self.store.list(VALIDATING_ADMISSION_POLICIES)[0],
@@ -161,7 +163,11 @@ class LocalAPIServer:
         self._requested_kubeconfig = kubeconfig_path
         self._workdir: Path | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._certs: ServerCertificates | None = None
+        self._ssl_context: ssl.SSLContext | None = None
+        self._outage: asyncio.Future[None] | None = None
         self.url = ""
         self.kubeconfig_path = Path()
 
@@ -181,9 +187,12 @@ class LocalAPIServer:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context)
-        await site.start()
+        self._ssl_context = ssl_context
+        self._loop = asyncio.get_running_loop()
+        self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context)
+        await self._site.start()
         port = self._runner.addresses[0][1]
+        self.port = port
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"{'https' if self.tls else 'http'}://{host}:{port}"
         self.kubeconfig_path = self.write_kubeconfig(
@@ -191,8 +200,30 @@ class LocalAPIServer:
         )
         return self
 
+    def _go_offline(self, seconds: float, back: Callable[[], None]) -> None:
+        """Close the listening socket for `seconds` (new connections are refused), then reopen it."""
+        if self._loop is None:
+            raise RuntimeError("the emulator is not running")
+
+        async def outage() -> None:
+            if self._site is not None:
+                await self._site.stop()
+            await asyncio.sleep(seconds)
+            if self._runner is None:
+                return
+            self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl_context)
+            await self._site.start()
+            back()
+
+        def schedule() -> None:
+            self._outage = asyncio.ensure_future(outage())
+
+        self._loop.call_soon_threadsafe(schedule)
+
     async def stop(self) -> None:
         self.faults.resume()
+        if self._outage is not None:
+            self._outage.cancel()
         self.store.drop_watchers()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -322,6 +353,10 @@ class LocalAPIServer:
         raise ApiError(500, "InternalError", "Internal error occurred: injected fault")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.offline:  # a connection kept alive from before the outage: cut, no answer
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=503)  # never sent: the connection is gone
         query = request.query
         record = RequestRecord(
             method=request.method,
@@ -367,7 +402,8 @@ class LocalAPIServer:
         record.subresource, record.namespace, record.name = target.subresource, target.namespace, target.name
         await self._apply_faults(verb, resource)
         full = f"{resource}/{target.subresource}" if target.subresource else resource
-        if not self.auth.allowed(user, verb, target.res.group, full, target.namespace):
+        rbac_syncing = self.faults.forbidding() and user is not self.admin
+        if rbac_syncing or not self.auth.allowed(user, verb, target.res.group, full, target.namespace):
             message = forbidden_message(
                 user.name,
                 verb=verb,
@@ -516,13 +552,18 @@ class LocalAPIServer:
             return _json_response(body, status, headers)
 
         if verb in ("list", "watch", "deletecollection"):
+            hostile = self.faults.hostile
+            hostile = hostile if verb != "deletecollection" and hostile.applies(res.plural) else Hostile()
+            wanted = {} if hostile.ignore_selectors else query
             try:
-                labels = parse_label_selector(query.get("labelSelector"))
-                fields = parse_field_selector(query.get("fieldSelector"), res.supports_field)
+                labels = parse_label_selector(wanted.get("labelSelector"))
+                fields = parse_field_selector(wanted.get("fieldSelector"), res.supports_field)
             except SelectorError as exc:
                 raise errors.bad_request(f"unable to parse requirement: {exc}") from None
             if verb == "watch":
-                return await self._watch(request, record, target, labels, fields)
+                return await self._watch(request, record, target, labels, fields, hostile)
+            if hostile.list_body is not None:
+                return web.Response(body=hostile.list_body, content_type="application/json")
             items, rv = store.list(res, ns, labels, fields)
             if verb == "deletecollection":
                 items = [store.delete(res, ns, o["metadata"]["name"], admit=admit) for o in items]
@@ -606,6 +647,7 @@ class LocalAPIServer:
         target: Target,
         labels: LabelSelector,
         fields: FieldSelector,
+        hostile: Hostile,
     ) -> web.StreamResponse:
         query = request.query
         res = target.res
@@ -613,7 +655,7 @@ class LocalAPIServer:
             timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else None
         except ValueError:
             raise errors.bad_request(f"invalid timeoutSeconds: {query['timeoutSeconds']}") from None
-        bookmarks = query.get("allowWatchBookmarks") in _TRUE
+        bookmarks = query.get("allowWatchBookmarks") in _TRUE and self.faults.bookmarks
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         loop = asyncio.get_running_loop()
@@ -637,6 +679,8 @@ class LocalAPIServer:
         try:
             await response.prepare(request)
             record.status = 200
+            if await self._hostile_watch(response, watcher, hostile, target, labels, fields):
+                return response
             deadline = loop.time() + timeout if timeout else None
             next_bookmark = loop.time() + self.bookmark_interval
             while True:
@@ -673,6 +717,37 @@ class LocalAPIServer:
         finally:
             self.store.unwatch(watcher)
         return response
+
+    async def _hostile_watch(
+        self,
+        response: web.StreamResponse,
+        watcher: Watcher,
+        hostile: Hostile,
+        target: Target,
+        labels: LabelSelector,
+        fields: FieldSelector,
+    ) -> bool:
+        """Serve the stream the hostile way, if one is set; True when the stream was served."""
+        res = target.res
+        mark = {"kind": res.kind, "apiVersion": res.api_version,
+                "metadata": {"resourceVersion": str(self.store.resource_version)}}  # fmt: skip
+        if hostile.watch_lines is not None:
+            for line in hostile.watch_lines:
+                await response.write(line + b"\n")
+        elif hostile.instant_close == "BOOKMARK":
+            await response.write(dumps({"type": "BOOKMARK", "object": mark}) + b"\n")
+        elif hostile.instant_close == "MODIFIED":
+            items, _ = self.store.list(res, target.namespace, labels, fields)
+            if items:
+                await response.write(dumps({"type": "MODIFIED", "object": items[0]}) + b"\n")
+        elif hostile.stall:
+            await response.write(dumps({"type": "BOOKMARK", "object": mark}) + b"\n")
+            while await watcher.queue.get() is not None:
+                pass  # changes are swallowed; only the end of the stream (drop_watches) ends it
+        else:
+            return False
+        await response.write_eof()
+        return True
 
 
 class ThreadedServer:
