@@ -65,7 +65,7 @@ def test_controller_from_image_initializes_a_pod(
         flags = [
             *security_flags(pod_spec, container),
             *volume_flags(pod_spec, container),
-            "-v", f"{cluster.kubeconfig()}:{KUBECONFIG}:ro",
+            "-v", f"{cluster.kubeconfig(node=node.name)}:{KUBECONFIG}:ro",
             "-e", f"NODE_NAME={node.name}",
             "--network", "host",
         ]  # fmt: skip
