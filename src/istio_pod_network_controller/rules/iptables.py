@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .invariants import check_restore
 from .model import (
     OUR_CHAINS,
     TABLE_ORDER,
@@ -109,7 +110,7 @@ def render(rules: FamilyRules) -> str:
         for chain in table.chains:
             lines += [f"-A {chain.name} {rule_args(r, rules.family)}" for r in chain.rules]
         lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    return check_restore("\n".join(lines) + "\n", tables={t.table for t in rules.tables})
 
 
 # --- reading live state ------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def _transaction(desired: FamilyRules | None, live: dict[str, SavedTable]) -> st
                 lines += [f"-A {chain.name} {rule_args(r, family)}" for r in chain.rules]
         lines += [f"-X {chain}" for chain in stale]
         lines.append("COMMIT")
-    return "\n".join(lines) + "\n" if lines else ""
+    return check_restore("\n".join(lines) + "\n", tables=names) if lines else ""
 
 
 def apply_transaction(desired: FamilyRules, live: dict[str, SavedTable]) -> str:
