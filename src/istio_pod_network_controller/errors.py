@@ -83,6 +83,14 @@ class SpecError(ControllerError, ValueError):
         super().__init__(message, public=message)
 
 
+class RefusedInput(ControllerError, ValueError):
+    """A malformed object refused in our own words: the message names only structure (paths, types, our
+    own names), never a tenant's value, so it is its own public sentence (escaped and cut all the same)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, public=escaped(message, 400))
+
+
 class DownwardAPIError(ControllerError, ValueError):
     """The downward-API annotations file cannot be parsed."""
 

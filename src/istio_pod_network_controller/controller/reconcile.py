@@ -18,7 +18,7 @@ from typing import TypeVar
 from ..dataplane import apply as dataplane
 from ..dataplane.apply import ApplyResult, Drift
 from ..dataplane.discovery import PodNetnsNotFound, ProcIndex
-from ..errors import DataplaneError, SpecError
+from ..errors import DataplaneError, SpecError, public_message
 from ..settings import annotations as ann
 from ..settings.spec import InterceptSpec, IPv6Policy, build_spec
 from . import events as ev
@@ -239,10 +239,11 @@ class Reconciler:
         try:
             drift, result, timings = await self._blocking(self._job(index, pod, spec, verify_first))
         except PodNetnsNotFound as exc:
-            return self._not_yet(pod, state, "netns_not_found", ev.NETNS_NOT_FOUND, str(exc))
+            log.debug("pod network namespace not found: %s", exc, extra=extra)
+            return self._not_yet(pod, state, "netns_not_found", ev.NETNS_NOT_FOUND, public_message(exc))
         except (DataplaneError, ValueError, OSError) as exc:
             log.warning("applying capture rules failed: %s", exc, extra=extra)
-            return self._not_yet(pod, state, "apply_error", ev.APPLY_FAILED, str(exc))
+            return self._not_yet(pod, state, "apply_error", ev.APPLY_FAILED, public_message(exc))
         self._observe_timings(timings)
         return drift, result
 

@@ -38,6 +38,8 @@ _VANISHED = (errno.ENOENT, errno.ESRCH)
 class PodNetnsNotFound(DataplaneError):
     """No network namespace can be attributed to the pod with confidence; the message says what was seen."""
 
+    PUBLIC = "the pod's network namespace could not be found with confidence yet; see the controller's log"
+
 
 @dataclass(frozen=True, slots=True)
 class PodProcess:

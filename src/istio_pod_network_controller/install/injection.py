@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..errors import RefusedInput
 from ..settings import annotations as ann
 from ..settings.spec import ALWAYS_EXCLUDED_INBOUND, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PROXY_ID
 
@@ -115,7 +116,7 @@ _PORT_FLAGS: Final[dict[str, tuple[str, int]]] = {
 }
 
 
-class InjectionError(ValueError):
+class InjectionError(RefusedInput):
     """The object cannot be rewritten (malformed where a rewrite needs it to be well-formed)."""
 
 
