@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 30.0
 _INCLUDE: Final = re.compile(r"include", re.IGNORECASE)
+_QUOTED: Final = re.compile(r'"[^"\n]*"')
+"""An nft string (an interface name of ours): `include` inside one is a name, not a statement."""
 
 
 class Runner(Protocol):
@@ -44,9 +46,13 @@ class Runner(Protocol):
 
 
 def refuse_unsafe_input(argv: Sequence[str], stdin: str | None) -> None:
-    """Refuse tool input no renderer of ours produces and a tool would act on beyond the rules."""
+    """Refuse tool input no renderer of ours produces and a tool would act on beyond the rules.
+
+    For nft: the word `include` anywhere outside a string (case-insensitive, stricter than nft itself),
+    and reading rules from anything but stdin.
+    """
     if os.path.basename(argv[0]) == "nft":
-        if any(_INCLUDE.search(word) for word in argv) or (stdin and _INCLUDE.search(stdin)):
+        if any(_INCLUDE.search(word) for word in argv) or (stdin and _INCLUDE.search(_QUOTED.sub("", stdin))):
             raise UnsafeRuleText(f"{argv[0]}: refusing input that contains 'include' (nft would read a file)")
         if "-f" in argv and argv[argv.index("-f") + 1 : argv.index("-f") + 2] != ["-"]:
             raise UnsafeRuleText(f"{argv[0]}: refusing to read rules from a file instead of stdin")

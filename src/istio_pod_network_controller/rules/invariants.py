@@ -50,6 +50,15 @@ def _printable_ascii(kind: str, text: str) -> None:
             raise _refuse(kind, line, "a control or non-ASCII character")
 
 
+def check_words(words: list[str]) -> list[str]:
+    """Refuse an iptables rule's words before they are joined: once joined, `net1 -j ACCEPT` as one
+    interface name would read as three well-formed words. Returns `words` unchanged."""
+    for word in words:
+        if not _IPT_TOKEN.fullmatch(word):
+            raise _refuse("iptables", " ".join(words), f"the word {escaped(word, 40, quotes=True)!r}")
+    return words
+
+
 def check_restore(text: str, tables: Collection[str]) -> str:
     """Refuse iptables-restore input that is not made of our line shapes; return `text` unchanged.
 
@@ -95,20 +104,23 @@ def _check_restore_rule(line: str) -> None:
         rest = rest[1:]
     if verb == "-D":
         return  # the exact text iptables-save printed for a live jump into our chains, echoed to delete it
-    index = 0
-    while index < len(rest):
-        word = rest[index]
-        if word in {"COMMIT", "include"} or word.startswith("*") or not _IPT_TOKEN.fullmatch(word):
+    for word in rest:  # `COMMIT` or `*table` mean something to iptables-restore only as a whole line
+        if not _IPT_TOKEN.fullmatch(word):
             raise _refuse("iptables", line, f"the token {escaped(word, 40)!r}")
-        if word.startswith("-"):
-            if word not in _IPT_OPTIONS:
-                raise _refuse("iptables", line, f"an option we never write, {escaped(word, 40)!r}")
-            value = rest[index + 1] if index + 1 < len(rest) else ""
-            if not value or value.startswith("-") or value == "!":
-                raise _refuse("iptables", line, f"{word} without its value")
-            index += 2
+    index = 0
+    while index < len(rest):  # the words are (`!`) option value pairs, nothing else
+        word = rest[index]
+        if word == "!":
+            if index + 1 == len(rest) or rest[index + 1] not in _IPT_OPTIONS:
+                raise _refuse("iptables", line, "a `!` that negates no option")
+            index += 1
             continue
-        index += 1
+        if word not in _IPT_OPTIONS:
+            raise _refuse("iptables", line, f"{escaped(word, 40)!r} where an option of ours belongs")
+        value = rest[index + 1] if index + 1 < len(rest) else ""
+        if not value or value.startswith("-") or value == "!":
+            raise _refuse("iptables", line, f"{word} without its value")
+        index += 2
 
 
 def check_nft(text: str, table: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .invariants import check_restore
+from .invariants import check_restore, check_words
 from .model import (
     OUR_CHAINS,
     TABLE_ORDER,
@@ -97,7 +97,7 @@ def _target(target: Target, family: Family) -> list[str]:
 def rule_args(rule: Rule, family: Family) -> str:
     """The rule's arguments after `-A CHAIN`, as iptables-restore reads them."""
     words = [word for match in rule.matches for word in _match(match, family)]
-    return " ".join([*words, *_target(rule.target, family)])
+    return " ".join(check_words([*words, *_target(rule.target, family)]))
 
 
 def render(rules: FamilyRules) -> str:
