@@ -68,7 +68,7 @@ def hostile(parse: Callable[[str, str], object], *, allow_nul: bool = True) -> s
     fragments = FRAGMENTS if allow_nul else [f for f in FRAGMENTS if "\0" not in f]
     base = st.sampled_from(BASES[parse])
     fragment = st.sampled_from(fragments)
-    alphabet = st.sampled_from("\n\r\t\0\u2028\u2029\x85%\"';#{}-*:/., 0123456789abcdefACEIMNOT")
+    alphabet = st.sampled_from("\n\r\t\0\u2028\u2029\x85\x1b%\"';#{}$-*:/., !\\")
     alphabet = alphabet if allow_nul else alphabet.filter(lambda c: c != "\0")
     return st.one_of(
         st.builds(_insert, base, st.lists(st.tuples(st.integers(0, 60), fragment), min_size=1, max_size=3)),
@@ -118,11 +118,10 @@ def assert_loads_only_the_plan(spec: InterceptSpec) -> None:
 
 
 def _apply_and_compare(name: backends.BackendName, ruleset: Ruleset) -> list[str]:
-    backend = backends.make(name)
-    backend.apply(ruleset, present=False)
-    problems = [f"drift: {line}" for line in backend.drift(ruleset)]
+    backends.make(name).apply(ruleset, present=False)
     if name == "nftables":
-        return problems + _compare_nft(ruleset)
+        return _compare_nft(ruleset)
+    problems = []
     for family in backends.FAMILIES:
         tool = f"{'ip' if family == 4 else 'ip6'}tables-{name}-save"
         problems += _compare_iptables(ruleset, family, iptables.parse_save(run([tool])))

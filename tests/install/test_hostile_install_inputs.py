@@ -1,0 +1,125 @@
+"""Issue 12 attack 1 through injection: `inject` and the webhook copy istio-init's arguments into pod
+annotations, so a tenant who writes their own istio-init (`-x 'fe80::%lo -j RETURN\\n...'`) reaches the
+controller through them. Property, for every istio-iptables flag we translate, in both spellings: the
+rewrite refuses with our error, or the annotations it writes are refused by the controller's parser naming
+one of them, or they load only the plan's rules (real tools, scratch namespaces). The waiter container we
+add never carries a tenant's bytes. `make soak` runs 10,000 examples per flag.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from install_helpers import injected_pod, istio_init
+
+from hostile_values import IPTABLES_ATTACK, assert_loads_only_the_plan, assert_refusal_names, hostile
+from istio_pod_network_controller.errors import SpecError
+from istio_pod_network_controller.install import injection
+from istio_pod_network_controller.install.injection import InjectionError, InjectOptions, rewrite_pod
+from istio_pod_network_controller.install.webhook.server import parse_review, review_response
+from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.spec import SETTINGS_BY_NAME, build_spec
+
+OPTIONS = InjectOptions()
+BASE_POD = injected_pod()
+FLAGS = sorted(injection._IPTABLES_FLAGS.items())
+SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _pod_with(flag: str, value: str, inline: bool) -> dict[str, Any]:
+    pod = copy.deepcopy(BASE_POD)
+    init = istio_init(pod["spec"])
+    init["args"] = [*init.get("args", []), *([f"{flag}={value}"] if inline else [flag, value])]
+    return pod
+
+
+def _check_annotations(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """The controller's view of the rewritten pod: a refusal naming a written annotation, or plan rules."""
+    written = {k: v for k, v in after.items() if before.get(k) != v}
+    try:
+        spec = build_spec(after)
+    except SpecError as exc:
+        refused: SpecError | None = exc
+    else:
+        refused = None
+    if refused is None:
+        assert_loads_only_the_plan(spec)
+        return
+    key = refused.source.removeprefix("annotation ")
+    assert key in written, (refused.source, sorted(written))
+    assert_refusal_names(refused, f"annotation {key}", after[key])
+
+
+def _check_waiter(spec: dict[str, Any]) -> None:
+    (waiter,) = [c for c in spec["initContainers"] if c["name"] == ann.WAITER_CONTAINER]
+    for arg in waiter["args"]:
+        assert arg.isprintable() and " " not in arg, arg
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("flag", "setting"), FLAGS, ids=[f for f, _ in FLAGS])
+@SLOW
+@given(data=st.data(), inline=st.booleans())
+def test_hostile_istio_init_argument_through_inject(flag: str, setting: str, data: st.DataObject,
+                                                    inline: bool) -> None:  # fmt: skip
+    value = data.draw(hostile(SETTINGS_BY_NAME[setting].parse))
+    pod = _pod_with(flag, value, inline)
+    try:
+        result = rewrite_pod(pod["metadata"], pod["spec"], OPTIONS)
+    except InjectionError as exc:
+        refusal = exc.public
+    else:
+        refusal = ""
+    if refusal:
+        assert refusal.isprintable()
+        return
+    assert result.changed
+    _check_waiter(result.spec)
+    _check_annotations(pod["metadata"].get("annotations", {}), result.metadata["annotations"])
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("flag", "setting"), FLAGS[::2], ids=[f for f, _ in FLAGS[::2]])
+@SLOW
+@given(data=st.data())
+def test_hostile_istio_init_argument_through_the_webhook(
+    flag: str, setting: str, data: st.DataObject
+) -> None:
+    value = data.draw(hostile(SETTINGS_BY_NAME[setting].parse))
+    pod = _pod_with(flag, value, inline=False)
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "f00d",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": "default",
+            "object": pod,
+        },
+    }
+    answer = review_response(parse_review(json.dumps(review).encode()), OPTIONS)["response"]
+    if not answer["allowed"]:
+        assert answer["status"]["message"].isprintable()
+        return
+    patched = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(answer["patch"])))
+    _check_waiter(patched["spec"])
+    _check_annotations(pod["metadata"].get("annotations", {}), patched["metadata"]["annotations"])
+
+
+def test_the_issue_attack_through_inject_is_refused_by_the_controller() -> None:
+    pod = _pod_with("-x", IPTABLES_ATTACK, inline=False)
+    result = rewrite_pod(pod["metadata"], pod["spec"], OPTIONS)
+    assert result.metadata["annotations"][ann.EXCLUDE_OUTBOUND_IP_RANGES] == IPTABLES_ATTACK.strip()
+    with pytest.raises(SpecError) as caught:
+        build_spec({**result.metadata["annotations"], ann.IPV6: "capture"})
+    assert caught.value.source == f"annotation {ann.EXCLUDE_OUTBOUND_IP_RANGES}"
+    assert "\n" not in caught.value.public
