@@ -63,8 +63,9 @@ def _insert(base: str, pieces: list[tuple[int, str]]) -> str:
     return text
 
 
+@functools.cache
 def hostile(parse: Callable[[str, str], object], *, allow_nul: bool = True) -> st.SearchStrategy[str]:
-    """Hostile values for one parser's kind of setting."""
+    """Hostile values for one parser's kind of setting (built once: tests draw it inside every example)."""
     fragments = FRAGMENTS if allow_nul else [f for f in FRAGMENTS if "\0" not in f]
     base = st.sampled_from(BASES[parse])
     fragment = st.sampled_from(fragments)

@@ -3,7 +3,8 @@ annotations, so a tenant who writes their own istio-init (`-x 'fe80::%lo -j RETU
 controller through them. Property, for every istio-iptables flag we translate, in both spellings: the
 rewrite refuses with our error, or the annotations it writes are refused by the controller's parser naming
 one of them, or they load only the plan's rules (real tools, scratch namespaces). The waiter container we
-add never carries a tenant's bytes. `make soak` runs 10,000 examples per flag.
+add never carries a tenant's bytes. `make soak` runs 10,000 examples per setting (spelling, inline or
+separate value, inject or webhook drawn per example).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from istio_pod_network_controller.settings.spec import SETTINGS_BY_NAME, build_s
 
 OPTIONS = InjectOptions()
 BASE_POD = injected_pod()
-FLAGS = sorted(injection._IPTABLES_FLAGS.items())
+SPELLINGS: dict[str, list[str]] = {}
+for _flag, _setting in sorted(injection._IPTABLES_FLAGS.items()):
+    SPELLINGS.setdefault(_setting, []).append(_flag)
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -64,13 +67,23 @@ def _check_waiter(spec: dict[str, Any]) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize(("flag", "setting"), FLAGS, ids=[f for f, _ in FLAGS])
+@pytest.mark.parametrize("setting", SPELLINGS, ids=SPELLINGS)
 @SLOW
-@given(data=st.data(), inline=st.booleans())
-def test_hostile_istio_init_argument_through_inject(flag: str, setting: str, data: st.DataObject,
-                                                    inline: bool) -> None:  # fmt: skip
+@given(data=st.data(), through=st.sampled_from(["inject", "webhook"]), inline=st.booleans())
+def test_hostile_istio_init_argument_is_refused_or_loads_only_the_plan(
+    setting: str, data: st.DataObject, through: str, inline: bool
+) -> None:
+    flag = data.draw(st.sampled_from(SPELLINGS[setting]))
     value = data.draw(hostile(SETTINGS_BY_NAME[setting].parse))
     pod = _pod_with(flag, value, inline)
+    rewritten = _through_inject(pod) if through == "inject" else _through_webhook(pod)
+    if rewritten is None:
+        return
+    _check_waiter(rewritten["spec"])
+    _check_annotations(pod["metadata"].get("annotations", {}), rewritten["metadata"]["annotations"])
+
+
+def _through_inject(pod: dict[str, Any]) -> dict[str, Any] | None:
     try:
         result = rewrite_pod(pod["metadata"], pod["spec"], OPTIONS)
     except InjectionError as exc:
@@ -79,21 +92,12 @@ def test_hostile_istio_init_argument_through_inject(flag: str, setting: str, dat
         refusal = ""
     if refusal:
         assert refusal.isprintable()
-        return
+        return None
     assert result.changed
-    _check_waiter(result.spec)
-    _check_annotations(pod["metadata"].get("annotations", {}), result.metadata["annotations"])
+    return {"metadata": result.metadata, "spec": result.spec}
 
 
-@pytest.mark.root
-@pytest.mark.parametrize(("flag", "setting"), FLAGS[::2], ids=[f for f, _ in FLAGS[::2]])
-@SLOW
-@given(data=st.data())
-def test_hostile_istio_init_argument_through_the_webhook(
-    flag: str, setting: str, data: st.DataObject
-) -> None:
-    value = data.draw(hostile(SETTINGS_BY_NAME[setting].parse))
-    pod = _pod_with(flag, value, inline=False)
+def _through_webhook(pod: dict[str, Any]) -> dict[str, Any] | None:
     review = {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -109,10 +113,10 @@ def test_hostile_istio_init_argument_through_the_webhook(
     answer = review_response(parse_review(json.dumps(review).encode()), OPTIONS)["response"]
     if not answer["allowed"]:
         assert answer["status"]["message"].isprintable()
-        return
-    patched = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(answer["patch"])))
-    _check_waiter(patched["spec"])
-    _check_annotations(pod["metadata"].get("annotations", {}), patched["metadata"]["annotations"])
+        return None
+    patch = json.loads(base64.b64decode(answer["patch"]))
+    patched: dict[str, Any] = jsonpatch.apply_patch(copy.deepcopy(pod), patch)
+    return patched
 
 
 def test_the_issue_attack_through_inject_is_refused_by_the_controller() -> None:
