@@ -316,3 +316,12 @@ def test_an_interface_named_include_is_a_name_not_a_statement() -> None:
     spec = build_spec({ann.EXCLUDE_INTERFACES: "include,COMMIT"})
     assert spec.exclude_interfaces == ("include", "COMMIT")
     assert_loads_only_the_plan(spec)
+
+
+def test_a_confinement_that_fails_starts_no_tool() -> None:
+    def refuse() -> None:
+        raise OSError(1, "landlock_restrict_self")
+
+    with pytest.raises(ToolError) as caught:
+        tools._execute(["nft", "list", "ruleset"], None, None, refuse)
+    assert caught.value.public == "nft could not be started confined"

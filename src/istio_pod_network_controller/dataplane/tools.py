@@ -92,6 +92,8 @@ def _execute(
             f"no answer within {TIMEOUT_SECONDS:.0f} s",
             public=f"{tool} did not answer within {TIMEOUT_SECONDS:.0f} s",
         ) from None
+    except subprocess.SubprocessError as exc:  # the confinement hook failed in the child: nothing ran
+        raise ToolError(tool, f"not started: {exc}", public=f"{tool} could not be started confined") from None
     if done.returncode != 0:
         if tolerate and tolerate in done.stderr:
             return ""
@@ -153,8 +155,9 @@ def _nft_files(nft: str) -> list[str]:
 def nft_confinement() -> Callable[[], None] | None:
     """A pre-exec hook that confines the child to executing and reading nft's own files, or None.
 
-    The ruleset is built once here, in the parent; the hook runs in the forked child and makes only two
-    system calls (no allocation, no import), so it is safe to run from a threaded process.
+    The ruleset is built once here, in the parent; the hook runs in the forked child between fork and exec
+    and only makes two system calls through ctypes functions resolved here (it imports nothing and takes
+    no lock of ours), which keeps `preexec_fn` safe enough in this threaded process.
     """
     abi = landlock_abi()
     nft = shutil.which("nft")
