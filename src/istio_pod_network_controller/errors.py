@@ -24,9 +24,11 @@ def shown(value: str, limit: int = SHOWN_LENGTH) -> str:
     """`value` quoted like repr(), every non-printable character escaped, cut to about `limit` characters.
 
     repr() already escapes control characters, NUL, U+0085, U+2028/9 and the bidi controls (all are not
-    `isprintable()`); the cut counts escaped characters so a value of escapes cannot grow the output.
+    `isprintable()`); the cut counts escaped characters so a value of escapes cannot grow the output, and
+    its note stands outside the quotes so it cannot read as part of the value.
     """
-    return "'" + escaped(value, limit, quotes=True) + "'"
+    body, rest = _escape(value, limit, quotes=True)
+    return f"'{body}'" + (f" (cut, {rest} more characters)" if rest else "")
 
 
 def escaped(text: str, limit: int = DETAIL_LENGTH, *, quotes: bool = False) -> str:
@@ -34,6 +36,12 @@ def escaped(text: str, limit: int = DETAIL_LENGTH, *, quotes: bool = False) -> s
 
     `quotes`: also escape `'` and backslashes, for text shown between single quotes.
     """
+    body, rest = _escape(text, limit, quotes=quotes)
+    return body + (f"...[{rest} more characters]" if rest else "")
+
+
+def _escape(text: str, limit: int, *, quotes: bool) -> tuple[str, int]:
+    """The escaped text up to `limit` characters, and how many characters of `text` did not fit."""
     pieces: list[str] = []
     size = 0
     for index, char in enumerate(text):
@@ -44,10 +52,10 @@ def escaped(text: str, limit: int = DETAIL_LENGTH, *, quotes: bool = False) -> s
         else:
             piece = char
         if size + len(piece) > limit:
-            return "".join(pieces) + f"...[{len(text) - index} more characters]"
+            return "".join(pieces), len(text) - index
         pieces.append(piece)
         size += len(piece)
-    return "".join(pieces)
+    return "".join(pieces), 0
 
 
 class ControllerError(Exception):
