@@ -55,8 +55,7 @@ def test_the_issue_attack_through_the_real_controller(backend: str, attack: str,
         assert warning["type"] == "Warning"
         assert message.startswith(f"annotation {ann.EXCLUDE_OUTBOUND_IP_RANGES}: invalid value 'fe80::%lo")
         assert reason in message
-        assert message.isprintable()
-        assert attack.isprintable() or attack not in message  # shown escaped, never with its newlines
+        assert message.isprintable()  # the value's newlines are shown escaped: no forged line in the Event
         assert not cluster.initialized(hostile)
         assert hostile.netns and not holds_capture_rules(hostile.netns)
         loaded = netns.run_in(hostile.netns.pinned, _everything_loaded)
