@@ -39,8 +39,8 @@ demo: deps
 	$(BIN)/ipnc-lab demo $(DEMO_ARGS)
 
 soak: deps
-	HYPOTHESIS_PROFILE=soak $(BIN)/pytest --timeout 0 tests/test_fuzz_spec.py tests/test_security_dataplane.py \
-		tests/install/test_fuzz_install_inputs.py $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=soak $(BIN)/pytest --timeout 0 tests/test_fuzz_spec.py tests/test_security_dataplane.py tests/test_hostile_rules.py \
+		tests/install/test_fuzz_install_inputs.py tests/install/test_hostile_install_inputs.py $(PYTEST_ARGS)
 	IPNC_SOAK_SECONDS=$${IPNC_SOAK_SECONDS:-300} $(BIN)/pytest --timeout 0 -s tests/soak/test_chaos.py $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed

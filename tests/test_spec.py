@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
@@ -119,6 +120,53 @@ def test_bad_values_name_the_annotation_and_the_value(key: str, value: str, reas
     assert reason in message
     assert caught.value.source == f"annotation {key}"
     assert caught.value.value == value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "fe80::%lo", "an IPv6 scope (%zone) is not allowed"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "fe80::%1/64", "an IPv6 scope"),
+        (ann.INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,fe80::%eth0 return", "an IPv6 scope"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/255.0.0.0", "is not a CIDR range (address[/prefix"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8\n-A OUTPUT -j ACCEPT", "control character"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "80\u2028443", "line or paragraph separator"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "80\x85", "control character"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "80\t,443", "control character"),
+        (ann.ENVOY_USERID, "1337\x00", "control character"),
+        (ann.EXCLUDE_INTERFACES, "eth0:1", "is not a Linux interface name"),
+        (ann.EXCLUDE_INTERFACES, "eth0/1", "is not a Linux interface name"),
+        (ann.EXCLUDE_INTERFACES, "eth%d", "is not a Linux interface name"),
+        (ann.EXCLUDE_INTERFACES, 'eth0"', "is not a Linux interface name"),
+        (ann.EXCLUDE_INTERFACES, "net1 -j ACCEPT", "is not a Linux interface name"),
+        (ann.EXCLUDE_INTERFACES, "-jACCEPT", "not led by -"),
+        (ann.EXCLUDE_INTERFACES, "abcdefghijklmnop", "1-15"),
+    ],
+)
+def test_values_that_could_leave_their_token_are_refused(key: str, value: str, reason: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(reason)) as caught:
+        build_spec({key: value})
+    assert caught.value.source == f"annotation {key}"
+    assert caught.value.public.isprintable()
+
+
+def test_values_reduce_to_canonical_typed_data() -> None:
+    spec = build_spec(
+        {
+            ann.EXCLUDE_OUTBOUND_IP_RANGES: "fd00:0:0::/16 , 10.1.0.0/16",
+            ann.EXCLUDE_OUTBOUND_PORTS: "0080",
+            ann.EXCLUDE_INTERFACES: "eth0,eth0,a-b_c.d@e",
+            ann.ENVOY_USERID: "1000\n",  # YAML block scalars end with a newline
+        }
+    )
+    assert spec.exclude_outbound_ip_ranges == (
+        ipaddress.IPv6Network("fd00::/16"),
+        ipaddress.IPv4Network("10.1.0.0/16"),
+    )
+    assert [str(n) for n in spec.exclude_outbound_ip_ranges] == ["fd00::/16", "10.1.0.0/16"]
+    assert spec.exclude_outbound_ports == (80,)
+    assert spec.exclude_interfaces == ("eth0", "a-b_c.d@e")
+    assert spec.proxy_uid == 1000
 
 
 def test_bad_default_names_the_flag() -> None:

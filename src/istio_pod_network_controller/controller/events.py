@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
+from ..errors import public_message
+
 COMPONENT: Final = "istio-pod-network-controller"
 NORMAL: Final = "Normal"
 WARNING: Final = "Warning"
@@ -55,8 +57,9 @@ class PodRef(Protocol):
 
 
 def public_text(exc: BaseException) -> str:
-    """The one place an error becomes Event text (tenant-readable): the error's own sentence."""
-    return str(exc)
+    """The one place an error becomes Event text (tenant-readable): the error's public sentence, never the
+    tool output, host PIDs or raw tenant bytes its detail may carry (those go to the log)."""
+    return public_message(exc)
 
 
 def build_event(pod: PodRef, event_type: str, reason: str, message: str, node: str) -> dict[str, Any]:

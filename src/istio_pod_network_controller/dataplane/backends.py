@@ -4,6 +4,7 @@
 - `nftables`: native nft, one inet table of ours.
 Expected state for verify is the backend's own listing of our rendered rules loaded into a scratch namespace
 (cached per rendering), so verify compares like with like whatever the tool version prints.
+Every tool runs through a `Runner` (tools.py), so tests can record the exact command sequence without root.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+from collections.abc import Callable
 from typing import Literal, Protocol, TypeAlias
 
 from ..netlink import FibRule, fib_rules
 from ..rules import iptables, nftables
 from ..rules.model import Family, PolicyRoute, Ruleset
 from . import netns
-from .tools import run
+from .tools import Runner, run
 
 BackendName: TypeAlias = Literal["legacy", "nft", "nftables"]
 BACKENDS: tuple[BackendName, ...] = ("legacy", "nft", "nftables")
@@ -38,18 +40,19 @@ class Backend(Protocol):
 class IptablesBackend:
     """iptables-restore transactions (one per family, atomic per table) for the legacy or nft variant."""
 
-    def __init__(self, name: Literal["legacy", "nft"]) -> None:
+    def __init__(self, name: Literal["legacy", "nft"], runner: Runner = run) -> None:
         self.name: BackendName = name
+        self.run = runner
 
     def _tool(self, family: Family, verb: str) -> str:
         return f"{'ip' if family == 4 else 'ip6'}tables-{self.name}-{verb}"
 
     def _live(self, family: Family) -> dict[str, iptables.SavedTable]:
-        return iptables.parse_save(run([self._tool(family, "save")]))
+        return iptables.parse_save(self.run([self._tool(family, "save")]))
 
     def _restore(self, family: Family, text: str) -> None:
         if text:
-            run([self._tool(family, "restore"), "--noflush", "--wait=10"], stdin=text)
+            self.run([self._tool(family, "restore"), "--noflush", "--wait=10"], stdin=text)
 
     def apply(self, ruleset: Ruleset, *, present: bool) -> None:
         for family in FAMILIES:
@@ -130,25 +133,28 @@ class NftablesBackend:
 
     name: BackendName = "nftables"
 
+    def __init__(self, runner: Runner = run) -> None:
+        self.run = runner
+
     def apply(self, ruleset: Ruleset, *, present: bool) -> None:
-        run(["nft", "-f", "-"], stdin=nftables.apply_script(ruleset, replace=present))
+        self.run(["nft", "-f", "-"], stdin=nftables.apply_script(ruleset, replace=present))
 
     def clean(self) -> None:
-        run(["nft", "-f", "-"], stdin=nftables.clean_script())
+        self.run(["nft", "-f", "-"], stdin=nftables.clean_script())
 
     def drift(self, ruleset: Ruleset) -> list[str]:
         expected = _canonical_nft(nftables.render(ruleset) if ruleset.families else "")
-        live = _nft_listing()
+        live = _nft_listing(self.run)
         if expected == live:
             return []
         return [f"nftables table inet {nftables.TABLE} differs", *_diff(expected, live)]
 
 
-def _nft_listing() -> list[str]:
-    tables = run(["nft", "list", "tables"]).split()
+def _nft_listing(runner: Runner = run) -> list[str]:
+    tables = runner(["nft", "list", "tables"]).split()
     if nftables.TABLE not in tables:
         return []
-    text = run(["nft", "list", "table", "inet", nftables.TABLE])
+    text = runner(["nft", "list", "table", "inet", nftables.TABLE])
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -166,8 +172,8 @@ def _canonical_nft(text: str) -> list[str]:
     return list(_canonical_nft_cached(text))
 
 
-def make(name: BackendName) -> Backend:
-    return NftablesBackend() if name == "nftables" else IptablesBackend(name)
+def make(name: BackendName, runner: Runner = run) -> Backend:
+    return NftablesBackend(runner) if name == "nftables" else IptablesBackend(name, runner)
 
 
 # --- policy routing for TPROXY -----------------------------------------------------------------------------
@@ -178,25 +184,30 @@ def _count(route: PolicyRoute, rules: list[FibRule]) -> int:
 
 
 def sync_routes(
-    routes: tuple[PolicyRoute, ...], *, all_ours: tuple[PolicyRoute, ...], flush: bool = False
+    routes: tuple[PolicyRoute, ...],
+    *,
+    all_ours: tuple[PolicyRoute, ...],
+    flush: bool = False,
+    runner: Runner = run,
+    read_rules: Callable[[], list[FibRule]] = fib_rules,
 ) -> None:
     """Make exactly `routes` present: one fwmark rule and one local default route per wanted family.
 
     Without `flush`, a family that has neither a wanted nor a leftover rule costs no process at all.
     """
-    rules = fib_rules()
+    rules = read_rules()
     for route in all_ours:
         wanted = route in routes
         existing = _count(route, rules)
         fam, mark, table = f"-{route.family}", str(route.mark), str(route.table)
         for _ in range(existing - (1 if wanted else 0)):
-            run(["ip", fam, "rule", "del", "fwmark", mark, "lookup", table])
+            runner(["ip", fam, "rule", "del", "fwmark", mark, "lookup", table])
         if wanted:
             if not existing:
-                run(["ip", fam, "rule", "add", "fwmark", mark, "lookup", table])
-            run(["ip", fam, "route", "replace", "local", "default", "dev", "lo", "table", table])
+                runner(["ip", fam, "rule", "add", "fwmark", mark, "lookup", table])
+            runner(["ip", fam, "route", "replace", "local", "default", "dev", "lo", "table", table])
         elif existing or flush:
-            run(["ip", fam, "route", "flush", "table", table], tolerate="does not exist")
+            runner(["ip", fam, "route", "flush", "table", table], tolerate="does not exist")
 
 
 def route_drift(routes: tuple[PolicyRoute, ...], *, all_ours: tuple[PolicyRoute, ...]) -> list[str]:

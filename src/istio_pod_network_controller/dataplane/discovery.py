@@ -45,6 +45,8 @@ _UNKNOWN_START = sys.maxsize
 class PodNetnsNotFound(DataplaneError):
     """No network namespace can be attributed to the pod with confidence; the message says what was seen."""
 
+    PUBLIC = "the pod's network namespace could not be found with confidence yet; see the controller's log"
+
 
 class InvalidPodIP(DataplaneError):
     """A pod IP from the API that is not an IP address (the API server is not trusted to validate it)."""

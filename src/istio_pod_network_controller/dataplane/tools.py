@@ -1,30 +1,195 @@
-"""Run the rule tools (iptables-*, nft, ip) with argument lists; failures become DataplaneError."""
+"""Run the rule tools (iptables-*, nft, ip) with argument lists, behind one small seam.
+
+`Runner` is the seam (Istio's istio-iptables calls it `Dependencies`): the backends take one, so a
+recording fake can capture the exact command sequence without root, while `SubprocessRunner` runs the
+tools for real in the calling thread's network namespace.
+
+Two guarantees hold for every real run, whatever a renderer does:
+- nft never reads a file. Its input is refused outright if it mentions `include` (the only nft statement
+  that opens a file; our renderers never write it), and nft itself runs under a Landlock domain that lets
+  it execute and map exactly its binary, loader and libraries, and open nothing else, so even an include
+  that slipped past every check resolves to EACCES. Landlock (Linux 5.13+) is an unprivileged allowlist
+  applied to one process before exec; a mount namespace would need a blocklist of every readable tree.
+- Tool output never leaves as a public message: a failure is a ToolError whose `public` sentence is ours
+  and whose `detail` (for the log) holds the tool's output, cut and with control characters escaped.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
+import os
+import re
+import shutil
 import subprocess
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
-from ..errors import DataplaneError
+from ..errors import DETAIL_LENGTH, DataplaneError, ToolError, UnsafeRuleText, escaped
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 30.0
+_INCLUDE: Final = re.compile(r"include", re.IGNORECASE)
+_QUOTED: Final = re.compile(r'"[^"\n]*"')
+"""An nft string (an interface name of ours): `include` inside one is a name, not a statement."""
 
 
-def run(argv: list[str], stdin: str | None = None, *, tolerate: str | None = None) -> str:
-    """Run one tool in the calling thread's network namespace and return its stdout.
+class Runner(Protocol):
+    def __call__(self, argv: Sequence[str], stdin: str | None = None, *, tolerate: str | None = None) -> str:
+        """Run one tool and return its stdout; raise ToolError when it fails.
 
-    `tolerate`: a message fragment that means "nothing to do" (e.g. flushing a table that does not exist).
+        `tolerate`: a message fragment that means "nothing to do" (e.g. flushing a table that does not
+        exist): the failure then returns "".
+        """
+
+
+def refuse_unsafe_input(argv: Sequence[str], stdin: str | None) -> None:
+    """Refuse tool input no renderer of ours produces and a tool would act on beyond the rules.
+
+    For nft: the word `include` anywhere outside a string (case-insensitive, stricter than nft itself),
+    and reading rules from anything but stdin.
     """
+    if os.path.basename(argv[0]) == "nft":
+        if any(_INCLUDE.search(word) for word in argv) or (stdin and _INCLUDE.search(_QUOTED.sub("", stdin))):
+            raise UnsafeRuleText(f"{argv[0]}: refusing input that contains 'include' (nft would read a file)")
+        if "-f" in argv and argv[argv.index("-f") + 1 : argv.index("-f") + 2] != ["-"]:
+            raise UnsafeRuleText(f"{argv[0]}: refusing to read rules from a file instead of stdin")
+    if stdin is not None and "\0" in stdin:
+        raise UnsafeRuleText(f"{argv[0]}: refusing input with a NUL byte")
+
+
+class SubprocessRunner:
+    """The real tools; nft confined by Landlock where the kernel has it."""
+
+    def __call__(self, argv: Sequence[str], stdin: str | None = None, *, tolerate: str | None = None) -> str:
+        refuse_unsafe_input(argv, stdin)
+        confine = nft_confinement() if os.path.basename(argv[0]) == "nft" else None
+        return _execute(list(argv), stdin, tolerate, confine)
+
+
+def _execute(
+    argv: list[str], stdin: str | None, tolerate: str | None, confine: Callable[[], None] | None
+) -> str:
+    tool = argv[0]
     try:
         done = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=TIMEOUT_SECONDS,
+            check=False,
+            preexec_fn=confine,
         )
     except FileNotFoundError:
-        raise DataplaneError(f"{argv[0]}: not installed") from None
+        raise ToolError(tool, "not installed", public=f"{tool} is not installed on the node") from None
     except subprocess.TimeoutExpired:
-        raise DataplaneError(f"{argv[0]}: no answer within {TIMEOUT_SECONDS:.0f} s") from None
+        raise ToolError(
+            tool,
+            f"no answer within {TIMEOUT_SECONDS:.0f} s",
+            public=f"{tool} did not answer within {TIMEOUT_SECONDS:.0f} s",
+        ) from None
+    except subprocess.SubprocessError as exc:  # the confinement hook failed in the child: nothing ran
+        raise ToolError(tool, f"not started: {exc}", public=f"{tool} could not be started confined") from None
     if done.returncode != 0:
         if tolerate and tolerate in done.stderr:
             return ""
-        detail = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
-        raise DataplaneError(f"{' '.join(argv[:3])}: {detail}")
+        output = (done.stderr or done.stdout).strip() or "no output"
+        raise ToolError(
+            tool,
+            f"{' '.join(argv[1:4])}: exit status {done.returncode}: {escaped(output, DETAIL_LENGTH)}",
+            public=f"{tool} refused the change (exit status {done.returncode}); its output is in the "
+            "controller's log",
+        )
     return done.stdout
+
+
+run: Final[Runner] = SubprocessRunner()
+"""The runner every backend uses unless given another."""
+
+
+# --- Landlock ------------------------------------------------------------------------------------------
+
+_SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_ACCESS_EXECUTE, _ACCESS_READ_FILE = 1 << 0, 1 << 2
+_HANDLED_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+"""Every filesystem right each Landlock ABI knows (REFER from 2, TRUNCATE from 3, IOCTL_DEV from 5)."""
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_prctl = _libc.prctl
+_prctl.restype = ctypes.c_int
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 when it has none (not built in, or not in the LSM list)."""
+    version = _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION)
+    return max(int(version), 0)
+
+
+def _nft_files(nft: str) -> list[str]:
+    """nft's binary, its ELF loader and every shared library the loader maps for it (from `ldd`)."""
+    listing = subprocess.run(["ldd", nft], capture_output=True, text=True, timeout=10, check=True).stdout
+    paths = [nft, *(word for line in listing.splitlines() for word in line.split() if word.startswith("/"))]
+    return list(dict.fromkeys(os.path.realpath(path) for path in paths))
+
+
+@functools.lru_cache(maxsize=1)
+def nft_confinement() -> Callable[[], None] | None:
+    """A pre-exec hook that confines the child to executing and reading nft's own files, or None.
+
+    The ruleset is built once here, in the parent; the hook runs in the forked child between fork and exec
+    and only makes two system calls through ctypes functions resolved here (it imports nothing and takes
+    no lock of ours), which keeps `preexec_fn` safe enough in this threaded process.
+    """
+    abi = landlock_abi()
+    nft = shutil.which("nft")
+    if abi < 1 or nft is None:
+        log.warning("Landlock unavailable (ABI %d): nft runs unconfined, guarded by input checks only", abi)
+        return None
+    try:
+        files = _nft_files(nft)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot list nft's libraries (%s): nft runs unconfined, guarded by input checks", exc)
+        return None
+    handled = _HANDLED_BY_ABI[max(v for v in _HANDLED_BY_ABI if v <= abi)]
+    attr = _RulesetAttr(handled)
+    ruleset = int(_syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), 0))
+    if ruleset < 0:
+        raise DataplaneError(f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
+    os.set_inheritable(ruleset, False)
+    for path in files:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            rule = _PathBeneathAttr(_ACCESS_EXECUTE | _ACCESS_READ_FILE, fd)
+            added = _syscall(_SYS_ADD_RULE, ctypes.c_long(ruleset), _RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+            if added != 0:
+                raise DataplaneError(f"landlock_add_rule {path}: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(fd)
+    one, zero, fd_arg = ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_long(ruleset)
+
+    def confine() -> None:
+        if _prctl(_PR_SET_NO_NEW_PRIVS, one, zero, zero, zero) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if _syscall(_SYS_RESTRICT_SELF, fd_arg, 0) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+
+    return confine

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from ..errors import SpecError
+from ..errors import RefusedInput, SpecError
 from ..settings import annotations as ann
 from ..settings.spec import (
     ALWAYS_EXCLUDED_INBOUND,
@@ -114,7 +114,7 @@ ANNOTATED_SETTINGS: Final[dict[str, str]] = {
 FLAG_SETTINGS: Final[tuple[str, ...]] = tuple(name for name in _TRANSLATED if name not in ANNOTATED_SETTINGS)
 
 
-class InjectionError(ValueError):
+class InjectionError(RefusedInput):
     """The object cannot be rewritten (malformed where a rewrite needs it to be well-formed)."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .invariants import check_restore, check_words
 from .model import (
     OUR_CHAINS,
     TABLE_ORDER,
@@ -111,7 +112,7 @@ def _target(target: Target, family: Family) -> list[str]:
 def rule_args(rule: Rule, family: Family) -> str:
     """The rule's arguments after `-A CHAIN`, as iptables-restore reads them."""
     words = [word for match in rule.matches for word in _match(match, family)]
-    return " ".join([*words, *_target(rule.target, family)])
+    return " ".join(check_words([*words, *_target(rule.target, family)]))
 
 
 def render(rules: FamilyRules) -> str:
@@ -124,7 +125,7 @@ def render(rules: FamilyRules) -> str:
         for chain in table.chains:
             lines += [f"-A {chain.name} {rule_args(r, rules.family)}" for r in chain.rules]
         lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    return check_restore("\n".join(lines) + "\n", tables={t.table for t in rules.tables})
 
 
 # --- reading live state ------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def _transaction(desired: FamilyRules | None, live: dict[str, SavedTable]) -> st
                 lines += [f"-A {chain.name} {rule_args(r, family)}" for r in chain.rules]
         lines += [f"-X {chain}" for chain in stale]
         lines.append("COMMIT")
-    return "\n".join(lines) + "\n" if lines else ""
+    return check_restore("\n".join(lines) + "\n", tables=names) if lines else ""
 
 
 def apply_transaction(desired: FamilyRules, live: dict[str, SavedTable]) -> str:

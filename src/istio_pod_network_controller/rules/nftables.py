@@ -8,6 +8,7 @@ deletes and recreates the table: atomic and idempotent by construction.
 
 from __future__ import annotations
 
+from .invariants import check_nft
 from .model import (
     TABLE_ORDER,
     Accept,
@@ -158,7 +159,7 @@ def render(ruleset: Ruleset) -> str:
         hook_name = _HOOK_OF[builtin]
         header = f"type {kind} hook {hook_name} priority {priority}; policy accept;"
         chains.append(_chain(f"{table_name}_{hook_name}", header, rules))
-    return f"table inet {TABLE} {{\n" + "".join([*chains, *regular]) + "}\n"
+    return check_nft(f"table inet {TABLE} {{\n" + "".join([*chains, *regular]) + "}\n", TABLE)
 
 
 def _chain(name: str, header: str | None, rules: list[str]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Final, Literal, TypeAlias
 
-from ..errors import SpecError
+from ..errors import SpecError, shown
 from . import annotations as ann
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -36,7 +36,9 @@ ALWAYS_EXCLUDED_INBOUND: Final = (15020, 15021, 15090)
 
 MAX_VALUE_LENGTH: Final = 4096
 MAX_LIST_ITEMS: Final = 256
-_IFNAME = re.compile(r"[A-Za-z0-9_.@:-]{1,15}")
+_IFNAME = re.compile(r"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}")
+_CIDR_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?")
+_BLANKS: Final = " \t\r\n"
 _DIGITS = re.compile(r"[0-9]{1,10}")
 
 
@@ -133,21 +135,31 @@ def _canonical(value: object) -> str:
 
 
 def _checked_length(raw: str, source: str) -> str:
+    """Bound the value and refuse every non-printable character except surrounding blanks (YAML's `|\\n`)."""
     if len(raw) > MAX_VALUE_LENGTH:
         raise SpecError(source, raw, f"longer than {MAX_VALUE_LENGTH} characters")
-    return raw.strip()
+    text = raw.strip(_BLANKS)
+    if not all(char.isprintable() for char in text):
+        raise SpecError(source, raw, "contains a control character, line or paragraph separator")
+    return text
 
 
 def _items(raw: str, source: str) -> list[str]:
     text = _checked_length(raw, source)
     if not text:
         return []
-    items = [item.strip() for item in text.split(",")]
+    items = [item.strip(" ") for item in text.split(",")]
     if any(not item for item in items):
         raise SpecError(source, raw, "empty item in comma-separated list")
     if len(items) > MAX_LIST_ITEMS:
         raise SpecError(source, raw, f"more than {MAX_LIST_ITEMS} items")
     return list(dict.fromkeys(items))
+
+
+def _port(item: str, source: str, raw: str) -> int:
+    if not _DIGITS.fullmatch(item) or not 1 <= int(item) <= 65535:
+        raise SpecError(source, raw, f"port {shown(item)} is not a number from 1 to 65535")
+    return int(item)
 
 
 def parse_port(raw: str, source: str) -> int:
@@ -158,16 +170,11 @@ def parse_port(raw: str, source: str) -> int:
 
 
 def parse_ports(raw: str, source: str) -> tuple[int, ...]:
-    ports = []
-    for item in _items(raw, source):
-        if not _DIGITS.fullmatch(item) or not 1 <= int(item) <= 65535:
-            raise SpecError(source, raw, f"port {item!r} is not a number from 1 to 65535")
-        ports.append(int(item))
-    return tuple(dict.fromkeys(ports))
+    return tuple(dict.fromkeys(_port(item, source, raw) for item in _items(raw, source)))
 
 
 def parse_ports_or_wildcard(raw: str, source: str) -> Wildcard | tuple[int, ...]:
-    if raw.strip() == WILDCARD:
+    if raw.strip(_BLANKS) == WILDCARD:
         return WILDCARD
     return parse_ports(raw, source)
 
@@ -181,28 +188,42 @@ def parse_id(raw: str, source: str) -> int:
     return int(text)
 
 
+def _cidr(item: str, source: str, raw: str) -> IPNetwork:
+    """One CIDR in its canonical typed form: no IPv6 scope (`%...`), no netmask notation, host bits zero."""
+    if "%" in item:
+        raise SpecError(source, raw, f"{shown(item)}: an IPv6 scope (%zone) is not allowed in a CIDR range")
+    if not _CIDR_TEXT.fullmatch(item):
+        raise SpecError(source, raw, f"{shown(item)} is not a CIDR range (address[/prefix length])")
+    try:
+        network = ipaddress.ip_network(item, strict=True)
+    except ValueError as exc:
+        raise SpecError(source, raw, f"{shown(item)} is not a CIDR range: {exc}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id is not None:
+        raise SpecError(source, raw, f"{shown(item)}: an IPv6 scope is not allowed in a CIDR range")
+    return network
+
+
 def parse_cidrs(raw: str, source: str) -> tuple[IPNetwork, ...]:
-    networks = []
-    for item in _items(raw, source):
-        try:
-            networks.append(ipaddress.ip_network(item, strict=True))
-        except ValueError as exc:
-            raise SpecError(source, raw, f"{item!r} is not a CIDR range: {exc}") from None
-    return tuple(networks)
+    return tuple(_cidr(item, source, raw) for item in _items(raw, source))
 
 
 def parse_cidrs_or_wildcard(raw: str, source: str) -> Wildcard | tuple[IPNetwork, ...]:
-    if raw.strip() == WILDCARD:
+    if raw.strip(_BLANKS) == WILDCARD:
         return WILDCARD
     return parse_cidrs(raw, source)
 
 
 def parse_interfaces(raw: str, source: str) -> tuple[str, ...]:
+    """Interface names as the kernel allows them (dev_valid_name: 1-15 bytes, no `/`, `:` or whitespace, not
+    `.`/`..`), narrowed to the ASCII letters, digits and `_ . @ -` that real CNI interfaces use, never led by
+    `-` (a tool would read it as an option)."""
     names = _items(raw, source)
     for name in names:
         if not _IFNAME.fullmatch(name) or name in {".", ".."}:
             raise SpecError(
-                source, raw, f"{name!r} is not a Linux interface name (1-15 of A-Z a-z 0-9 _ . @ : -)"
+                source,
+                raw,
+                f"{shown(name)} is not a Linux interface name (1-15 of A-Z a-z 0-9 _ . @ -, not led by -)",
             )
     return tuple(names)
 

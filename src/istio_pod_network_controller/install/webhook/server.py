@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ...errors import RefusedInput
 from ..injection import InjectionError, InjectOptions, rewrite_pod
 from .patch import pod_patch
 
@@ -33,7 +34,7 @@ MAX_BODY_BYTES: Final = 8 << 20
 OPTIONS_KEY: Final = web.AppKey("options", InjectOptions)
 
 
-class BadReview(ValueError):
+class BadReview(RefusedInput):
     """The body is not a usable AdmissionReview v1 (answered with HTTP 400)."""
 
 
