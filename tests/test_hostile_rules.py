@@ -200,6 +200,10 @@ def test_restore_invariant_refuses_what_no_renderer_writes(text: str) -> None:
         'iifname "lo" return; flush ruleset',
         'iifname "lo\\" accept" return',
         "ip daddr { 10.0.0.0/8 } return",
+        "tcp dport != { 53, include } return",
+        "tcp dport { 53, 15008 return",
+        "tcp dport != { 53 } } return",
+        "meta mark { 1 } return",
         'include "/etc/shadow"',
         "jump nowhere",
         "return # comment",
@@ -210,6 +214,13 @@ def test_nft_invariant_refuses_what_no_renderer_writes(rule: str) -> None:
     text = f"table inet {nftables.TABLE} {{\n\tchain nat4_ISTIO_OUTPUT {{\n\t\t{rule}\n\t}}\n}}\n"
     with pytest.raises(RenderInvariantError):
         check_nft(text, nftables.TABLE)
+
+
+def test_nft_invariant_accepts_istios_destination_port_set() -> None:
+    """Istio's `! --dports 53,15008` as nft writes it: the one set shape a renderer of ours produces."""
+    rule = 'oifname "lo" tcp dport != { 53, 15008 } meta skuid 1337 return'
+    text = f"table inet {nftables.TABLE} {{\n\tchain nat4_ISTIO_OUTPUT {{\n\t\t{rule}\n\t}}\n}}\n"
+    assert check_nft(text, nftables.TABLE) == text
 
 
 # --- execute: nft reads no file, tool output stays in the log -------------------------------------------

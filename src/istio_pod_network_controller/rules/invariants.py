@@ -18,18 +18,22 @@ _IPT_TOKEN: Final = re.compile(r"[A-Za-z0-9_.:/,@+!-]+")
 """Characters of an iptables-restore word we render: names, numbers, CIDRs, 0x marks, `!`."""
 _IPT_OPTIONS: Final = frozenset(
     {"-p", "-s", "-d", "-i", "-o", "-m", "-j", "--dport", "--sport", "--uid-owner", "--gid-owner",
-     "--ctstate", "--to-ports", "--on-port", "--tproxy-mark", "--set-xmark", "--zone", "--reject-with"}
+     "--ctstate", "--to-ports", "--on-port", "--tproxy-mark", "--set-xmark", "--zone", "--reject-with",
+     "--mark", "--dports"}
 )  # fmt: skip
-"""Every option the renderer writes; each takes exactly one value, which never starts with `-` or is `!`."""
+"""Every option the renderer writes with a value; each takes exactly one, never starting with `-` or `!`."""
+_IPT_FLAGS: Final = frozenset({"--save-mark", "--restore-mark"})
+"""The options the renderer writes without a value (CONNMARK's two directions)."""
 _IPT_CHAIN: Final = re.compile(r"[A-Z][A-Z0-9_]{0,28}")
 _IPT_DECLARATION: Final = re.compile(r":([A-Z][A-Z0-9_]{0,28}) - \[0:0\]")
 _IPT_VERBS: Final = frozenset({"-A", "-I", "-D", "-X"})
 
 _NFT_WORD: Final = re.compile(r"[A-Za-z0-9_.:/,=!][A-Za-z0-9_.:/,=!-]*")
+_NFT_SET_PORT: Final = re.compile(r"[0-9]{1,5},?")
 _NFT_QUOTED_IFNAME: Final = re.compile(r'"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}"')
 _NFT_CHAIN: Final = re.compile(r"[a-z]+[46]?_[A-Za-z0-9_]+")
 _NFT_BASE_HEADER: Final = re.compile(
-    r"type (filter|nat) hook (prerouting|output|input) priority (raw|mangle|dstnat|filter|-100); "
+    r"type (filter|nat|route) hook (prerouting|output|input) priority (raw|mangle|dstnat|filter|-100); "
     r"policy accept;"
 )
 _NFT_KEYWORDS_NEVER_IN_A_RULE: Final = frozenset(
@@ -115,6 +119,9 @@ def _check_restore_rule(line: str) -> None:
                 raise _refuse("iptables", line, "a `!` that negates no option")
             index += 1
             continue
+        if word in _IPT_FLAGS:
+            index += 1
+            continue
         if word not in _IPT_OPTIONS:
             raise _refuse("iptables", line, f"{escaped(word, 40)!r} where an option of ours belongs")
         value = rest[index + 1] if index + 1 < len(rest) else ""
@@ -162,8 +169,21 @@ def _check_nft_rule(line: str, rule: str) -> list[str]:
     """Check one rule's words; return the chains it jumps to."""
     words = rule.split(" ")
     targets = []
+    in_set = False
     for index, word in enumerate(words):
         previous = words[index - 1] if index else ""
+        if in_set:  # an anonymous set of ports, `{ 53, 15008 }`: numbers and commas only, then `}`
+            if word == "}":
+                in_set = False
+            elif not _NFT_SET_PORT.fullmatch(word):
+                raise _refuse("nftables", line, f"{escaped(word, 40)!r} inside a port set")
+            continue
+        if word == "{":
+            before = words[index - 2] if previous == "!=" and index > 1 else previous
+            if before != "dport":
+                raise _refuse("nftables", line, "a set that is not a destination port set")
+            in_set = True
+            continue
         if word in _NFT_KEYWORDS_NEVER_IN_A_RULE:
             raise _refuse("nftables", line, f"the keyword {word!r} inside a rule")
         if previous in {"iifname", "oifname"}:
@@ -173,4 +193,6 @@ def _check_nft_rule(line: str, rule: str) -> list[str]:
             raise _refuse("nftables", line, f"the token {escaped(word, 40)!r}")
         if previous in {"jump", "goto"}:
             targets.append(word)
+    if in_set:
+        raise _refuse("nftables", line, "an unclosed port set")
     return targets
