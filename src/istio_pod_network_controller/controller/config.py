@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..dataplane.apply import BackendChoice
+from ..errors import ControllerError
 from ..settings.spec import SETTINGS_BY_NAME, Given, build_spec
 from .selection import SelectionOptions
 
@@ -20,7 +21,7 @@ LEGACY_SPEC_FLAGS: dict[str, str] = {
 both are given; `run` derives its options from this table."""
 
 
-class ConfigError(ValueError):
+class ConfigError(ControllerError, ValueError):
     """A flag or environment value that stops the controller from starting."""
 
 

@@ -27,6 +27,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Event, Pod
 from lightkube.types import PatchType
 
+from ..errors import ControllerError
 from .backoff import ApiHealth, Backoff, jittered
 from .cache import Obj
 from .config import WatchTuning
@@ -43,7 +44,7 @@ PROBE_MAX = 0.5
 server nothing, and a new pod must be seen within a second of the server answering again."""
 
 
-class ApiStatusError(Exception):
+class ApiStatusError(ControllerError):
     """An API request that failed: HTTP code (0 when no response arrived), reason, and Retry-After."""
 
     def __init__(self, code: int, reason: str, message: str, retry_after: float | None = None) -> None:
@@ -53,7 +54,7 @@ class ApiStatusError(Exception):
         self.retry_after = retry_after
 
 
-class WatchStalled(Exception):
+class WatchStalled(ControllerError):
     """Nothing (not even a bookmark) arrived on a watch stream for the inactivity limit."""
 
 
@@ -193,7 +194,7 @@ class KubeClient:
                 await asyncio.sleep(backoff.next(error.retry_after))
 
 
-class Expired(Exception):
+class Expired(ControllerError):
     """410 Gone: the resourceVersion is older than the server's history; relist."""
 
 
@@ -427,7 +428,7 @@ class Informer:
                             limit = self._watchdog_limit(timeout)
                         guard.reschedule(loop.time() + limit)
             except TimeoutError:
-                raise WatchStalled from None
+                raise WatchStalled("nothing, not even a bookmark, arrived for the inactivity limit") from None
             finally:
                 proof.cancel()
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from ..errors import ControllerError
 
-class QueueShutDown(Exception):
+
+class QueueShutDown(ControllerError):
     """get() after shutdown(): the worker should exit."""
 
 
@@ -79,7 +81,7 @@ class WorkQueue:
     async def get(self) -> tuple[str, frozenset[str]]:
         while not self._ready:
             if self._shutdown:
-                raise QueueShutDown
+                raise QueueShutDown("the work queue was shut down")
             self._wakeup.clear()
             await self._wakeup.wait()
         key = self._ready.popleft()

@@ -12,12 +12,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import ControllerError
+
 Obj = dict[str, Any]
 WATCH_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
 _SHOWN = 60
 
 
-class BadResponse(Exception):
+class BadResponse(ControllerError):
     """A response body that is not the shape the Kubernetes API defines."""
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
-from ..errors import DownwardAPIError, SpecError
+from ..errors import ControllerError, DownwardAPIError, SpecError
 from ..settings import annotations as ann
 from ..settings.addresses import has_global_ipv6
 from ..settings.downward import MAX_FILE_BYTES, parse_annotations
@@ -71,7 +71,7 @@ class Config:
     default_source: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")
 
 
-class Failure(Exception):
+class Failure(ControllerError):
     """Ends the waiter with `code` and a one-line `message`."""
 
     def __init__(self, code: int, message: str) -> None:
