@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from samples import save
+from samples import pct, save
 
 from ipnc_lab.localapi import PODS
 from ipnc_lab.sim.cluster import CONTROLLER_USER, SimCluster, pod_manifest
@@ -34,11 +34,6 @@ class Burst:
     seconds: float
     calls: Counter[str]
     setup_s: float
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def burst(cluster: SimCluster, node: SimNode, prefix: str, count: int, extra: list[str]) -> Burst:

@@ -11,18 +11,16 @@ Usage: .venv/bin/python bench/image_bench.py [runs]
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from samples import provenance, timing_table
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "tools" / "containers.conf")}
@@ -68,12 +66,6 @@ def one_start(image: str, index: int) -> tuple[float, float]:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def row(name: str, values: list[float]) -> str:
-    ms = sorted(v * 1000 for v in values)
-    p90 = statistics.quantiles(ms, n=10)[-1]
-    return f"| {name} | {statistics.median(ms):.1f} | {p90:.1f} | {ms[0]:.1f} | {ms[-1]:.1f} | {len(ms)} |"
-
-
 def mib(size: float) -> str:
     return f"{size / 2**20:.1f}"
 
@@ -97,11 +89,10 @@ def main() -> None:
     results = [one_start(image, i) for i in range(runs)]
     to_exec = [r[0] for r in results]
     to_probe = [r[1] for r in results]
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print("## Image")
     print()
     print(
-        f"`bench/image_bench.py`, {now}, nproc {os.cpu_count()}, Linux {platform.release()}. `{image}` as "
+        f"{provenance('image_bench.py')} `{image}` as "
         f"`make image` builds it (podman, local debootstrap base): **{mib(size)} MiB** uncompressed."
     )
     print()
@@ -121,10 +112,14 @@ def main() -> None:
         "`podman run` with runc):"
     )
     print()
-    print("| metric (ms) | median | p90 | min | max | runs |")
-    print("|---|---|---|---|---|---|")
-    print(row("`podman run` → interpreter exec in the container", to_exec))
-    print(row("exec → waiter's first probe attempt", to_probe))
+    print(
+        timing_table(
+            {
+                "`podman run` → interpreter exec in the container": to_exec,
+                "exec → waiter's first probe attempt": to_probe,
+            }
+        )
+    )
     print()
     print(
         "The first figure is the container engine's (podman + conmon + runc; a kubelet with containerd "

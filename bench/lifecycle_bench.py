@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from samples import save
+from samples import pct, save
 
 from ipnc_lab.sim.cluster import SimCluster
 from ipnc_lab.sim.controller import wait_for
@@ -23,11 +23,6 @@ PODS = 10
 ROUNDS = 3
 REBOOT_PODS = 30
 ORDERS = ("ip-first", "containers-first")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def recreation_latencies(order: str) -> dict[str, list[float]]:

@@ -11,12 +11,9 @@ Usage: .venv/bin/python bench/waiter_bench.py [runs]
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +21,7 @@ import time
 from pathlib import Path
 
 import click
-from samples import save
+from samples import provenance, save, timing_table
 
 import istio_pod_network_controller
 from istio_pod_network_controller.dataplane.apply import apply
@@ -90,12 +87,6 @@ def one_run(runtime: Path, index: int) -> tuple[float, float]:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def row(name: str, values: list[float]) -> str:
-    ms = sorted(v * 1000 for v in values)
-    p90 = statistics.quantiles(ms, n=10)[-1]
-    return f"| {name} | {statistics.median(ms):.1f} | {p90:.1f} | {ms[0]:.1f} | {ms[-1]:.1f} | {len(ms)} |"
-
-
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 25
     if os.geteuid() != 0:
@@ -115,21 +106,21 @@ def main() -> None:
             "start → first probe (ms)": [s * 1000 for s in starts],
         },
     )
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print("## Waiter")
     print()
     intro = (
-        f"`bench/waiter_bench.py`, {now}, nproc {os.cpu_count()}, Linux {platform.release()}. Each run: "
+        f"{provenance('waiter_bench.py')} Each run: "
         f"fresh netns; waiter ({SYSTEM_PYTHON}, uid/gid 1337, no capabilities, via `ip netns exec` + "
         f"`setpriv`) started first; default REDIRECT rules applied (legacy backend) {APPLY_AFTER * 1000:.0f} "
         "ms after Popen."
     )
     print(intro)
     print()
-    print("| metric (ms) | median | p90 | min | max | runs |")
-    print("|---|---|---|---|---|---|")
-    print(row("rules applied (apply returned) → waiter exited", delays))
-    print(row("Popen → first probe attempt", starts))
+    print(
+        timing_table(
+            {"rules applied (apply returned) → waiter exited": delays, "Popen → first probe attempt": starts}
+        )
+    )
     print()
     print(
         "Targets: median ≤ 100 ms from rules to exit, ≤ 150 ms from start to first probe. The start "

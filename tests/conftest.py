@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
+from ipnc_lab.localapi import LocalAPIServer
+from ipnc_lab.localapi.server import ThreadedServer
 from ipnc_lab.sim.cluster import unique_name
 
 settings.register_profile("default", max_examples=60)
@@ -54,3 +56,13 @@ def netns_name() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def api() -> Iterator[ThreadedServer]:
+    """A fresh, empty API emulator on loopback, stopped afterwards (a test dir may define its own `api`)."""
+    server = LocalAPIServer().start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop()

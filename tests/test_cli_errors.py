@@ -11,18 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ipnc_lab.localapi import LocalAPIServer
 from ipnc_lab.localapi.resources import CORE_EVENTS
 from ipnc_lab.localapi.server import ThreadedServer
-from ipnc_lab.sim.controller import free_port, wait_for
+from ipnc_lab.sim.controller import free_port, http_get, wait_for
 from ipnc_lab.sim.runtime import SYSTEM_PYTHON, build_runtime, runtime_env
 from istio_pod_network_controller.cli import exitcodes
 from istio_pod_network_controller.controller.kubeconfig import KubeconfigError, Source, resolve
@@ -155,16 +152,6 @@ def test_kubeconfig_env_and_home_are_honoured_and_errors_name_them(tmp_path: Pat
 # --- run: preflight keeps it unready, says why, puts it on the node ----------------------------------------
 
 
-def http(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
 @pytest.fixture
 def started() -> Iterator[list[subprocess.Popen[str]]]:
     """Processes a test starts; each is stopped by its PID afterwards."""
@@ -201,11 +188,11 @@ def test_unreachable_api_server_is_named_and_keeps_run_unready(
     kubeconfig(tmp_path / ".kube" / "config", server)
     log = tmp_path / "run.log"
     proc, port = start_run(started, log, clean_env(tmp_path), "--preflight-retry", "0.5")
-    wait_for(lambda: "preflight failed" in http(port, "/readyz")[1], 30, "unready with a reason")
-    status, body = http(port, "/readyz")
+    wait_for(lambda: "preflight failed" in http_get(port, "/readyz")[1], 30, "unready with a reason")
+    status, body = http_get(port, "/readyz")
     assert status == 503
     assert f"cannot reach the API server {server}" in body
-    assert http(port, "/healthz")[0] == 200  # alive: a liveness probe must not restart it for this
+    assert http_get(port, "/healthz")[0] == 200  # alive: a liveness probe must not restart it for this
     proc.terminate()
     assert proc.wait(15) == 0
     text = log.read_text()
@@ -216,15 +203,6 @@ def test_unreachable_api_server_is_named_and_keeps_run_unready(
     assert ": 0 " not in failures[0] and "Traceback" not in text
 
 
-@pytest.fixture
-def api() -> Iterator[ThreadedServer]:
-    server = LocalAPIServer().start_in_thread()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_run_with_a_proc_root_that_is_not_there_fails_preflight_with_an_event(
     tmp_path: Path, api: ThreadedServer, started: list[subprocess.Popen[str]]
 ) -> None:
@@ -233,10 +211,9 @@ def test_run_with_a_proc_root_that_is_not_there_fails_preflight_with_an_event(
     log = tmp_path / "run.log"
     env = clean_env(tmp_path)
     _, port = start_run(started, log, env, "--kubeconfig", str(config), "--proc-root", "/nonexistent")
-    wait_for(lambda: "preflight failed" in http(port, "/readyz")[1], 30, f"unready\n{log.read_text()}")
-    assert (
-        "/proc root /nonexistent: no such directory; fix: mount the node's /proc" in http(port, "/readyz")[1]
-    )
+    wait_for(lambda: "preflight failed" in http_get(port, "/readyz")[1], 30, f"unready\n{log.read_text()}")
+    fix = "/proc root /nonexistent: no such directory; fix: mount the node's /proc"
+    assert fix in http_get(port, "/readyz")[1]
 
     def node_events() -> list[dict[str, object]]:
         return [

@@ -22,6 +22,7 @@ from istio_pod_network_controller.errors import (
     shown,
 )
 
+
 def _product_exceptions() -> dict[str, type[BaseException]]:
     found = {}
     for info in pkgutil.walk_packages(product.__path__, product.__name__ + "."):

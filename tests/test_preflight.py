@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ipnc_lab.localapi import LocalAPIServer
 from ipnc_lab.localapi.server import ThreadedServer
 from istio_pod_network_controller.cli import exitcodes
 from istio_pod_network_controller.controller import preflight as pf
@@ -87,15 +85,6 @@ def test_report_reason_and_node_event() -> None:
         pf.node_event("node-1", "same")["metadata"]["name"]
         == pf.node_event("node-1", "same")["metadata"]["name"]
     )
-
-
-@pytest.fixture
-def api() -> Iterator[ThreadedServer]:
-    server = LocalAPIServer().start_in_thread()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def check(*args: str) -> subprocess.CompletedProcess[str]:

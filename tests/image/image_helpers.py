@@ -8,12 +8,9 @@ as a kubelet would, not as the test author thinks it should run.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from typing import Any
 import yaml
 
 from ipnc_lab.sim.cluster import unique_name
+from manifests_tool import render_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS_CONF = ROOT / "tools" / "containers.conf"
@@ -37,19 +35,9 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     )
 
 
-@functools.cache
-def _render_tool() -> Any:
-    spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "tools" / "render_manifests.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["render_manifests"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def render_chart(values: Mapping[str, Any] | None = None) -> list[Obj]:
     """Every object the chart renders (Helm's own engine), like `helm template -n istio-system`."""
-    tool = _render_tool()
+    tool = render_tool()
     rendered = tool.render_chart(dict(values or {}), namespace="istio-system", release="ipnc")
     return [yaml.safe_load(body) for _source, body in tool.split_rendered(rendered)]
 
@@ -192,16 +180,6 @@ def containers(image: str) -> Iterator[Containers]:
         yield made
     finally:
         made.remove_all()
-
-
-def process_status(pid: int) -> dict[str, str]:
-    """Uid, Gid, Groups, NoNewPrivs and the Cap* lines of /proc/<pid>/status, read from the host."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.startswith("Cap") or key in {"Uid", "Gid", "Groups", "NoNewPrivs"}:
-            fields[key] = value.strip()
-    return fields
 
 
 def with_arg(args: list[str], flag: str, value: str) -> list[str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from image_helpers import (
     Containers,
-    process_status,
     render_chart,
     security_flags,
     volume_flags,
@@ -24,6 +23,7 @@ from image_helpers import (
 
 from ipnc_lab.sim.cluster import SimCluster, host_rules, unique_name
 from ipnc_lab.sim.controller import free_port, wait_for
+from proc_status import process_status
 
 pytestmark = pytest.mark.root
 CAP_BITS = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_PTRACE": 19, "SYS_ADMIN": 21}

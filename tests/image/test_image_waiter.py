@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from image_helpers import Containers, process_status, security_flags, volume_flags
+from image_helpers import Containers, security_flags, volume_flags
 
 from istio_pod_network_controller.install import injection
 from istio_pod_network_controller.install.injection import InjectOptions
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.waiter import exitcodes
+from proc_status import process_status
 
 pytestmark = pytest.mark.root
 ZERO_CAPS = "0000000000000000"

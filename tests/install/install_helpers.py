@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import copy
-import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from manifests_tool import render_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KUBE_INJECT = FIXTURES / "kube-inject-bookinfo.yaml"
 K8S_VERSION = "1.33"
 """A recent Kubernetes whose schemas kubernetes-validate ships (matchConditions, appArmorProfile are GA)."""
-
-
-@functools.cache
-def render_tool() -> Any:
-    """tools/render_manifests.py as a module (it is not in a package)."""
-    spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "tools" / "render_manifests.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["render_manifests"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def render(

@@ -11,7 +11,7 @@ route and forwarding stays off, so no packet can leave the pair.
 
 Listeners and clients come from `ipnc_lab.sim.traffic` (shared with the demo). The pod's DNS proxy is a
 fake istio-agent run as the proxy uid (as Istio's is): it answers on 127.0.0.1/::1:15053 after asking the
-peer's DNS server itself, so a test sees both legs (see DNS_AGENT_SRC).
+peer's DNS server itself with the lab's probe, so a test sees both legs (see DNS_AGENT_SRC).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ipnc_lab.sim.netns import NamedNetns, ip
 from ipnc_lab.sim.traffic import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,
+    PROBE_SRC,
     PYTHON,
     SOL_IPV6,
     Received,
@@ -53,8 +54,10 @@ PROXY_ID = 1337
 # --- topology ----------------------------------------------------------------------------------------------
 
 
-DNS_AGENT_SRC = r"""
-import json, selectors, socket, sys
+DNS_AGENT_SRC = (
+    PROBE_SRC
+    + r"""
+import selectors
 
 SO_ORIGINAL_DST = 80
 upstreams = json.loads(sys.argv[1])
@@ -63,26 +66,11 @@ def ask(family, proto, token):
     addr = upstreams.get(str(family))
     if addr is None:
         return "error:no upstream"
-    fam = socket.AF_INET if family == 4 else socket.AF_INET6
-    s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
-    s.settimeout(2.0)
     try:
-        s.connect((addr, 53))
-        s.sendall(token.encode() + b"\n")
-        data = b""
-        if proto == "tcp":
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        else:
-            data = s.recv(65535)
-        return json.loads(data).get("label", "error:no label")
-    except (OSError, ValueError) as exc:
+        got = probe({"dst": addr, "port": 53, "proto": proto, "token": token, "timeout": 2.0})
+    except ValueError as exc:
         return "error:" + type(exc).__name__
-    finally:
-        s.close()
+    return got["reply"].get("label", "error:no label") if got["ok"] else "error:" + got["error"]
 
 def answer(family, proto, token, orig, local):
     body = {"label": "dns-proxy:15053", "token": token, "orig": orig, "local": list(local[:2]),
@@ -131,6 +119,7 @@ while True:
         except (OSError, ValueError):
             continue
 """
+)
 """A fake istio-agent DNS proxy: run as the proxy uid, it asks the peer's DNS server (same family and
 protocol) itself, then answers the app with its own label and the label of who answered it (`upstream`)."""
 

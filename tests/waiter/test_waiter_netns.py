@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from waiter_helpers import StartWaiter, apply_rules, capabilities, write_annotations
+from waiter_helpers import StartWaiter, apply_rules, write_annotations
 
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.waiter import exitcodes
+from proc_status import process_status
 
 pytestmark = pytest.mark.root
 ZERO_CAPS = "0000000000000000"
@@ -19,7 +20,7 @@ FORGED = {ann.STATUS: ann.STATUS_INITIALIZED}
 
 
 def assert_unprivileged(pid: int) -> None:
-    status = capabilities(pid)
+    status = process_status(pid)
     assert status["Uid"].split() == ["1337"] * 4, status
     assert status["Gid"].split() == ["1337"] * 4, status
     assert status["Groups"] == "", status

@@ -100,13 +100,3 @@ def apply_rules(
     spec = build_spec(annotations or {}, defaults or {})
     with PinnedNetns.open_path(f"/run/netns/{ns}") as pinned:
         dp_apply(pinned, spec, backend)  # type: ignore[arg-type]
-
-
-def capabilities(pid: int) -> dict[str, str]:
-    """Uid, Gid, Groups and every Cap* line of /proc/<pid>/status."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.startswith("Cap") or key in {"Uid", "Gid", "Groups", "NoNewPrivs"}:
-            fields[key] = value.strip()
-    return fields

@@ -1,4 +1,5 @@
-"""core/v1 Events about pods, and the dedupe that keeps a crash-looping condition from flooding the API.
+"""core/v1 Events about pods (and the controller's own Node), and the dedupe that keeps a crash-looping
+condition from flooding the API.
 
 A Warning is emitted once per (pod UID, reason, message): repeating the identical warning says nothing new
 and every copy is an API write. Its name is derived from that triple, so after a controller restart the
@@ -62,28 +63,23 @@ def public_text(exc: BaseException) -> str:
     return public_message(exc)
 
 
-def build_event(pod: PodRef, event_type: str, reason: str, message: str, node: str) -> dict[str, Any]:
-    """A core/v1 Event whose involvedObject pins the pod by uid and resourceVersion."""
-    stamp = _now()
+def _suffix(event_type: str, identity: str) -> str:
+    """A Warning's name is a digest of what it says (a restart repeats it as AlreadyExists); others unique."""
     if event_type == WARNING:
-        suffix = hashlib.sha256(f"{pod.uid}|{reason}|{message}".encode()).hexdigest()[:16]
-    else:
-        suffix = f"{time.time_ns():x}{next(_seq) % 1000:03d}"
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return f"{time.time_ns():x}{next(_seq) % 1000:03d}"
+
+
+def _event(
+    involved: dict[str, str], name: str, namespace: str, event_type: str, reason: str, message: str, node: str
+) -> dict[str, Any]:
+    """The one core/v1 Event body, whatever object it is about; reported by this node's controller."""
+    stamp = _now()
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {
-            "name": f"{pod.name}.{suffix}",
-            "namespace": pod.namespace,
-        },
-        "involvedObject": {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "name": pod.name,
-            "namespace": pod.namespace,
-            "uid": pod.uid,
-            "resourceVersion": pod.resource_version,
-        },
+        "metadata": {"name": name, "namespace": namespace},
+        "involvedObject": involved,
         "reason": reason,
         "message": message[:1024],
         "type": event_type,
@@ -94,6 +90,28 @@ def build_event(pod: PodRef, event_type: str, reason: str, message: str, node: s
         "lastTimestamp": stamp,
         "count": 1,
     }
+
+
+def build_event(pod: PodRef, event_type: str, reason: str, message: str, node: str) -> dict[str, Any]:
+    """A core/v1 Event whose involvedObject pins the pod by uid and resourceVersion."""
+    involved = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": pod.name,
+        "namespace": pod.namespace,
+        "uid": pod.uid,
+        "resourceVersion": pod.resource_version,
+    }
+    name = f"{pod.name}.{_suffix(event_type, f'{pod.uid}|{reason}|{message}')}"
+    return _event(involved, name, pod.namespace, event_type, reason, message, node)
+
+
+def build_node_warning(node: str, reason: str, message: str) -> dict[str, Any]:
+    """A Warning about the controller's own Node, found by `kubectl describe node` (uid = name, as the
+    kubelet does); its name is a digest of node and message, so a restart repeats it as AlreadyExists."""
+    involved = {"apiVersion": "v1", "kind": "Node", "name": node, "uid": node}
+    name = f"{node}.{_suffix(WARNING, f'{node}|{message}')}"
+    return _event(involved, name, "default", WARNING, reason, message, node)
 
 
 class EventRecorder:

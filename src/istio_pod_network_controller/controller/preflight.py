@@ -7,8 +7,6 @@ names the fix in one line: it ends up in the log, in /readyz and in a Warning Ev
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..dataplane.apply import BackendChoice, host_backend
-from .events import COMPONENT, WARNING
+from .events import build_node_warning
 
 CAPABILITIES: Final = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_PTRACE": 19, "SYS_ADMIN": 21}
 """The capabilities the controller uses, with their bit numbers (linux/capability.h)."""
@@ -286,25 +284,5 @@ PREFLIGHT_FAILED: Final = "PreflightFailed"
 
 
 def node_event(node: str, message: str) -> dict[str, Any]:
-    """A core/v1 Warning about the Node, found by `kubectl describe node` (uid = name, as the kubelet does).
-
-    The name is derived from the message, so the same failure after a restart is refused as AlreadyExists
-    instead of stored twice.
-    """
-    digest = hashlib.sha256(f"{node}|{message}".encode()).hexdigest()[:16]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"name": f"{node}.{digest}", "namespace": "default"},
-        "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node, "uid": node},
-        "reason": PREFLIGHT_FAILED,
-        "message": message[:1024],
-        "type": WARNING,
-        "source": {"component": COMPONENT, "host": node},
-        "reportingComponent": COMPONENT,
-        "reportingInstance": node,
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "count": 1,
-    }
+    """The PreflightFailed Warning on the Node (`kubectl describe node` shows it)."""
+    return build_node_warning(node, PREFLIGHT_FAILED, message)

@@ -36,6 +36,17 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
     raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
 
 
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET a controller's status path on loopback: (HTTP status, body), or (0, error) when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
 class ControllerProcess:
     """One `run` subprocess for one node; its output goes to `log_path`."""
 
@@ -74,13 +85,7 @@ class ControllerProcess:
 
     def http(self, path: str) -> tuple[int, str]:
         """GET a status path: (HTTP status, body), or (0, error) when nothing answers."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
+        return http_get(self.port, path)
 
     def wait_ready(self, timeout: float = 20) -> None:
         """Until /readyz is 200 (initial sync done); fails early with the log if the process exited."""

@@ -33,8 +33,9 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
-# One probe implementation for both the in-process client and the uid/gid subprocess client.
-CLIENT_SRC = r"""
+# One probe implementation for the in-process client, the uid/gid subprocess client and any relaying
+# script (a test's fake DNS agent) that asks a listener itself: `probe(args)` -> {"ok", "reply"|"error", ...}.
+PROBE_SRC = r"""
 import errno, json, socket, sys
 
 def probe(a):
@@ -65,10 +66,14 @@ def probe(a):
         return {"ok": False, "error": errno.errorcode.get(exc.errno or 0, str(exc))}
     finally:
         s.close()
-
+"""
+CLIENT_SRC = (
+    PROBE_SRC
+    + r"""
 if __name__ == "__main__":
     print(json.dumps(probe(json.loads(sys.argv[1]))))
 """
+)
 _CLIENT_NS: dict[str, Any] = {"__name__": "traffic_client"}
 exec(compile(CLIENT_SRC, "<traffic client>", "exec"), _CLIENT_NS)  # noqa: S102 - our own constant source
 _probe: Callable[[dict[str, Any]], dict[str, Any]] = _CLIENT_NS["probe"]
