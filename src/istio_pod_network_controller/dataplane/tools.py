@@ -112,7 +112,7 @@ def _spawn(argv: list[str], stdin: str | None) -> subprocess.CompletedProcess[st
     )
 
 
-class _ConfinementFailed(Exception):
+class _ConfinementFailed(DataplaneError):
     """The Landlock hook refused in the confined thread (internal: becomes a ToolError)."""
 
 
