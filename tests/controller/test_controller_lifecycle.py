@@ -32,6 +32,16 @@ def start(cluster: SimCluster, node: SimNode, *extra: str) -> ControllerProcess:
     return cluster.start_controller(node, [*NO_REPAIR, *extra])
 
 
+def start_initialized(
+    cluster: SimCluster, node: SimNode, pods: list[SimPod], timeout: float = 15
+) -> ControllerProcess:
+    """A ready controller (repair pass off) that has initialized `pods`."""
+    ctl = start(cluster, node)
+    ctl.wait_ready()
+    cluster.wait_initialized(pods, timeout, ctl.log)
+    return ctl
+
+
 def held_netns(ctl: ControllerProcess) -> set[int]:
     """Inodes of the network namespaces the controller process holds open."""
     inodes = set()
@@ -63,9 +73,7 @@ def test_recreated_sandbox_is_captured_from_the_update_and_counted(order: str) -
     with SimCluster() as cluster:
         node = cluster.add_node("ipncs")
         pod = cluster.add_pod(node, "web")
-        ctl = start(cluster, node)
-        ctl.wait_ready()
-        cluster.wait_initialized([pod], 15, ctl.log)
+        ctl = start_initialized(cluster, node, [pod])
         old = sandbox_ino(pod)
         wait_for(lambda: old in held_netns(ctl), 10, "the sandbox pinned")
 
@@ -94,9 +102,7 @@ def test_container_restart_keeps_the_sandbox_and_its_rules() -> None:
     with SimCluster() as cluster:
         node = cluster.add_node("ipncc")
         pod = cluster.add_pod(node, "web")
-        ctl = start(cluster, node)
-        ctl.wait_ready()
-        cluster.wait_initialized([pod], 15, ctl.log)
+        ctl = start_initialized(cluster, node, [pod])
         sandbox = sandbox_ino(pod)
         wait_for(lambda: cluster.reasons(pod) == ["Initialized"], 10, "Initialized event")
         verifies = ctl.metric("istio_pod_network_controller_stage_seconds_count", 'stage="verify"')
@@ -123,9 +129,7 @@ def test_node_reboot_with_the_controller_down_recaptures_every_mesh_pod_once() -
         node = cluster.add_node("ipncb")
         mesh = [cluster.add_pod(node, f"mesh-{i}") for i in range(6)]
         plain = cluster.add_pod(node, "plain", mesh=False)
-        ctl = start(cluster, node)
-        ctl.wait_ready()
-        cluster.wait_initialized(mesh, 20, ctl.log)
+        ctl = start_initialized(cluster, node, mesh, 20)
         assert ctl.terminate() == 0
 
         old_ips = {p.name: p.ip for p in mesh}
@@ -151,9 +155,7 @@ def test_pod_recreated_under_the_same_name_is_a_new_pod() -> None:
     with SimCluster() as cluster:
         node = cluster.add_node("ipncn")
         first = cluster.add_pod(node, "web")
-        ctl = start(cluster, node)
-        ctl.wait_ready()
-        cluster.wait_initialized([first], 15, ctl.log)
+        ctl = start_initialized(cluster, node, [first])
         old_uid, old_ino = first.uid, sandbox_ino(first)
         wait_for(lambda: old_ino in held_netns(ctl), 10, "first pod pinned")
 
@@ -247,9 +249,7 @@ def test_a_finished_pod_lets_go_of_its_sandbox() -> None:
     with SimCluster() as cluster:
         node = cluster.add_node("ipncf")
         pod = cluster.add_pod(node, "job")
-        ctl = start(cluster, node)
-        ctl.wait_ready()
-        cluster.wait_initialized([pod], 15, ctl.log)
+        ctl = start_initialized(cluster, node, [pod])
         sandbox = sandbox_ino(pod)
         wait_for(lambda: sandbox in held_netns(ctl), 10, "the sandbox pinned")
         wait_for(lambda: cluster.reasons(pod) == ["Initialized"], 10, "Initialized event")
