@@ -40,6 +40,8 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}")
 _CIDR_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?")
 _BLANKS: Final = " \t\r\n"
 _DIGITS = re.compile(r"[0-9]{1,10}")
+MAX_OWNER_GROUPS_INCLUDE: Final = 64
+"""Istio's limit on listed owner groups (each is one `! --gid-owner` match in a single iptables rule)."""
 
 
 class InterceptionMode(StrEnum):
@@ -80,6 +82,11 @@ class InterceptSpec:
     capture_dns: bool = False
     capture_all_dns: bool = False
     ipv6: IPv6Policy = IPv6Policy.AUTO
+    drop_invalid: bool = False
+    outbound_owner_groups: Wildcard | tuple[int, ...] = WILDCARD
+    """Groups whose outbound traffic is captured ("*": every group), Istio's ISTIO_OUTBOUND_OWNER_GROUPS."""
+    outbound_owner_groups_exclude: tuple[int, ...] = ()
+    """With `*` only (as in Istio): groups whose outbound traffic is never captured."""
     dns_servers: tuple[IPAddress, ...] | None = None
     """The pod's resolv.conf nameservers, found at apply time (not a setting); None: not known (yet)."""
 
@@ -188,6 +195,33 @@ def parse_id(raw: str, source: str) -> int:
     return int(text)
 
 
+def _gid(item: str, source: str, raw: str) -> int:
+    if not _DIGITS.fullmatch(item) or int(item) > 2**32 - 2:
+        raise SpecError(
+            source,
+            raw,
+            f"group {shown(item)} is not a numeric gid from 0 to 4294967294 (a group name cannot be "
+            "resolved from outside the pod)",
+        )
+    return int(item)
+
+
+def parse_groups(raw: str, source: str) -> tuple[int, ...]:
+    """Numeric gids only: Istio also takes names, but they resolve in whichever /etc/group the tool reads
+    (the proxy image's, or the node's in CNI mode), never reliably the app's; refusing is failing closed."""
+    return tuple(dict.fromkeys(_gid(item, source, raw) for item in _items(raw, source)))
+
+
+def parse_groups_or_wildcard(raw: str, source: str) -> Wildcard | tuple[int, ...]:
+    """`*` or a list of at most 64 gids (Istio's limit); empty is `*`, as Istio reads an empty variable."""
+    if _checked_length(raw, source) in {WILDCARD, ""}:
+        return WILDCARD
+    groups = parse_groups(raw, source)
+    if len(groups) > MAX_OWNER_GROUPS_INCLUDE:
+        raise SpecError(source, raw, f"more than {MAX_OWNER_GROUPS_INCLUDE} groups (Istio's limit)")
+    return groups
+
+
 def _cidr(item: str, source: str, raw: str) -> IPNetwork:
     """One CIDR in its canonical typed form: no IPv6 scope (`%...`), no netmask notation, host bits zero."""
     if "%" in item:
@@ -292,6 +326,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("capture_all_dns", ("capture_all_dns",), (), parse_bool,
             "DNS capture to every server, not only resolv.conf's (Istio --capture-all-dns)"),
     Setting("ipv6", ("ipv6",), (ann.IPV6,), parse_ipv6, "auto | capture | block"),
+    Setting("drop_invalid", ("drop_invalid",), (), parse_bool,
+            "drop inbound packets conntrack finds INVALID (Istio --drop-invalid / INVALID_DROP)"),
+    Setting("outbound_owner_groups", ("outbound_owner_groups",), (), parse_groups_or_wildcard,
+            "gids whose outbound traffic is captured: * | list (Istio ISTIO_OUTBOUND_OWNER_GROUPS)"),
+    Setting("outbound_owner_groups_exclude", ("outbound_owner_groups_exclude",), (), parse_groups,
+            "gids whose outbound traffic is never captured, with * (ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)"),
 )  # fmt: skip
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
 SPEC_ANNOTATIONS: Final = frozenset(key for s in SETTINGS for key in s.annotations)
