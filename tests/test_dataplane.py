@@ -16,7 +16,11 @@ from istio_pod_network_controller.settings.spec import build_spec
 
 pytestmark = pytest.mark.root
 BACKENDS = ["legacy", "nft", "nftables"]
-FULL = build_spec({ann.INTERCEPTION_MODE: "TPROXY", ann.CAPTURE_DNS: "true", ann.IPV6: "capture"})
+FULL = build_spec(
+    {ann.INTERCEPTION_MODE: "TPROXY", ann.CAPTURE_DNS: "true", ann.IPV6: "capture"},
+    {"drop_invalid": "true", "outbound_owner_groups_exclude": "888"},
+)
+"""Every table of ours in both families: TPROXY's mangle shares its PREROUTING with ISTIO_DROP's jump."""
 DEFAULT = build_spec({ann.IPV6: "block"})
 
 
