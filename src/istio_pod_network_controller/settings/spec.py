@@ -40,8 +40,10 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}")
 _CIDR_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?")
 _BLANKS: Final = " \t\r\n"
 _DIGITS = re.compile(r"[0-9]{1,10}")
-MAX_OWNER_GROUPS_INCLUDE: Final = 64
-"""Istio's limit on listed owner groups (each is one `! --gid-owner` match in a single iptables rule)."""
+MAX_OWNER_GROUPS_INCLUDE: Final = 49
+"""Listed owner groups are one rule of `-m owner ! --gid-owner G` matches, five words each; iptables-restore
+parses at most 254 words a rule, so 49 is the most that loads (Istio checks 64, but its own iptables-restore
+refuses more than 49 the same way)."""
 
 
 class InterceptionMode(StrEnum):
@@ -213,12 +215,15 @@ def parse_groups(raw: str, source: str) -> tuple[int, ...]:
 
 
 def parse_groups_or_wildcard(raw: str, source: str) -> Wildcard | tuple[int, ...]:
-    """`*` or a list of at most 64 gids (Istio's limit); empty is `*`, as Istio reads an empty variable."""
+    """`*` or a list of at most 49 gids (what one iptables rule holds); empty is `*`, as Istio reads an empty
+    variable."""
     if _checked_length(raw, source) in {WILDCARD, ""}:
         return WILDCARD
     groups = parse_groups(raw, source)
     if len(groups) > MAX_OWNER_GROUPS_INCLUDE:
-        raise SpecError(source, raw, f"more than {MAX_OWNER_GROUPS_INCLUDE} groups (Istio's limit)")
+        raise SpecError(
+            source, raw, f"more than {MAX_OWNER_GROUPS_INCLUDE} groups: one iptables rule cannot match more"
+        )
     return groups
 
 
