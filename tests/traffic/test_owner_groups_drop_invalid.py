@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 from traffic_harness import APP_UID, PROXY_ID, Capture, Reply, Topology
 
+from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.spec import InterceptSpec, build_spec
 
 pytestmark = pytest.mark.root
@@ -75,6 +76,20 @@ def test_excluded_group_is_not_captured_and_another_is(topo: Topology, capture: 
         assert captured.orig == (topo.peer_ip(family), 9090)
     drift = capture.verify(spec({"outbound_owner_groups_exclude": str(OTHER_GID)}))
     assert drift.in_place, drift.report
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_owner_groups_apply_to_dns_capture(topo: Topology, capture: Capture, proto: str) -> None:
+    """Istio puts the owner-group RETURN before the jump to ISTIO_OUTPUT_DNS: an uncaptured group's DNS
+    reaches the nameserver itself (its answer too, though raw's zones split query and answer), a captured
+    group's goes to the DNS proxy."""
+    nameserver = ipaddress.ip_address(topo.peer4)
+    dns = build_spec({ann.CAPTURE_DNS: "true"}, {"outbound_owner_groups_exclude": str(OTHER_GID)})
+    capture.apply(dns.with_ipv6(True).with_dns_servers((nameserver,)))
+    direct = topo.connect(topo.pod, topo.peer4, 53, proto, uid=APP_UID, gid=OTHER_GID)
+    lands(direct, "peer-dns:53" if proto == "udp" else "peer-dns-tcp:53")
+    assert direct.local == (topo.peer4, 53)
+    lands(topo.connect(topo.pod, topo.peer4, 53, proto, uid=APP_UID, gid=APP_UID), "dns-proxy:15053")
 
 
 # --- drop-invalid ------------------------------------------------------------------------------------------
