@@ -284,15 +284,20 @@ def test_auto_ipv6_must_be_resolved_first() -> None:
         plan.build(build_spec({}))
 
 
-def test_ipv6_block_rejects_new_inbound_except_loopback() -> None:
+def test_ipv6_block_rejects_new_connections_both_ways_except_loopback() -> None:
     v6 = plan.build(build_spec({}).with_ipv6(False)).family(6)
     assert v6 is not None
     assert iptables.render(v6) == (
-        "*filter\n:ISTIO_BLOCK_INBOUND - [0:0]\n-A INPUT -j ISTIO_BLOCK_INBOUND\n"
+        "*filter\n:ISTIO_BLOCK_INBOUND - [0:0]\n:ISTIO_BLOCK_OUTBOUND - [0:0]\n"
+        "-A INPUT -j ISTIO_BLOCK_INBOUND\n-A OUTPUT -j ISTIO_BLOCK_OUTBOUND\n"
         "-A ISTIO_BLOCK_INBOUND -i lo -j RETURN\n"
         "-A ISTIO_BLOCK_INBOUND -p tcp -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset\n"
         "-A ISTIO_BLOCK_INBOUND -p udp -m conntrack --ctstate NEW "
         "-j REJECT --reject-with icmp6-port-unreachable\n"
+        "-A ISTIO_BLOCK_OUTBOUND -o lo -j RETURN\n"
+        "-A ISTIO_BLOCK_OUTBOUND -p tcp -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset\n"
+        "-A ISTIO_BLOCK_OUTBOUND -p udp -m conntrack --ctstate NEW "
+        "-j REJECT --reject-with icmp6-adm-prohibited\n"
         "COMMIT\n"
     )
 

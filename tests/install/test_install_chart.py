@@ -47,6 +47,7 @@ VALUE_SETS: dict[str, dict] = {
             "logFormat": "text",
             "metricsPort": 9200,
             "appArmorProfile": {"type": "RuntimeDefault"},
+            "ignorePodOverrides": True,
         },
         "interception": {
             "mode": "TPROXY",
@@ -252,6 +253,7 @@ def test_modern_values_map_to_controller_flags_and_release_namespace() -> None:
         "--exclude-outbound-ports=5432",
         "--capture-dns=true",
         "--ipv6=block",
+        "--ignore-pod-overrides",
     ):
         assert flag in args
     assert {o["metadata"]["namespace"] for o in objects if "namespace" in o["metadata"]} == {"mesh-system"}

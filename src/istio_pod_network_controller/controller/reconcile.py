@@ -182,12 +182,20 @@ class Reconciler:
 
     # -- the pass ------------------------------------------------------------------------------------------
 
+    def ignored_overrides(self, view: PodView) -> tuple[str, ...]:
+        """The pod's gateable overrides this controller was told to ignore (--ignore-pod-overrides)."""
+        if not self.config.ignore_pod_overrides:
+            return ()
+        return tuple(key for key in ann.GATEABLE_OVERRIDES if key in view.annotations)
+
     def plan(self, view: PodView, state: PodState, flags: frozenset[str]) -> Action:
         """The pure decision, fed from the cache and this process's memory of the pod."""
         verdict = self.select(view.raw)
+        ignored = self.ignored_overrides(view)
+        annotations = {k: v for k, v in view.annotations.items() if k not in ignored}
         spec: InterceptSpec | SpecError
         try:
-            spec = build_spec(view.annotations, self.config.spec_defaults)
+            spec = build_spec(annotations, self.config.spec_defaults)
         except SpecError as exc:
             spec = exc
         wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
@@ -208,6 +216,14 @@ class Reconciler:
         view = PodView.of(pod)
         plog = PodLogger(log, view, self.recorder)
         action = self.plan(view, state, flags)
+        ignored = self.ignored_overrides(view)
+        if ignored and not isinstance(action, Skip | Warn):
+            # Only our own key names reach the Event, never the pod's values.
+            plog.warn_event(
+                ev.OVERRIDE_IGNORED,
+                f"annotations {', '.join(ignored)} ignored (controller flag --ignore-pod-overrides); "
+                "the controller-wide proxy identity and IPv6 policy apply",
+            )
         state.busy = True
         try:
             return await self.execute(view, state, action, plog)

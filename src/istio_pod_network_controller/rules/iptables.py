@@ -103,6 +103,9 @@ def _target(target: Target, family: Family) -> list[str]:
             return ["-j", "CT", "--zone", str(zone)]
         case Reject("tcp-reset"):
             return ["-j", "REJECT", "--reject-with", "tcp-reset"]
+        case Reject("admin-prohibited"):
+            kind = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
+            return ["-j", "REJECT", "--reject-with", kind]
         case Reject(_):
             kind = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
             return ["-j", "REJECT", "--reject-with", kind]
