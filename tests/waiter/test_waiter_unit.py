@@ -63,7 +63,11 @@ PROXY = 1337
 def test_loopback_probe_applies(pod: dict[str, str], global_v6: bool, families: tuple[int, ...]) -> None:
     plan = plan_probe(build_spec(pod), PROXY, PROXY, global_v6)
     assert plan.families == families
+    assert plan.proves_ipv6_block == (6 not in families)  # not captured means blocked, and proven so
     for target in plan.targets:
+        if target.path is ProbePath.BLOCKED:
+            assert (target.family, target.port) == (6, 15002)
+            continue
         assert target.path is ProbePath.LOOPBACK
         assert (target.listen_port, target.other_port, target.port) == (15006, 15001, 15002)
         assert (target.source, target.address) == (LOOPBACK[target.family], PASSTHROUGH[target.family])
@@ -230,6 +234,10 @@ class FakeProbe:
         self.closed = True
 
 
+BLOCK = 0
+"""make_waiter's key of the IPv6-block probe (absent: one that proves the block at once)."""
+
+
 def make_waiter(
     tmp_path: Path,
     annotations: dict[str, str] | None,
@@ -239,6 +247,7 @@ def make_waiter(
     egid: int = PROXY,
     **config: object,
 ) -> tuple[Waiter, FakeClock, io.StringIO]:
+    probes = {BLOCK: FakeProbe("IPv6 block", 1), **probes}
     path = tmp_path / "pod_annotations"
     if annotations is not None:
         path.write_text("".join(f'{k}="{v}"\n' for k, v in annotations.items()))
@@ -252,7 +261,7 @@ def make_waiter(
         euid=euid,
         egid=egid,
         global_ipv6=lambda: False,
-        make_probe=lambda target, _plan: probes[target.family],
+        make_probe=lambda target, _plan: probes[BLOCK if target.path is ProbePath.BLOCKED else target.family],
         environ={"HOSTNAME": "app-0", "POD_NAMESPACE": "shop"},
     )
     return waiter, clock, err
@@ -274,7 +283,8 @@ def test_timeout_message(tmp_path: Path) -> None:
     assert waiter.run() == exitcodes.TIMEOUT
     assert clock.now - 100.0 == pytest.approx(30.0)
     text = err.getvalue()
-    assert f"last probe ({probe.attempts} attempts): IPv4: refused #{probe.attempts}" in text
+    assert f"last probe ({waiter.attempts} attempts): IPv4: refused #{probe.attempts}" in text
+    assert waiter.attempts == probe.attempts + 1  # and the IPv6 block, proven at once
     assert f"kubectl get pods --all-namespaces -l {CONTROLLER_SELECTOR} -o wide" in text
     assert "kubectl -n shop describe pod app-0" in text
     assert "is missing" in text
@@ -365,6 +375,18 @@ def test_both_families_must_be_proven(tmp_path: Path) -> None:
     waiter, _, _ = make_waiter(tmp_path, {ann.IPV6: "capture"}, {4: v4, 6: v6})
     assert waiter.run() == exitcodes.CAPTURED
     assert (v4.attempts, v6.attempts) == (1, 5)
+
+
+def test_an_open_ipv6_side_keeps_the_pod_closed(tmp_path: Path) -> None:
+    """IPv4 captured, IPv6 not yet refused (the block rule missing): no exit 0 until it is."""
+    v4, block = FakeProbe("IPv4", 1), FakeProbe("IPv6 block", 4)
+    waiter, _, err = make_waiter(tmp_path, {}, {4: v4, BLOCK: block})
+    assert waiter.run() == exitcodes.CAPTURED
+    assert (v4.attempts, block.attempts) == (1, 4)
+    never = FakeProbe("IPv6 block", None)
+    waiter, _, err = make_waiter(tmp_path, {}, {4: FakeProbe("IPv4", 1), BLOCK: never}, timeout=2.0)
+    assert waiter.run() == exitcodes.TIMEOUT
+    assert "IPv6 block" in err.getvalue()
 
 
 def test_plan_type() -> None:

@@ -27,8 +27,9 @@ from ..settings.addresses import has_global_ipv6
 from ..settings.downward import MAX_FILE_BYTES, parse_annotations
 from ..settings.spec import InterceptSpec, build_spec
 from . import exitcodes
+from .blockprobe import BlockedProbe
 from .probe import FamilyProbe, Outcome
-from .probeplan import ProbePlan, ProbeTarget, plan_probe
+from .probeplan import Path, ProbePlan, ProbeTarget, plan_probe
 
 DEFAULT_FILE = "/etc/podinfo/pod_annotations"
 MIN_INTERVAL = 0.010
@@ -378,6 +379,8 @@ class Waiter:
 
 
 def _family_probe(target: ProbeTarget, plan: ProbePlan) -> Probe:
+    if target.path is Path.BLOCKED:
+        return BlockedProbe(target)
     return FamilyProbe(target, tproxy=plan.tproxy)
 
 
