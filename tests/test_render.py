@@ -340,6 +340,20 @@ def test_apply_transaction_replaces_ours_and_never_names_foreign_rules() -> None
     assert "*filter" not in lines
 
 
+def test_jumps_named_with_bytes_we_never_write_are_deleted_by_position() -> None:
+    """A pod's interface named with bytes that are not UTF-8 (decoded as U+FFFD) in a jump into our chain:
+    deleted by its position in the same save, last first; a foreign chain we cannot name is left alone."""
+    live = iptables.parse_save(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n:weird\ufffd - [0:0]\n"
+        "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -o p\ufffd\ufffd -j RETURN\n"
+        "-A OUTPUT -o e\ufffd -j ISTIO_OUTPUT\n"
+        "-A weird\ufffd -j ISTIO_OUTPUT\nCOMMIT\n"
+    )
+    lines = iptables.clean_transaction(live).splitlines()
+    assert [line for line in lines if line.startswith("-D")] == ["-D OUTPUT 3", "-D OUTPUT 1"]
+    assert not any("\ufffd" in line for line in lines)
+
+
 def test_clean_transaction_only_touches_ours() -> None:
     text = iptables.clean_transaction(iptables.parse_save(LIVE_SAVE))
     assert text.splitlines() == [

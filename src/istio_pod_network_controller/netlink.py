@@ -101,10 +101,17 @@ def local_default_route_families(table: int) -> set[int]:
 
 
 def nft_tables() -> list[tuple[str, str]]:
-    """(family, name) of every nftables table, iptables-nft's included, of the current thread's namespace."""
+    """(family, name) of every nftables table, iptables-nft's included, of the current thread's namespace.
+
+    Names are hostile input (an app with NET_ADMIN names its tables with any bytes): decoded with
+    surrogateescape, a name that is not UTF-8 stays distinct and never equals one of ours.
+    """
     header = struct.pack("BBH", socket.AF_UNSPEC, 0, 0)
     return [
-        (_NFPROTO.get(fixed[0], str(fixed[0])), attrs[NFTA_TABLE_NAME].rstrip(b"\0").decode())
+        (
+            _NFPROTO.get(fixed[0], str(fixed[0])),
+            attrs[NFTA_TABLE_NAME].rstrip(b"\0").decode(errors="surrogateescape"),
+        )
         for fixed, attrs in _dump(NETLINK_NETFILTER, NFT_MSG_GETTABLE, header)
         if NFTA_TABLE_NAME in attrs
     ]

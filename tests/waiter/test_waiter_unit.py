@@ -20,6 +20,7 @@ from istio_pod_network_controller.settings.addresses import (
     PASSTHROUGH,
     has_global_ipv6,
     has_passthrough_v6,
+    read_if_inet6,
 )
 from istio_pod_network_controller.settings.spec import build_spec
 from istio_pod_network_controller.waiter import exitcodes
@@ -151,6 +152,14 @@ def test_if_inet6_parsing() -> None:
     rows.append(["20010db8000100000000000000000002", "02", "40", "00", "80", "a0"])
     assert has_global_ipv6(rows)
     assert not has_passthrough_v6(rows[:1])
+
+
+def test_if_inet6_with_an_interface_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """Interface names are the pod's to choose: any bytes, never an exception."""
+    path = tmp_path / "if_inet6"
+    path.write_bytes(b"20010db8000100000000000000000002 03 40 00 80 e\xff\xfe\n")
+    rows = read_if_inet6(str(path))
+    assert has_global_ipv6(rows) and rows[0][5] == "e\udcff\udcfe"
 
 
 # --- timing ------------------------------------------------------------------------------------------------
