@@ -26,6 +26,7 @@ from ..dataplane.apply import ApplyResult, Drift
 from ..dataplane.discovery import PodNetnsNotFound, ProcIndex
 from ..dataplane.netns import NetnsId, PinnedNetns
 from ..errors import DataplaneError, SpecError
+from ..rules.foreign import Bypass
 from ..settings import annotations as ann
 from ..settings.spec import InterceptSpec, build_spec
 from . import events as ev
@@ -277,7 +278,9 @@ class Reconciler:
             )
         except PodNetnsNotFound as exc:
             return self._not_yet(state, plog, "netns_not_found", ev.NETNS_NOT_FOUND, exc)
-        except (DataplaneError, OSError) as exc:
+        except (DataplaneError, OSError, ValueError) as exc:
+            # ValueError: kernel state we could not parse (a pod's tables and links are its own to name)
+            # is this pod's failure, retried and reported once, never a traceback of the controller.
             plog.warning("applying capture rules failed: %s", exc)
             return self._not_yet(state, plog, "apply_error", ev.APPLY_FAILED, exc)
         for stage, seconds in outcome.timings.items():
@@ -286,6 +289,8 @@ class Reconciler:
             state.drop_pin()
             state.pin = outcome.pin
         self._report_foreign(state, outcome.others, plog)
+        if outcome.drift is not None and outcome.drift.bypasses:
+            self._report_bypasses(outcome.drift.bypasses, plog)
         if outcome.result is None:
             self._settle(state, view, action.digest if isinstance(action, Verify) else "")
             return DONE
@@ -320,7 +325,7 @@ class Reconciler:
                         target, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids
                     )
                     timings["verify"] = time.perf_counter() - started
-                    if drift.in_place:
+                    if drift.ours_in_place:  # re-applying cannot outrun a foreign rule that runs first
                         return JobOutcome(target, drift, None, strays, timings)
                 started = time.perf_counter()
                 result = dataplane.apply(target, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids)
@@ -359,6 +364,17 @@ class Reconciler:
             "processes of this pod run in a network namespace of their own, outside the pod's sandbox; "
             "capture rules are kept in the sandbox's namespace only",
             detail=f"sandbox {state.pin.id if state.pin else '?'}, others {', '.join(map(str, others))}",
+        )
+
+    def _report_bypasses(self, found: tuple[Bypass, ...], plog: PodLogger) -> None:
+        """Foreign rules that run before ours: one Warning per distinct finding set, counted every pass."""
+        self.metrics.bypasses.inc(len(found))
+        public = sorted({b.public for b in found})
+        plog.warn_event(
+            ev.CAPTURE_BYPASSED,
+            f"foreign rules outside the capture chains run first and can keep this pod's traffic from them "
+            f"(the capture rules themselves are in place): {'; '.join(public)}",
+            detail="; ".join(str(b) for b in found),
         )
 
     def _not_yet(
