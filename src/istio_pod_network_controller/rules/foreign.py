@@ -96,17 +96,18 @@ def in_nft(
     found: list[Bypass] = []
     for key in sorted(set(by_key) | set(rules)):
         family, table, name = key
-        if (family, table) == ("inet", own_table) or (family in {"ip", "ip6"} and table in COMPAT_TABLES):
+        if family not in _FAMILIES or (family, table) == ("inet", own_table):
+            continue  # bridge, netdev, arp chains never see the pod's IP hooks
+        if family in {"ip", "ip6"} and table in COMPAT_TABLES:
             continue
         names = f"table {escaped(table, 40)} chain {escaped(name, 40)}"
         body = rules.get(key, [])
-        kind = family if family in _FAMILIES else "other-family"
         if any("notrack" in expressions for expressions in body):
-            found.append(Bypass(f"nft {kind} chain", NOTRACK, names))
+            found.append(Bypass(f"nft {family} chain", NOTRACK, names))
         chain = by_key.get(key)
-        if chain is None or chain.type != "nat" or chain.hook not in _HOOKS or family not in _FAMILIES:
+        if chain is None or chain.type != "nat" or chain.hook not in _HOOKS:
             continue
         if chain.priority is not None and chain.priority <= NAT_PRIORITY and body:
-            where = f"nft {kind} nat chain at {chain.hook} priority {chain.priority}"
+            where = f"nft {family} nat chain at {chain.hook} priority {chain.priority}"
             found.append(Bypass(where, NAT_FIRST, names))
     return found
