@@ -47,6 +47,10 @@ def test_raw_notrack_anywhere_and_nat_in_a_system_without_ours() -> None:
     assert found[1].names.startswith("mine") and not found[0].names
     # our own CT --zone rule is not a finding; a nat rule where ours live is drift's business
     held = foreign.in_iptables_save(tables, "iptables-legacy", 4, holds_ours=True)
+    quiet = iptables.parse_save(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p udp --dport 9999 -j RETURN\nCOMMIT\n"
+    )
+    assert foreign.in_iptables_save(quiet, "iptables-nft", 6, holds_ours=False) == []  # binds no NAT
     where = [b.where for b in held]
     assert where == ["iptables-legacy IPv4 raw PREROUTING", "iptables-legacy IPv4 raw chain of its own"]
 
@@ -57,6 +61,7 @@ def test_nft_nat_chains_that_run_no_later_than_ours_and_notrack() -> None:
         Chain("ip", "tenant", "same", "prerouting", -100, "nat"),
         Chain("ip", "tenant", "later", "output", -99, "nat"),
         Chain("ip", "tenant", "empty", "output", -200, "nat"),
+        Chain("inet", "quiet", "out", "output", -100, "nat"),
         Chain("inet", "tenant", "raw", "output", -300),
         Chain("inet", nftables.TABLE, "nat_output", "output", -100, "nat"),
         Chain("ip", "nat", "OUTPUT", "output", -100, "nat"),
@@ -68,6 +73,7 @@ def test_nft_nat_chains_that_run_no_later_than_ours_and_notrack() -> None:
         ("ip", "tenant", "same"): rule,
         ("ip", "tenant", "later"): rule,
         ("inet", "tenant", "raw"): [frozenset({"meta", "cmp"}), frozenset({"notrack"})],
+        ("inet", "quiet", "out"): [frozenset({"payload", "cmp", "immediate"})],  # returns, never NATs
         ("inet", nftables.TABLE, "nat_output"): [frozenset({"notrack", "nat"})],
         ("ip", "nat", "OUTPUT"): rule,
         ("bridge", "tenant", "br"): [frozenset({"notrack"})],

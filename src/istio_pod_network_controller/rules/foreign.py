@@ -29,6 +29,9 @@ COMPAT_TABLES: Final = frozenset({"raw", "mangle", "nat", "filter", "security"})
 _HOOKS: Final = frozenset({"prerouting", "output"})
 _FAMILIES: Final = frozenset({"ip", "ip6", "inet"})
 _NOTRACK_WORDS: Final = frozenset({"--notrack", "NOTRACK"})
+_NAT_TARGETS: Final = frozenset({"DNAT", "REDIRECT", "SNAT", "MASQUERADE", "NETMAP", "TPROXY"})
+_NAT_EXPRESSIONS: Final = frozenset({"nat", "masq", "redir", "tproxy"})
+"""What binds a connection's NAT (a nat chain whose rules only accept or return lets the next one run)."""
 
 
 class NftChain(Protocol):
@@ -67,8 +70,9 @@ class Bypass:
 def in_iptables_save(
     tables: Mapping[str, SavedTable], system: str, family: Family, *, holds_ours: bool
 ) -> list[Bypass]:
-    """Findings in one iptables save: any raw-table notrack; a nat rule at PREROUTING/OUTPUT when this
-    rule system does not hold ours (a foreign rule before our jump in ours is drift already)."""
+    """Findings in one iptables save: any raw-table notrack; rules at nat PREROUTING/OUTPUT, in a nat table
+    where some rule binds NAT, when this rule system does not hold ours (a foreign rule before our jump in
+    ours is drift already)."""
     found: list[Bypass] = []
     for chain, rules in tables.get("raw", SavedTable()).chains.items():
         if chain in OUR_CHAINS:
@@ -78,8 +82,12 @@ def in_iptables_save(
             if _NOTRACK_WORDS & set(text.split()):
                 where = f"{system} IPv{family} raw {chain if builtin else 'chain of its own'}"
                 found.append(Bypass(where, NOTRACK, "" if builtin else escaped(chain, 40)))
-    if not holds_ours:
-        nat = tables.get("nat", SavedTable())
+    nat = tables.get("nat", SavedTable())
+    nats = any(
+        _NAT_TARGETS & set(text.split()) for name, rules in nat.chains.items() if name not in OUR_CHAINS
+        for text in rules
+    )  # fmt: skip
+    if not holds_ours and nats:
         for chain in ("PREROUTING", "OUTPUT"):
             if nat.chains.get(chain):
                 found.append(Bypass(f"{system} IPv{family} nat {chain}", NAT_ELSEWHERE))
@@ -90,9 +98,11 @@ def in_nft(
     chains: Iterable[NftChain], rules: Mapping[tuple[str, str, str], list[frozenset[str]]], own_table: str
 ) -> list[Bypass]:
     """Findings among native nft chains (netlink.nft_chains / nft_rule_expressions): `notrack` in any
-    foreign chain; a foreign nat base chain with rules at prerouting/output that runs no later than ours.
-    Our table and iptables-nft's (read with its save tool) are skipped."""
+    foreign chain; a foreign nat base chain with rules at prerouting/output that runs no later than ours, in
+    a table where some rule binds NAT (its own, or a chain it jumps to). Our table and iptables-nft's (read
+    with its save tool) are skipped."""
     by_key = {(c.family, c.table, c.name): c for c in chains}
+    nats = {(f, t) for (f, t, _), body in rules.items() if any(_NAT_EXPRESSIONS & e for e in body)}
     found: list[Bypass] = []
     for key in sorted(set(by_key) | set(rules)):
         family, table, name = key
@@ -107,7 +117,7 @@ def in_nft(
         chain = by_key.get(key)
         if chain is None or chain.type != "nat" or chain.hook not in _HOOKS:
             continue
-        if chain.priority is not None and chain.priority <= NAT_PRIORITY and body:
+        if chain.priority is not None and chain.priority <= NAT_PRIORITY and body and (family, table) in nats:
             where = f"nft {family} nat chain at {chain.hook} priority {chain.priority}"
             found.append(Bypass(where, NAT_FIRST, names))
     return found
