@@ -30,18 +30,17 @@ def find(backend: BackendName, runner: Runner = run) -> list[Bypass]:
     """Every recognised bypass in the calling thread's namespace; `backend` holds our rules."""
     found: list[Bypass] = []
     tables = nft_tables()
-    compat = {f: any(fam == ("ip" if f == 4 else "ip6") for fam, _ in tables) for f in FAMILIES}
     for family in FAMILIES:
         prefix = "ip" if family == 4 else "ip6"
-        legacy = _legacy_tables(family)
-        if "raw" in legacy or ("nat" in legacy and backend != "legacy"):
-            saved = iptables.parse_save(runner([f"{prefix}tables-legacy-save"]))
-            found += foreign.in_iptables_save(
-                saved, "iptables-legacy", family, holds_ours=backend == "legacy"
-            )
-        if compat[family]:
-            saved = iptables.parse_save(runner([f"{prefix}tables-nft-save"]))
-            found += foreign.in_iptables_save(saved, "iptables-nft", family, holds_ours=backend == "nft")
+        systems: dict[BackendName, set[str]] = {
+            "legacy": _legacy_tables(family),
+            "nft": {name for fam, name in tables if fam == prefix},  # iptables-nft's tables are nft tables
+        }
+        for system, names in systems.items():
+            if "raw" in names or ("nat" in names and backend != system):
+                saved = iptables.parse_save(runner([f"{prefix}tables-{system}-save"]))
+                holds = backend == system
+                found += foreign.in_iptables_save(saved, f"iptables-{system}", family, holds_ours=holds)
     native = [
         (fam, name)
         for fam, name in tables
