@@ -89,6 +89,10 @@ class PodState:
         self.applied = None
 
 
+MAX_BYPASSES_SHOWN = 4
+"""Distinct bypass findings named in one Event (the rest are counted; the log has them all)."""
+
+
 @dataclass(frozen=True, slots=True)
 class JobOutcome:
     """What the data-plane job did: applied (a result) or verified in place (None), in which namespace."""
@@ -370,10 +374,12 @@ class Reconciler:
         """Foreign rules that run before ours: one Warning per distinct finding set, counted every pass."""
         self.metrics.bypasses.inc(len(found))
         public = sorted({b.public for b in found})
+        more = len(public) - MAX_BYPASSES_SHOWN
+        shown = "; ".join(public[:MAX_BYPASSES_SHOWN]) + (f"; and {more} more" if more > 0 else "")
         plog.warn_event(
             ev.CAPTURE_BYPASSED,
             f"foreign rules outside the capture chains run first and can keep this pod's traffic from them "
-            f"(the capture rules themselves are in place): {'; '.join(public)}",
+            f"(the capture rules themselves are in place): {shown}",
             detail="; ".join(str(b) for b in found),
         )
 
