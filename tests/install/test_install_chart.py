@@ -341,6 +341,13 @@ def test_injection_template_waiter_is_restricted_and_matches_inject() -> None:
     assert yaml.safe_load(istiod["sidecarInjectorWebhook"]["templates"]["ipnc"]) == template
 
 
+def test_injection_template_waiter_ignores_overrides_with_the_controller() -> None:
+    for ignore in (False, True):
+        config_map = one(render({"controller": {"ignorePodOverrides": ignore}}), "ConfigMap")
+        waiter = yaml.safe_load(config_map["data"]["ipnc.yaml"])["spec"]["initContainers"][1]
+        assert ("--ignore-pod-overrides" in waiter["args"]) is ignore
+
+
 def test_webhook_objects() -> None:
     objects = render(VALUE_SETS["webhook-generate"] | {"interception": {"inboundPort": 15016}})
     config = one(objects, "MutatingWebhookConfiguration")

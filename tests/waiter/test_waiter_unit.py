@@ -192,6 +192,15 @@ def test_read_file(tmp_path: Path) -> None:
     assert caught.value.code == exitcodes.BAD_FILE and "Is a directory" in caught.value.message
 
 
+def test_resolve_spec_ignores_overrides_as_the_controller_does() -> None:
+    notes = {ann.ENVOY_USERID: "1000", ann.ENVOY_GROUPID: "1000", ann.IPV6: "block", ann.ENVOY_PORT: "15100"}
+    honoured = resolve_spec(Config(), notes)
+    assert (honoured.proxy_uid, honoured.ipv6.value) == (1000, "block")
+    ignored = resolve_spec(Config(ignore_pod_overrides=True), notes)
+    assert (ignored.proxy_uid, ignored.proxy_gid, ignored.ipv6.value) == (1337, 1337, "auto")
+    assert ignored.inbound_port == 15100  # only the gated keys are ignored
+
+
 def test_resolve_spec_errors() -> None:
     with pytest.raises(Failure) as caught:
         resolve_spec(Config(defaults={"inbound_port": "0"}), {})

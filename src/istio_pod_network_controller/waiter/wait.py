@@ -69,6 +69,8 @@ class Config:
     heartbeat: float = HEARTBEAT
     defaults: Mapping[str, str] = field(default_factory=dict)
     """Controller-default settings (Setting.name -> raw text) from flags/environment."""
+    ignore_pod_overrides: bool = False
+    """As the controller's flag: the pod's annotations.GATEABLE_OVERRIDES do not count."""
     default_source: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")
 
 
@@ -112,6 +114,8 @@ def resolve_spec(config: Config, annotations: Mapping[str, str]) -> InterceptSpe
         build_spec({}, config.defaults, config.default_source)
     except SpecError as exc:
         raise Failure(exitcodes.USAGE, f"invalid setting: {exc}") from None
+    if config.ignore_pod_overrides:
+        annotations = {k: v for k, v in annotations.items() if k not in ann.GATEABLE_OVERRIDES}
     try:
         return build_spec(annotations, config.defaults, config.default_source)
     except SpecError as exc:
