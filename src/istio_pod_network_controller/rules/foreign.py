@@ -1,4 +1,5 @@
-"""Foreign rules that run before ours and can change a captured packet's fate (pure: text in, findings out).
+"""Foreign rules that run before ours and can change a captured packet's fate (pure: saves and dumps in,
+findings out).
 
 Every rule of ours can be intact while an app with NET_ADMIN in its own namespace keeps its traffic
 uncaptured from outside our chains: a raw-table `notrack` (an untracked packet meets no NAT rule, ours
