@@ -341,11 +341,13 @@ def test_injection_template_waiter_is_restricted_and_matches_inject() -> None:
     assert yaml.safe_load(istiod["sidecarInjectorWebhook"]["templates"]["ipnc"]) == template
 
 
-def test_injection_template_waiter_ignores_overrides_with_the_controller() -> None:
+def test_injected_waiters_ignore_overrides_with_the_controller() -> None:
     for ignore in (False, True):
-        config_map = one(render({"controller": {"ignorePodOverrides": ignore}}), "ConfigMap")
-        waiter = yaml.safe_load(config_map["data"]["ipnc.yaml"])["spec"]["initContainers"][1]
+        objects = render({"controller": {"ignorePodOverrides": ignore}, "webhook": {"enabled": True}})
+        waiter = yaml.safe_load(one(objects, "ConfigMap")["data"]["ipnc.yaml"])["spec"]["initContainers"][1]
         assert ("--ignore-pod-overrides" in waiter["args"]) is ignore
+        webhook = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        assert ("--waiter-arg=--ignore-pod-overrides" in webhook["args"]) is ignore
 
 
 def test_webhook_objects() -> None:
