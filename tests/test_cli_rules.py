@@ -113,6 +113,23 @@ def test_apply_verify_clean_round_trip(netns_name: str) -> None:
 
 
 @pytest.mark.root
+def test_verify_reports_a_foreign_bypass_and_is_not_in_place(netns_name: str) -> None:
+    """Every rule of ours intact, a tenant's nat chain at priority -150 before them: exit 1, says where."""
+    target = ["--netns", f"/run/netns/{netns_name}", "--backend", "nftables"]
+    assert cli("apply", *target).returncode == 0
+    assert cli("verify", *target, "--flags-only").returncode == exitcodes.OK
+    script = (
+        "table ip tenant {\n  chain out {\n    type nat hook output priority -150; policy accept;\n"
+        "    tcp dport 9090 dnat to 10.0.0.2:9090\n  }\n}\n"
+    )
+    subprocess.run(["ip", "netns", "exec", netns_name, "nft", "-f", "-"], input=script, text=True, check=True)
+    reported = cli("verify", *target, "--flags-only")
+    assert reported.returncode == exitcodes.DRIFT, reported.stdout
+    assert "bypass: nft ip nat chain at output priority -150" in reported.stdout
+    assert "(table tenant chain out)" in reported.stdout
+
+
+@pytest.mark.root
 def test_host_netns_refused_by_pid() -> None:
     done = cli("apply", "--pid", str(os.getpid()), "--backend", "legacy")
     assert done.returncode == exitcodes.USAGE

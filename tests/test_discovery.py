@@ -676,3 +676,16 @@ def test_a_pin_is_trusted_only_while_its_fd_is_the_namespace_it_was_opened_on(no
         os.close(other)
         pin.fd = -1
     assert not pin.intact()
+
+
+@pytest.mark.root
+def test_interface_names_that_are_not_utf8_do_not_stop_discovery(node: Node) -> None:
+    """An app with NET_ADMIN names an interface with bytes that are not UTF-8; its pod is still found."""
+    uid, ns = new_uid(), node.netns()
+    node.spawn(ns, node.pod_cgroupfs(uid, new_cid()))
+    add = [b"ip", b"-n", ns.name.encode(), b"link", b"add", b"e\xff\xfe", b"type", b"veth", b"peer", b"name"]
+    subprocess.run([*add, b"p\xff"], check=True)
+    subprocess.run([b"ip", b"-n", ns.name.encode(), b"addr", b"add", b"fd00:251::7/128", b"dev", b"e\xff\xfe",
+                    b"nodad"], check=True)  # fmt: skip
+    found = find_pod_netns(uid, pod_ips=[ns.v6, ns.v4])
+    assert found.netns.id == ns.id

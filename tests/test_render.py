@@ -344,15 +344,20 @@ def test_auto_ipv6_must_be_resolved_first() -> None:
         plan.build(build_spec({}))
 
 
-def test_ipv6_block_rejects_new_inbound_except_loopback() -> None:
+def test_ipv6_block_rejects_new_connections_both_ways_except_loopback() -> None:
     v6 = plan.build(build_spec({}).with_ipv6(False)).family(6)
     assert v6 is not None
     assert iptables.render(v6) == (
-        "*filter\n:ISTIO_BLOCK_INBOUND - [0:0]\n-A INPUT -j ISTIO_BLOCK_INBOUND\n"
+        "*filter\n:ISTIO_BLOCK_INBOUND - [0:0]\n:ISTIO_BLOCK_OUTBOUND - [0:0]\n"
+        "-A INPUT -j ISTIO_BLOCK_INBOUND\n-A OUTPUT -j ISTIO_BLOCK_OUTBOUND\n"
         "-A ISTIO_BLOCK_INBOUND -i lo -j RETURN\n"
         "-A ISTIO_BLOCK_INBOUND -p tcp -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset\n"
         "-A ISTIO_BLOCK_INBOUND -p udp -m conntrack --ctstate NEW "
         "-j REJECT --reject-with icmp6-port-unreachable\n"
+        "-A ISTIO_BLOCK_OUTBOUND -o lo -j RETURN\n"
+        "-A ISTIO_BLOCK_OUTBOUND -p tcp -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset\n"
+        "-A ISTIO_BLOCK_OUTBOUND -p udp -m conntrack --ctstate NEW "
+        "-j REJECT --reject-with icmp6-adm-prohibited\n"
         "COMMIT\n"
     )
 
@@ -393,6 +398,20 @@ def test_apply_transaction_replaces_ours_and_never_names_foreign_rules() -> None
     assert "-X ISTIO_OUTPUT_DNS" in lines
     assert not any("FOREIGN" in line for line in lines)
     assert "*filter" not in lines
+
+
+def test_jumps_named_with_bytes_we_never_write_are_deleted_by_position() -> None:
+    """A pod's interface named with bytes that are not UTF-8 (decoded as U+FFFD) in a jump into our chain:
+    deleted by its position in the same save, last first; a foreign chain we cannot name is left alone."""
+    live = iptables.parse_save(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n:weird\ufffd - [0:0]\n"
+        "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -o p\ufffd\ufffd -j RETURN\n"
+        "-A OUTPUT -o e\ufffd -j ISTIO_OUTPUT\n"
+        "-A weird\ufffd -j ISTIO_OUTPUT\nCOMMIT\n"
+    )
+    lines = iptables.clean_transaction(live).splitlines()
+    assert [line for line in lines if line.startswith("-D")] == ["-D OUTPUT 3", "-D OUTPUT 1"]
+    assert not any("\ufffd" in line for line in lines)
 
 
 def test_clean_transaction_only_touches_ours() -> None:

@@ -209,6 +209,21 @@ def test_controller_settings_from_its_pod() -> None:
     parsed = ex.controller_settings(legacy, flag_name, env_name)
     assert parsed.defaults["exclude_inbound_ports"] == "7" and not parsed.selection.injected
     assert {s.name for s in SETTINGS} >= set(parsed.defaults)
+    assert not parsed.ignore_pod_overrides
+
+
+def test_status_reads_a_pod_as_a_controller_that_ignores_overrides_does() -> None:
+    ctl = controller_pod("n", True)
+    ctl["spec"]["containers"][0]["args"] = [*CTL_ARGS, "--ignore-pod-overrides"]
+    notes = {ann.ENVOY_USERID: "1000", ann.IPV6: "block", ann.EXCLUDE_INBOUND_PORTS: "9000"}
+    pod = mesh_pod("web", "shop", "n", notes)
+    plain = ex.explain(pod, None, [controller_pod("n", True)], [], "istio-system", flag_name, env_name)
+    gated = ex.explain(pod, None, [ctl], [], "istio-system", flag_name, env_name)
+    uid = {v.field: v for v in plain.settings}["proxy_uid"]
+    assert (uid.value, uid.source) == ("1000", f"annotation {ann.ENVOY_USERID}")
+    views = {v.field: v for v in gated.settings}
+    assert views["proxy_uid"].value == "1337" and views["ipv6"].value == "auto"
+    assert views["exclude_inbound_ports"].source == f"annotation {ann.EXCLUDE_INBOUND_PORTS}"
 
 
 @pytest.mark.root

@@ -114,6 +114,10 @@ def test_invalid_spec_names_the_input_and_says_what_is_kept() -> None:
     assert isinstance(fresh, Invalid) and isinstance(kept, Invalid)
     assert ann.INCLUDE_INBOUND_PORTS in fresh.message and "not installed" in fresh.message
     assert "kept unchanged" in kept.message
+    # A pod created with the mark already set: nothing of ours was installed, and the Event says so.
+    forged = decide(view(), SELECTED, error, Known())
+    assert isinstance(forged, Invalid) and not forged.kept
+    assert "kept" not in forged.message and "installed no capture rules" in forged.message
 
 
 def test_not_selected_pods_skip_or_warn() -> None:

@@ -47,6 +47,7 @@ VALUE_SETS: dict[str, dict] = {
             "logFormat": "text",
             "metricsPort": 9200,
             "appArmorProfile": {"type": "RuntimeDefault"},
+            "ignorePodOverrides": True,
         },
         "interception": {
             "mode": "TPROXY",
@@ -256,6 +257,7 @@ def test_modern_values_map_to_controller_flags_and_release_namespace() -> None:
         "--ipv6=block",
         "--drop-invalid=true",
         "--outbound-owner-groups-exclude=888,0",
+        "--ignore-pod-overrides",
     ):
         assert flag in args
     assert {o["metadata"]["namespace"] for o in objects if "namespace" in o["metadata"]} == {"mesh-system"}
@@ -341,6 +343,15 @@ def test_injection_template_waiter_is_restricted_and_matches_inject() -> None:
     assert yaml.safe_load(webhook_values["templates"]["ipnc"]) == template
     istiod = yaml.safe_load(config_map["data"]["istiod-helm-values.yaml"])
     assert yaml.safe_load(istiod["sidecarInjectorWebhook"]["templates"]["ipnc"]) == template
+
+
+def test_injected_waiters_ignore_overrides_with_the_controller() -> None:
+    for ignore in (False, True):
+        objects = render({"controller": {"ignorePodOverrides": ignore}, "webhook": {"enabled": True}})
+        waiter = yaml.safe_load(one(objects, "ConfigMap")["data"]["ipnc.yaml"])["spec"]["initContainers"][1]
+        assert ("--ignore-pod-overrides" in waiter["args"]) is ignore
+        webhook = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        assert ("--waiter-arg=--ignore-pod-overrides" in webhook["args"]) is ignore
 
 
 def test_webhook_objects() -> None:

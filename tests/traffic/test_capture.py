@@ -7,6 +7,8 @@ destination the listener saw (SO_ORIGINAL_DST for REDIRECT, getsockname() for TP
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from traffic_harness import APP_UID, PROXY_ID, Capture, Reply, Topology
 
@@ -191,6 +193,33 @@ def test_ipv6_blocked_when_not_captured(topo: Topology, capture: Capture) -> Non
     v4 = topo.connect(topo.peer, topo.pod4, 8080)
     lands(v4, ENVOY_IN)
     assert v4.orig == (topo.pod4, 8080)
+
+
+def _link_local(ns_name: str) -> str:
+    """The namespace's link-local address on eth0, scoped for a client in the other namespace."""
+    shown = subprocess.run(
+        ["ip", "-n", ns_name, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return shown.split()[3].split("/")[0] + "%eth0"
+
+
+def test_ipv6_blocked_when_not_captured_cannot_be_left_either(topo: Topology, capture: Capture) -> None:
+    """The app (or anyone in the pod) reaches neither a link-local neighbour nor a global IPv6 address
+    directly, over TCP (reset) or UDP (send fails with EPERM, the waiter's proof); loopback and IPv4
+    capture are untouched."""
+    neighbour = _link_local(topo.peer.name)
+    lands(topo.connect(topo.pod, neighbour, 9090, uid=APP_UID), "peer:9090")  # the harness reaches it
+    capture.apply(spec(capture_v6=False))
+    for uid in (APP_UID, PROXY_ID):
+        for dst in (neighbour, topo.peer6):
+            for proto, port, error in (("tcp", 9090, "ECONNREFUSED"), ("udp", 53, "EPERM")):
+                blocked = topo.connect(topo.pod, dst, port, proto, uid=uid, gid=uid)
+                assert not blocked.ok and blocked.error == error, (uid, dst, proto, blocked)
+    assert len(topo.received("peer:9090")) == 1 and not topo.received("peer-dns:53")
+    lands(topo.connect(topo.pod, "::1", 8080, uid=APP_UID), "app:8080")
+    lands(topo.connect(topo.pod, topo.peer4, 9090, uid=APP_UID), ENVOY_OUT)
+    assert capture.verify(spec(capture_v6=False)).in_place
 
 
 # --- DNS ---------------------------------------------------------------------------------------------------

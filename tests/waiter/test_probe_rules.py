@@ -121,6 +121,8 @@ def test_every_probe_rides_a_rule_of_the_plan(pod: dict[str, str], waiter_ids: t
     if not plan.targets:  # only another uid without outbound capture has no path at all
         assert uid != PROXY and not build_spec(pod).captures_outbound, plan.reason
     for target in plan.targets:
+        if target.path is Path.BLOCKED:  # proven with packets in test_waiter_netns.py
+            continue
         assert redirected_port(pod, target, uid, gid) == target.listen_port, target
 
 

@@ -161,6 +161,32 @@ def test_ipv6_only_pod(netns_name: str, start_waiter: StartWaiter, workdir: Path
     assert "IPv6: ::1 -> [::6]:15002 was redirected to [::1]:15006 (SO_ORIGINAL_DST [::6]:15002" in log
 
 
+def test_blocked_ipv6_must_be_proven_too(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
+    """A pod with link-local IPv6 only: `auto` blocks IPv6, and IPv4 capture alone does not open the pod
+    while a datagram to a link-local neighbour still leaves it."""
+    subprocess.run(["ip", "netns", "exec", netns_name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"],
+                   check=True)  # fmt: skip
+    for argv in (["link", "add", "a0", "type", "veth", "peer", "name", "a1"], ["link", "set", "a0", "up"],
+                 ["link", "set", "a1", "up"]):  # fmt: skip
+        subprocess.run(["ip", "-n", netns_name, *argv], check=True, capture_output=True)
+    apply_rules(netns_name, {}, "legacy")
+    subprocess.run(  # the block's jump gone (a NET_ADMIN app, or a rule not loaded): IPv6 leaves the pod
+        ["ip", "netns", "exec", netns_name, "ip6tables-legacy", "-D", "OUTPUT", "-j", "ISTIO_BLOCK_OUTBOUND"],
+        check=True,
+    )
+    path = write_annotations(workdir / "pod_annotations", {})
+    waiter = start_waiter(netns_name, ["--file", str(path), "--timeout", "10"])
+    waiter.wait_for_log("IPv4: 127.0.0.1 -> 127.0.0.6:15002 was redirected")
+    waiter.wait_for_log("left the pod: not blocked (yet)")
+    assert waiter.proc.poll() is None, waiter.log()
+    apply_rules(netns_name, {}, "legacy")
+    rc = waiter.finish()
+    log = waiter.log()
+    assert rc == exitcodes.CAPTURED, log
+    assert "refused (EPERM)" in log
+    no_traceback(log)
+
+
 def test_inbound_only_capture_is_probed(netns_name: str, start_waiter: StartWaiter, workdir: Path) -> None:
     pod = {ann.INCLUDE_OUTBOUND_IP_RANGES: ""}
     path = write_annotations(workdir / "pod_annotations", pod)

@@ -20,6 +20,7 @@ from istio_pod_network_controller.settings.addresses import (
     PASSTHROUGH,
     has_global_ipv6,
     has_passthrough_v6,
+    read_if_inet6,
 )
 from istio_pod_network_controller.settings.spec import build_spec
 from istio_pod_network_controller.waiter import exitcodes
@@ -63,7 +64,11 @@ PROXY = 1337
 def test_loopback_probe_applies(pod: dict[str, str], global_v6: bool, families: tuple[int, ...]) -> None:
     plan = plan_probe(build_spec(pod), PROXY, PROXY, global_v6)
     assert plan.families == families
+    assert plan.proves_ipv6_block == (6 not in families)  # not captured means blocked, and proven so
     for target in plan.targets:
+        if target.path is ProbePath.BLOCKED:
+            assert (target.family, target.port) == (6, 15002)
+            continue
         assert target.path is ProbePath.LOOPBACK
         assert (target.listen_port, target.other_port, target.port) == (15006, 15001, 15002)
         assert (target.source, target.address) == (LOOPBACK[target.family], PASSTHROUGH[target.family])
@@ -149,6 +154,14 @@ def test_if_inet6_parsing() -> None:
     assert not has_passthrough_v6(rows[:1])
 
 
+def test_if_inet6_with_an_interface_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """Interface names are the pod's to choose: any bytes, never an exception."""
+    path = tmp_path / "if_inet6"
+    path.write_bytes(b"20010db8000100000000000000000002 03 40 00 80 e\xff\xfe\n")
+    rows = read_if_inet6(str(path))
+    assert has_global_ipv6(rows) and rows[0][5] == "e\udcff\udcfe"
+
+
 # --- timing ------------------------------------------------------------------------------------------------
 
 
@@ -177,6 +190,15 @@ def test_read_file(tmp_path: Path) -> None:
     with pytest.raises(Failure) as caught:
         read_file(str(tmp_path))
     assert caught.value.code == exitcodes.BAD_FILE and "Is a directory" in caught.value.message
+
+
+def test_resolve_spec_ignores_overrides_as_the_controller_does() -> None:
+    notes = {ann.ENVOY_USERID: "1000", ann.ENVOY_GROUPID: "1000", ann.IPV6: "block", ann.ENVOY_PORT: "15100"}
+    honoured = resolve_spec(Config(), notes)
+    assert (honoured.proxy_uid, honoured.ipv6.value) == (1000, "block")
+    ignored = resolve_spec(Config(ignore_pod_overrides=True), notes)
+    assert (ignored.proxy_uid, ignored.proxy_gid, ignored.ipv6.value) == (1337, 1337, "auto")
+    assert ignored.inbound_port == 15100  # only the gated keys are ignored
 
 
 def test_resolve_spec_errors() -> None:
@@ -230,6 +252,10 @@ class FakeProbe:
         self.closed = True
 
 
+BLOCK = 0
+"""make_waiter's key of the IPv6-block probe (absent: one that proves the block at once)."""
+
+
 def make_waiter(
     tmp_path: Path,
     annotations: dict[str, str] | None,
@@ -239,6 +265,7 @@ def make_waiter(
     egid: int = PROXY,
     **config: object,
 ) -> tuple[Waiter, FakeClock, io.StringIO]:
+    probes = {BLOCK: FakeProbe("IPv6 block", 1), **probes}
     path = tmp_path / "pod_annotations"
     if annotations is not None:
         path.write_text("".join(f'{k}="{v}"\n' for k, v in annotations.items()))
@@ -252,7 +279,7 @@ def make_waiter(
         euid=euid,
         egid=egid,
         global_ipv6=lambda: False,
-        make_probe=lambda target, _plan: probes[target.family],
+        make_probe=lambda target, _plan: probes[BLOCK if target.path is ProbePath.BLOCKED else target.family],
         environ={"HOSTNAME": "app-0", "POD_NAMESPACE": "shop"},
     )
     return waiter, clock, err
@@ -274,7 +301,8 @@ def test_timeout_message(tmp_path: Path) -> None:
     assert waiter.run() == exitcodes.TIMEOUT
     assert clock.now - 100.0 == pytest.approx(30.0)
     text = err.getvalue()
-    assert f"last probe ({probe.attempts} attempts): IPv4: refused #{probe.attempts}" in text
+    assert f"last probe ({waiter.attempts} attempts): IPv4: refused #{probe.attempts}" in text
+    assert waiter.attempts == probe.attempts + 1  # and the IPv6 block, proven at once
     assert f"kubectl get pods --all-namespaces -l {CONTROLLER_SELECTOR} -o wide" in text
     assert "kubectl -n shop describe pod app-0" in text
     assert "is missing" in text
@@ -365,6 +393,18 @@ def test_both_families_must_be_proven(tmp_path: Path) -> None:
     waiter, _, _ = make_waiter(tmp_path, {ann.IPV6: "capture"}, {4: v4, 6: v6})
     assert waiter.run() == exitcodes.CAPTURED
     assert (v4.attempts, v6.attempts) == (1, 5)
+
+
+def test_an_open_ipv6_side_keeps_the_pod_closed(tmp_path: Path) -> None:
+    """IPv4 captured, IPv6 not yet refused (the block rule missing): no exit 0 until it is."""
+    v4, block = FakeProbe("IPv4", 1), FakeProbe("IPv6 block", 4)
+    waiter, _, err = make_waiter(tmp_path, {}, {4: v4, BLOCK: block})
+    assert waiter.run() == exitcodes.CAPTURED
+    assert (v4.attempts, block.attempts) == (1, 4)
+    never = FakeProbe("IPv6 block", None)
+    waiter, _, err = make_waiter(tmp_path, {}, {4: FakeProbe("IPv4", 1), BLOCK: never}, timeout=2.0)
+    assert waiter.run() == exitcodes.TIMEOUT
+    assert "IPv6 block" in err.getvalue()
 
 
 def test_plan_type() -> None:

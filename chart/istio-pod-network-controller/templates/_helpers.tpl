@@ -92,6 +92,9 @@ args:
   - {{ .Values.waiter.timeout | quote }}
   - --controller-namespace
   - {{ include "ipnc.namespace" . | quote }}
+{{- if .Values.controller.ignorePodOverrides }}
+  - --ignore-pod-overrides
+{{- end }}
 {{- with include "ipnc.interceptionArgs" . | trim }}
 {{- . | nindent 2 }}
 {{- end }}

@@ -282,7 +282,8 @@ def _spec_from(annotations: Mapping[str, str], settings: Mapping[str, str | None
 def _fetch_pod(
     ref: str, kubeconfig: str | None, controller_namespace: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The pod, and the spec defaults of the controller pod on its node (none found: no defaults)."""
+    """The pod (with only the annotations that controller honours), and the spec defaults of the controller
+    pod on its node (none found: no defaults)."""
     from ..controller.kubeconfig import KubeconfigError, find
     from ..diagnose.cluster import Cluster, ClusterError
     from ..diagnose.explain import controller_settings
@@ -305,7 +306,10 @@ def _fetch_pod(
         fail(str(exc), KIND_CODES.get(exc.kind, exitcodes.UNREACHABLE))
     if not controllers:
         return pod, {}
-    return pod, controller_settings(controllers[0], flag_name, env_name).defaults
+    ctl = controller_settings(controllers[0], flag_name, env_name)
+    meta = pod.get("metadata") or {}
+    honoured = ctl.pod_annotations({str(k): str(v) for k, v in (meta.get("annotations") or {}).items()})
+    return {**pod, "metadata": {**meta, "annotations": honoured}}, ctl.defaults
 
 
 @rules.command()

@@ -162,6 +162,12 @@ def _spec_options(func: F) -> F:
     default=30.0,
     help="seconds between preflight attempts while a check fails (not ready meanwhile)",
 )
+@click.option(
+    "--ignore-pod-overrides/--no-ignore-pod-overrides",
+    default=False,
+    help="ignore the pods' envoy-userid, envoy-groupid and ipv6 annotations (Warning Event "
+    "PodOverrideIgnored); the controller-wide values apply",
+)
 @_spec_options
 @click.pass_context
 def run(ctx: click.Context, /, **options: Any) -> None:
@@ -217,6 +223,7 @@ def run(ctx: click.Context, /, **options: Any) -> None:
         netns_deadline=options["netns_deadline"],
         selection=SelectionOptions(options["select_legacy_annotation"], options["select_injected"], excluded),
         spec_defaults=defaults,
+        ignore_pod_overrides=options["ignore_pod_overrides"],
         log_level=level,
         log_format=options["log_format"],
         shutdown_grace=options["shutdown_grace"],

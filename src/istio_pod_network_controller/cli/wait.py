@@ -91,6 +91,13 @@ def _common(delay_default: float) -> Callable[[F], F]:
                 show_default=True,
                 help="Seconds between 'still waiting' lines (0: none).",
             ),
+            click.option(
+                "--ignore-pod-overrides",
+                is_flag=True,
+                envvar=env_name("ignore_pod_overrides"),
+                help="Ignore the pod's envoy-userid, envoy-groupid and ipv6 annotations, as a controller run "
+                "with the same flag does.",
+            ),
             click.option("-v", "--verbose", is_flag=True, help="Debug lines (first probe timestamp...)."),
         ]
         options.append(spec_options())
@@ -115,6 +122,7 @@ def _run(ctx: click.Context, params: dict[str, Any]) -> None:
         controller_namespace=params["controller_namespace"],
         heartbeat=params["heartbeat"],
         defaults=defaults,
+        ignore_pod_overrides=params["ignore_pod_overrides"],
         default_source=source_name,
     )
     ctx.exit(run(config))

@@ -81,15 +81,22 @@ class Warn:
 class Invalid:
     error: SpecError
     kept: bool
-    """The pod is marked: the rules installed before stay as they are."""
+    """This process installed rules in the pod's sandbox: they stay as they are."""
+    marked: bool = False
+    """The pod carries the initialized mark (which anyone who can create the pod can set)."""
 
     @property
     def message(self) -> str:
-        then = (
-            "the capture rules installed before are kept unchanged"
-            if self.kept
-            else "capture rules not installed"
-        )
+        if self.kept:
+            then = "the capture rules installed before are kept unchanged"
+        elif self.marked:
+            # A mark this process did not write proves nothing: the pod may have been created with it.
+            then = (
+                "the pod is marked initialized, but this controller installed no capture rules in it; "
+                "none are installed now, and anything already there is left as it is"
+            )
+        else:
+            then = "capture rules not installed"
         return f"{ev.public_text(self.error)}; {then} (fail closed)"
 
 
@@ -167,7 +174,7 @@ def decide(
     if not verdict.selected:
         return _not_selected(pod, verdict, wants_mesh)
     if isinstance(spec, SpecError):
-        return Invalid(spec, kept=pod.marked)
+        return Invalid(spec, kept=pod.marked and known.applied is not None, marked=pod.marked)
     if not pod.marked:
         return Apply(spec, MarkReason.INITIALIZED, "not marked")
     digest = pod.digest or ""

@@ -35,6 +35,8 @@ HOST_NETWORK_SKIPPED: Final = "HostNetworkSkipped"
 NETNS_NOT_FOUND: Final = "NetworkNamespaceNotFound"
 APPLY_FAILED: Final = "InterceptionFailed"
 CAPTURE_KEPT: Final = "CaptureKept"
+OVERRIDE_IGNORED: Final = "PodOverrideIgnored"
+CAPTURE_BYPASSED: Final = "CaptureBypassed"
 
 log = logging.getLogger(__name__)
 _seq = itertools.count()

@@ -52,6 +52,11 @@ class Metrics:
             "Pods found with processes in a network namespace other than their sandbox's (once per pod)",
             registry=r,
         )
+        self.bypasses = Counter(
+            f"{ns}_capture_bypasses",
+            "Foreign rules found running before the capture rules that can bypass them (per verification)",
+            registry=r,
+        )
         self.skipped = Counter(
             f"{ns}_pods_skipped", "Pod evaluations not selected, by reason", ["reason"], registry=r
         )

@@ -26,6 +26,7 @@ from ..dataplane.apply import ApplyResult, Drift
 from ..dataplane.discovery import PodNetnsNotFound, ProcIndex
 from ..dataplane.netns import NetnsId, PinnedNetns
 from ..errors import DataplaneError, SpecError
+from ..rules.foreign import Bypass
 from ..settings import annotations as ann
 from ..settings.spec import InterceptSpec, build_spec
 from . import events as ev
@@ -86,6 +87,10 @@ class PodState:
             self.pin.close()
         self.pin = None
         self.applied = None
+
+
+MAX_BYPASSES_SHOWN = 4
+"""Distinct bypass findings named in one Event (the rest are counted; the log has them all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +187,20 @@ class Reconciler:
 
     # -- the pass ------------------------------------------------------------------------------------------
 
+    def ignored_overrides(self, view: PodView) -> tuple[str, ...]:
+        """The pod's gateable overrides this controller was told to ignore (--ignore-pod-overrides)."""
+        if not self.config.ignore_pod_overrides:
+            return ()
+        return tuple(key for key in ann.GATEABLE_OVERRIDES if key in view.annotations)
+
     def plan(self, view: PodView, state: PodState, flags: frozenset[str]) -> Action:
         """The pure decision, fed from the cache and this process's memory of the pod."""
         verdict = self.select(view.raw)
+        ignored = self.ignored_overrides(view)
+        annotations = {k: v for k, v in view.annotations.items() if k not in ignored}
         spec: InterceptSpec | SpecError
         try:
-            spec = build_spec(view.annotations, self.config.spec_defaults)
+            spec = build_spec(annotations, self.config.spec_defaults)
         except SpecError as exc:
             spec = exc
         wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
@@ -208,6 +221,14 @@ class Reconciler:
         view = PodView.of(pod)
         plog = PodLogger(log, view, self.recorder)
         action = self.plan(view, state, flags)
+        ignored = self.ignored_overrides(view)
+        if ignored and not isinstance(action, Skip | Warn):
+            # Only our own key names reach the Event, never the pod's values.
+            plog.warn_event(
+                ev.OVERRIDE_IGNORED,
+                f"annotations {', '.join(ignored)} ignored (controller flag --ignore-pod-overrides); "
+                "the controller-wide proxy identity and IPv6 policy apply",
+            )
         state.busy = True
         try:
             return await self.execute(view, state, action, plog)
@@ -261,7 +282,9 @@ class Reconciler:
             )
         except PodNetnsNotFound as exc:
             return self._not_yet(state, plog, "netns_not_found", ev.NETNS_NOT_FOUND, exc)
-        except (DataplaneError, OSError) as exc:
+        except (DataplaneError, OSError, ValueError) as exc:
+            # ValueError: kernel state we could not parse (a pod's tables and links are its own to name)
+            # is this pod's failure, retried and reported once, never a traceback of the controller.
             plog.warning("applying capture rules failed: %s", exc)
             return self._not_yet(state, plog, "apply_error", ev.APPLY_FAILED, exc)
         for stage, seconds in outcome.timings.items():
@@ -270,6 +293,8 @@ class Reconciler:
             state.drop_pin()
             state.pin = outcome.pin
         self._report_foreign(state, outcome.others, plog)
+        if outcome.drift is not None and outcome.drift.bypasses:
+            self._report_bypasses(outcome.drift.bypasses, plog)
         if outcome.result is None:
             self._settle(state, view, action.digest if isinstance(action, Verify) else "")
             return DONE
@@ -304,7 +329,7 @@ class Reconciler:
                         target, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids
                     )
                     timings["verify"] = time.perf_counter() - started
-                    if drift.in_place:
+                    if drift.ours_in_place:  # re-applying cannot outrun a foreign rule that runs first
                         return JobOutcome(target, drift, None, strays, timings)
                 started = time.perf_counter()
                 result = dataplane.apply(target, spec, cfg.backend, proc_root=cfg.proc_root, pod_pids=pids)
@@ -343,6 +368,19 @@ class Reconciler:
             "processes of this pod run in a network namespace of their own, outside the pod's sandbox; "
             "capture rules are kept in the sandbox's namespace only",
             detail=f"sandbox {state.pin.id if state.pin else '?'}, others {', '.join(map(str, others))}",
+        )
+
+    def _report_bypasses(self, found: tuple[Bypass, ...], plog: PodLogger) -> None:
+        """Foreign rules that run before ours: one Warning per distinct finding set, counted every pass."""
+        self.metrics.bypasses.inc(len(found))
+        public = sorted({b.public for b in found})
+        more = len(public) - MAX_BYPASSES_SHOWN
+        shown = "; ".join(public[:MAX_BYPASSES_SHOWN]) + (f"; and {more} more" if more > 0 else "")
+        plog.warn_event(
+            ev.CAPTURE_BYPASSED,
+            f"foreign rules outside the capture chains run first and can keep this pod's traffic from them "
+            f"(the capture rules themselves are in place): {shown}",
+            detail="; ".join(str(b) for b in found),
         )
 
     def _not_yet(

@@ -15,11 +15,12 @@ from typing import Literal, TypeAlias
 
 from .. import netlink
 from ..rules import nftables, plan
+from ..rules.foreign import Bypass
 from ..rules.model import Ruleset
 from ..settings.addresses import PASSTHROUGH, has_global_ipv6, has_passthrough_v6
 from ..settings.spec import InterceptSpec, IPv6Policy
+from . import bypass, resolvconf
 from . import netns as ns_mod
-from . import resolvconf
 from .backends import BACKENDS, BackendName, make, route_drift, sync_routes
 from .netns import NetnsId, PinnedNetns
 from .tools import run
@@ -42,14 +43,23 @@ class ApplyResult:
 class Drift:
     backend: BackendName
     lines: tuple[str, ...]
+    """How our own rules differ from the rendered ones."""
+    bypasses: tuple[Bypass, ...] = ()
+    """Foreign rules outside our chains that run first and can keep packets from them (rules/foreign.py)."""
 
     @property
-    def in_place(self) -> bool:
+    def ours_in_place(self) -> bool:
+        """Every rule of ours is as rendered: re-applying would change nothing."""
         return not self.lines
 
     @property
+    def in_place(self) -> bool:
+        return not self.lines and not self.bypasses
+
+    @property
     def report(self) -> str:
-        return "\n".join(self.lines) if self.lines else "in place"
+        found = [*self.lines, *(f"bypass: {b}" for b in self.bypasses)]
+        return "\n".join(found) if found else "in place"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +196,8 @@ def verify(
     proc_root: str = "/proc",
     pod_pids: Iterable[int] = (),
 ) -> Drift:
-    """Compare the live rules with what `spec` renders to; any missing, extra or changed rule is drift."""
+    """Compare the live rules with what `spec` renders to; any missing, extra or changed rule is drift.
+    Foreign rules that can bypass ours from outside our chains are reported beside it (`bypasses`)."""
     ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
     spec = with_nameservers(spec, netns, pod_pids, proc_root)
 
@@ -197,7 +208,8 @@ def verify(
         for other in decided.other_backends():
             lines += [f"{other}: {line}" for line in make(other).drift(empty)]
         lines += route_drift(decided.ruleset.routes, all_ours=ALL_ROUTES)
-        return Drift(decided.backend, tuple(lines))
+        found = bypass.find(decided.backend) if decided.spec.intercepts else []
+        return Drift(decided.backend, tuple(lines), tuple(found))
 
     return ns_mod.run_in(netns, work)
 

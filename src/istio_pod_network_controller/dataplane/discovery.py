@@ -203,7 +203,9 @@ def _local_ips(proc_root: str, pid: int, expected: NetnsId) -> set[str] | None:
     v6 = _read(os.path.join(base, "if_inet6"))
     if v4 is None or _netns_id(proc_root, pid) != expected:
         return None
-    return parse_fib_trie_local(v4.decode()) | parse_if_inet6((v6 or b"").decode())
+    # interface names in both files are the pod's to choose (any bytes); only the addresses are used
+    v4_text, v6_text = v4.decode(errors="surrogateescape"), (v6 or b"").decode(errors="surrogateescape")
+    return parse_fib_trie_local(v4_text) | parse_if_inet6(v6_text)
 
 
 class ProcIndex:

@@ -70,6 +70,13 @@ class ControllerSettings:
     sources: dict[str, str] = field(default_factory=dict)
     """Spec setting name -> "flag --x" / "env IPNC_X"."""
     selection: selection.SelectionOptions = field(default_factory=selection.SelectionOptions)
+    ignore_pod_overrides: bool = False
+    """`run --ignore-pod-overrides`: the pods' annotations.GATEABLE_OVERRIDES do not count."""
+
+    def pod_annotations(self, annotations: Mapping[str, str]) -> dict[str, str]:
+        """The annotations this controller reads from a pod."""
+        ignored = ann.GATEABLE_OVERRIDES if self.ignore_pod_overrides else ()
+        return {k: v for k, v in annotations.items() if k not in ignored}
 
 
 def _args(container: Obj) -> dict[str, str | None]:
@@ -141,7 +148,8 @@ def controller_settings(
         if excluded is not None
         else base.excluded_namespaces,
     )
-    return ControllerSettings(defaults, sources, options)
+    ignore = switch("ignore-pod-overrides", env.get("IPNC_IGNORE_POD_OVERRIDES", "").lower() in {"1", "true"})
+    return ControllerSettings(defaults, sources, options, ignore)
 
 
 # --- the explanation ----------------------------------------------------------------------------------------
@@ -258,12 +266,13 @@ def explain(
     spec_error: str | None = None
     settings: tuple[SettingView, ...] = ()
     expected: tuple[str, ...] = ()
+    honoured = ctl.pod_annotations(annotations)
     try:
-        spec = build_spec(annotations, ctl.defaults, default_source=lambda n: ctl.sources.get(n, n))
+        spec = build_spec(honoured, ctl.defaults, default_source=lambda n: ctl.sources.get(n, n))
     except SpecError as exc:
         spec_error = safe(exc)
     else:
-        origin = attribute(annotations, ctl.sources)
+        origin = attribute(honoured, ctl.sources)
         settings = tuple(SettingView(k, safe(v), origin[k]) for k, v in spec.describe().items())
         expected = tuple(sorted(candidate_digests(spec)))
     marked = annotations.get(ann.STATUS) == ann.STATUS_INITIALIZED

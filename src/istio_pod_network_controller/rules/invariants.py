@@ -54,6 +54,16 @@ def _printable_ascii(kind: str, text: str) -> None:
             raise _refuse(kind, line, "a control or non-ASCII character")
 
 
+def writable_chain(name: str) -> bool:
+    """Whether a live chain's name can be written back into restore input (upper-case iptables style)."""
+    return _IPT_CHAIN.fullmatch(name) is not None
+
+
+def echoable(text: str) -> bool:
+    """Whether a live rule's saved text can be echoed back (`-D CHAIN text`) as printable ASCII."""
+    return text.isascii() and text.isprintable()
+
+
 def check_words(words: list[str]) -> list[str]:
     """Refuse an iptables rule's words before they are joined: once joined, `net1 -j ACCEPT` as one
     interface name would read as three well-formed words. Returns `words` unchanged."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .invariants import check_restore, check_words
+from .invariants import check_restore, check_words, echoable, writable_chain
 from .model import (
     OUR_CHAINS,
     TABLE_ORDER,
@@ -106,6 +106,9 @@ def _target(target: Target, family: Family) -> list[str]:
             return ["-j", "CT", "--zone", str(zone)]
         case Reject("tcp-reset"):
             return ["-j", "REJECT", "--reject-with", "tcp-reset"]
+        case Reject("admin-prohibited"):
+            kind = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
+            return ["-j", "REJECT", "--reject-with", kind]
         case Reject(_):
             kind = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
             return ["-j", "REJECT", "--reject-with", kind]
@@ -195,7 +198,7 @@ def _transaction(desired: FamilyRules | None, live: dict[str, SavedTable]) -> st
         lines.append(f"*{name}")
         lines += [f":{chain} - [0:0]" for chain in [*sorted(keep), *stale]]
         for builtin, found in saved.hooks().items():
-            lines += [f"-D {builtin} {text}" for _, text in found]
+            lines += _deletions(builtin, found)
         if table:
             position: dict[str, int] = {}
             for hook in table.hooks:
@@ -206,6 +209,18 @@ def _transaction(desired: FamilyRules | None, live: dict[str, SavedTable]) -> st
         lines += [f"-X {chain}" for chain in stale]
         lines.append("COMMIT")
     return check_restore("\n".join(lines) + "\n", tables=names) if lines else ""
+
+
+def _deletions(chain: str, found: list[tuple[int, str]]) -> list[str]:
+    """Delete live jumps into our chains from `chain`: by their exact saved text, or, when a text holds
+    bytes we never write (an interface name that is not UTF-8, chosen by the pod), by position, last
+    first, from the same save. A chain whose own name we cannot write is left alone (verify reports it).
+    """
+    if not writable_chain(chain):
+        return []
+    if all(echoable(text) for _, text in found):
+        return [f"-D {chain} {text}" for _, text in found]
+    return [f"-D {chain} {position + 1}" for position, _ in sorted(found, reverse=True)]
 
 
 def apply_transaction(desired: FamilyRules, live: dict[str, SavedTable]) -> str:

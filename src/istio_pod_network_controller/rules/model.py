@@ -32,6 +32,7 @@ class ChainName(StrEnum):
     OUTPUT_MARK = "ISTIO_OUTPUT_MARK"
     BLOCK_INBOUND = "ISTIO_BLOCK_INBOUND"
     DROP = "ISTIO_DROP"
+    BLOCK_OUTBOUND = "ISTIO_BLOCK_OUTBOUND"
 
 
 OUR_CHAINS: frozenset[str] = frozenset(name.value for name in ChainName)
@@ -188,7 +189,7 @@ class CtZone:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    with_: Literal["tcp-reset", "port-unreachable"]
+    with_: Literal["tcp-reset", "port-unreachable", "admin-prohibited"]
 
 
 Target: TypeAlias = (

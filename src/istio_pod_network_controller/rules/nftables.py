@@ -53,6 +53,7 @@ _BASE_CHAIN = {
     ("nat", "PREROUTING"): ("nat", "dstnat"),
     ("nat", "OUTPUT"): ("nat", "-100"),
     ("filter", "INPUT"): ("filter", "filter"),
+    ("filter", "OUTPUT"): ("filter", "filter"),
 }
 """(iptables table, built-in chain) -> (nft chain type, priority) of the base chain standing in for it."""
 
@@ -124,6 +125,8 @@ def _target(target: Target, table: TableName, family: Family) -> str:
             return f"ct zone set {zone}"
         case Reject("tcp-reset"):
             return "reject with tcp reset"
+        case Reject("admin-prohibited"):
+            return "reject with icmpx type admin-prohibited"
         case Reject(_):
             return "reject with icmpx type port-unreachable"
     raise AssertionError(target)

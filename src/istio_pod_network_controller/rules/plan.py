@@ -3,7 +3,8 @@
 The chains, rules and their order follow Istio's `istio-iptables` (docs/rules.md has the parity table), with
 deliberate, packet-neutral differences: rules Istio puts in the built-in chains (interface exclusions, the
 TPROXY connection-mark rules, KubeVirt's) live inside our chains, so we own everything we add; and a pod
-whose IPv6 is not captured gets new inbound IPv6 rejected instead of silently bypassing the mesh.
+whose IPv6 is not captured gets new IPv6 connections rejected both ways (loopback aside) instead of
+silently bypassing the mesh.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def build(spec: InterceptSpec) -> Ruleset:
     if not spec.intercepts:
         return Ruleset((), ())
     capture_v6 = spec.ipv6 is IPv6Policy.CAPTURE
-    families = [_capture(spec, 4), _capture(spec, 6) if capture_v6 else FamilyRules(6, (_block_inbound(),))]
+    families = [_capture(spec, 4), _capture(spec, 6) if capture_v6 else FamilyRules(6, (_block(),))]
     if spec.drop_invalid:
         families = [_with_drop_invalid(rules) for rules in families]
     routes: list[PolicyRoute] = []
@@ -350,18 +351,38 @@ def _dns_zones(spec: InterceptSpec, servers: list[IPAddress] | None) -> TableRul
     )
 
 
-def _block_inbound() -> TableRules:
-    """IPv6 not captured: refuse new inbound IPv6 connections so they cannot bypass the proxy."""
+def _block() -> TableRules:
+    """IPv6 not captured: refuse new IPv6 TCP and UDP connections both ways, loopback aside, so neither a
+    client nor the app (nor the proxy: IPv6 is not this pod's mesh) goes around the capture.
+
+    Outbound TCP gets a reset (ECONNREFUSED at once); an outbound UDP datagram is refused before it leaves,
+    so the sender's send() fails with EPERM: the waiter's proof that the block is in place (no peer can
+    cause that errno; without the rule the datagram just leaves).
+    Established flows (replies, our own inbound resets) and ICMPv6 (neighbour discovery) pass, as in IPv4,
+    where Istio captures neither.
+    """
+    new = CtState(("NEW",))
     return TableRules(
         "filter",
-        (Hook("INPUT", rule(Jump(ChainName.BLOCK_INBOUND))),),
+        (
+            Hook("INPUT", rule(Jump(ChainName.BLOCK_INBOUND))),
+            Hook("OUTPUT", rule(Jump(ChainName.BLOCK_OUTBOUND))),
+        ),
         (
             Chain(
                 ChainName.BLOCK_INBOUND,
                 (
                     rule(Return(), LO_IN),
-                    rule(Reject("tcp-reset"), TCP, CtState(("NEW",))),
-                    rule(Reject("port-unreachable"), UDP, CtState(("NEW",))),
+                    rule(Reject("tcp-reset"), TCP, new),
+                    rule(Reject("port-unreachable"), UDP, new),
+                ),
+            ),
+            Chain(
+                ChainName.BLOCK_OUTBOUND,
+                (
+                    rule(Return(), LO_OUT),
+                    rule(Reject("tcp-reset"), TCP, new),
+                    rule(Reject("admin-prohibited"), UDP, new),
                 ),
             ),
         ),

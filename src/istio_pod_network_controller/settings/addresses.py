@@ -29,8 +29,8 @@ IF_INET6: Final = "/proc/thread-self/net/if_inet6"
 
 def read_if_inet6(path: str = IF_INET6) -> list[list[str]]:
     """The rows of if_inet6 (address, index, prefix length, scope, flags, name); [] if unreadable."""
-    try:
-        with open(path) as handle:
+    try:  # interface names are the pod's to choose, any bytes: never a reason to fail
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             return [line.split() for line in handle if line.strip()]
     except OSError:
         return []

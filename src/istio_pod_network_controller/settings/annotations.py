@@ -31,6 +31,10 @@ CAPTURE_DNS: Final = "pod-network-controller.istio.io/capture-dns"
 """Ours: "true"/"false" turns DNS capture on or off for one pod (Istio drives it from proxy metadata)."""
 IPV6: Final = "pod-network-controller.istio.io/ipv6"
 """Ours: auto | capture | block, the pod's IPv6 policy."""
+GATEABLE_OVERRIDES: Final = (ENVOY_USERID, ENVOY_GROUPID, IPV6)
+"""Per-pod overrides outside Istio's `traffic.sidecar.istio.io/*` prefix that switch capture off for the app
+(its own uid or gid as the proxy's, IPv6 blocked instead of captured); `run --ignore-pod-overrides` drops
+them."""
 SPEC_DIGEST: Final = "pod-network-controller.istio.io/spec-digest"
 """Written with STATUS: InterceptSpec.fingerprint() of the rules applied, so a changed spec is noticed."""
 

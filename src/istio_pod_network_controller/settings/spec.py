@@ -55,8 +55,8 @@ class InterceptionMode(StrEnum):
 class IPv6Policy(StrEnum):
     """What to do with the pod's IPv6 traffic.
 
-    AUTO captures IPv6 when the pod has a global IPv6 address and otherwise blocks new inbound IPv6 TCP/UDP
-    (except on lo), so IPv6 is never a silent way around the mesh; CAPTURE and BLOCK force one of the two.
+    AUTO captures IPv6 when the pod has a global IPv6 address and otherwise blocks new IPv6 TCP/UDP both
+    ways (except on lo), so IPv6 is never a silent way around the mesh; CAPTURE and BLOCK force either.
     """
 
     AUTO = "auto"

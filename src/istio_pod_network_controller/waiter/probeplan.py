@@ -9,6 +9,8 @@ Two paths, chosen by the uid and gid the waiter runs as (see docs/waiter.md, "Wh
   the outbound capture sends a connection to a documentation (TEST-NET) address to the outbound capture
   port. Sent with TTL / hop limit 1: without the rules, a SYN dies at the pod's first hop. Outbound owner
   groups apply to it as to the app: a gid they leave out has no path (the loopback path comes before them).
+  port. Sent with TTL / hop limit 1: without the rules, a SYN dies at the pod's first hop.
+When IPv6 is not captured it is blocked, and a BLOCKED target proves that too (blockprobe.py).
 Every intercepted spec gets ISTIO_OUTPUT with that rule, even with nothing included, so only
 interceptionMode NONE needs no proof; a spec with no path is refused unless the operator trusts the
 annotation (wait.py).
@@ -41,6 +43,8 @@ TEST_NETS: Final = {
 class Path(StrEnum):
     LOOPBACK = "loopback"
     OUTBOUND = "outbound"
+    BLOCKED = "blocked"
+    """IPv6 not captured: prove new outbound IPv6 is refused (blockprobe.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +76,12 @@ class ProbePlan:
 
     @property
     def families(self) -> tuple[int, ...]:
-        return tuple(t.family for t in self.targets)
+        """The families whose capture is probed."""
+        return tuple(t.family for t in self.targets if t.path is not Path.BLOCKED)
+
+    @property
+    def proves_ipv6_block(self) -> bool:
+        return any(t.path is Path.BLOCKED for t in self.targets)
 
 
 def probe_port(spec: InterceptSpec) -> int | None:
@@ -144,7 +153,7 @@ def plan_probe(spec: InterceptSpec, euid: int, egid: int, global_ipv6: bool) -> 
                         spec.outbound_port)
             for f in families
         )  # fmt: skip
-        return ProbePlan(targets, tproxy=tproxy)
+        return ProbePlan((*targets, *_blocked(families, target)), tproxy=tproxy)
     if egid == spec.proxy_gid:
         return ProbePlan(
             (),
@@ -178,4 +187,11 @@ def plan_probe(spec: InterceptSpec, euid: int, egid: int, global_ipv6: bool) -> 
             )
     if not outbound or outbound[0].family != 4:
         return ProbePlan((), "no IPv4 destination is captured by the outbound rules for a probe to dial")
-    return ProbePlan(tuple(outbound), tproxy=tproxy)
+    return ProbePlan((*outbound, *_blocked(families, target)), tproxy=tproxy)
+
+
+def _blocked(families: tuple[Family, ...], port: int) -> tuple[ProbeTarget, ...]:
+    """IPv6 not captured means blocked: that, too, must be proven before the pod opens."""
+    if 6 in families:
+        return ()
+    return (ProbeTarget(6, Path.BLOCKED, None, "fe80::1", port, 0, 0),)

@@ -27,8 +27,9 @@ from ..settings.addresses import has_global_ipv6
 from ..settings.downward import MAX_FILE_BYTES, parse_annotations
 from ..settings.spec import InterceptSpec, build_spec
 from . import exitcodes
+from .blockprobe import BlockedProbe
 from .probe import FamilyProbe, Outcome
-from .probeplan import ProbePlan, ProbeTarget, plan_probe
+from .probeplan import Path, ProbePlan, ProbeTarget, plan_probe
 
 DEFAULT_FILE = "/etc/podinfo/pod_annotations"
 MIN_INTERVAL = 0.010
@@ -68,6 +69,8 @@ class Config:
     heartbeat: float = HEARTBEAT
     defaults: Mapping[str, str] = field(default_factory=dict)
     """Controller-default settings (Setting.name -> raw text) from flags/environment."""
+    ignore_pod_overrides: bool = False
+    """As the controller's flag: the pod's annotations.GATEABLE_OVERRIDES do not count."""
     default_source: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")
 
 
@@ -111,6 +114,8 @@ def resolve_spec(config: Config, annotations: Mapping[str, str]) -> InterceptSpe
         build_spec({}, config.defaults, config.default_source)
     except SpecError as exc:
         raise Failure(exitcodes.USAGE, f"invalid setting: {exc}") from None
+    if config.ignore_pod_overrides:
+        annotations = {k: v for k, v in annotations.items() if k not in ann.GATEABLE_OVERRIDES}
     try:
         return build_spec(annotations, config.defaults, config.default_source)
     except SpecError as exc:
@@ -378,6 +383,8 @@ class Waiter:
 
 
 def _family_probe(target: ProbeTarget, plan: ProbePlan) -> Probe:
+    if target.path is Path.BLOCKED:
+        return BlockedProbe(target)
     return FamilyProbe(target, tproxy=plan.tproxy)
 
 

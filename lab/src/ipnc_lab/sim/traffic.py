@@ -46,7 +46,8 @@ def probe(a):
         s.settimeout(a["timeout"])
         if a.get("src"):
             s.bind((a["src"], 0))
-        s.connect((a["dst"], a["port"]))
+        # getaddrinfo keeps a link-local destination's `%scope` (a plain 2-tuple would drop it)
+        s.connect(socket.getaddrinfo(a["dst"], a["port"], fam, s.type)[0][4])
         s.sendall(a["token"].encode() + b"\n")
         data = b""
         if tcp:
