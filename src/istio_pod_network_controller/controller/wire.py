@@ -1,26 +1,39 @@
 """The shapes the informer accepts from the API server: a list body, a watch line, an object's metadata.
 
-API bodies are hostile input (a broken proxy, a hostile or buggy server). Anything that is not the
-Kubernetes shape is refused whole with a BadResponse naming what was wrong, so the informer can log, count
-and retry it, and the caches never see a half-checked object. Values are quoted with `ascii()`, cut short,
-so no byte from the body reaches a log line raw.
+API bodies are hostile input (a broken proxy, a hostile or buggy server). Every body the controller reads
+comes through here: lists, watch lines, the answers to pod patches, Event creation and access reviews.
+Anything that is not the Kubernetes shape is refused whole with a BadResponse naming what was wrong, so the
+caller can log, count and retry it, and the caches never see a half-checked object. Sizes are bounded while
+reading, before anything is parsed: a watch line over MAX_LINE_BYTES or a body over MAX_BODY_BYTES is a
+TooLarge as soon as that many bytes arrived. Values are quoted with `ascii()`, cut short, so no byte from
+the body reaches a log line raw.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
 
 from ..errors import ControllerError
 
 Obj = dict[str, Any]
 WATCH_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
 _SHOWN = 60
+MAX_LINE_BYTES: Final = 4 << 20
+"""One watch event is one object: kube-apiserver refuses request bodies over 3 MiB and etcd objects over
+1.5 MiB, so a real event line stays far below 4 MiB; a longer one costs at most this much to refuse."""
+MAX_BODY_BYTES: Final = 64 << 20
+"""A list of one node's pods (kubelet's default cap is 110, large nodes run 250) or an API answer to a
+write; 64 MiB is over 250 KiB per pod, beyond any real pod."""
 
 
 class BadResponse(ControllerError):
     """A response body that is not the shape the Kubernetes API defines."""
+
+
+class TooLarge(BadResponse):
+    """A body or watch line longer than its limit (the rest is never read)."""
 
 
 def show(value: Any) -> str:
@@ -34,6 +47,37 @@ def _decode(raw: bytes | str, what: str) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise BadResponse(f"{what} is not JSON ({exc.__class__.__name__}): {show(raw)}") from None
+    except RecursionError:
+        raise BadResponse(f"{what} is nested too deeply: {show(raw)}") from None
+
+
+async def bounded_lines(chunks: AsyncIterator[bytes], limit: int = MAX_LINE_BYTES) -> AsyncIterator[bytes]:
+    """The lines of a stream; one longer than `limit` bytes is a TooLarge as soon as that much arrived."""
+    pending = bytearray()
+    async for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if len(pending) + end - start > limit:
+                raise TooLarge(f"a watch line is longer than {limit} bytes")
+            pending += chunk[start:end]
+            yield bytes(pending)
+            pending.clear()
+            start = end + 1
+        if len(pending) + len(chunk) - start > limit:
+            raise TooLarge(f"a watch line is longer than {limit} bytes")
+        pending += chunk[start:]
+    if pending:
+        yield bytes(pending)
+
+
+async def bounded_body(chunks: AsyncIterator[bytes], what: str, limit: int = MAX_BODY_BYTES) -> bytes:
+    """A whole body; a longer one than `limit` bytes is a TooLarge as soon as that much arrived."""
+    body = bytearray()
+    async for chunk in chunks:
+        if len(body) + len(chunk) > limit:
+            raise TooLarge(f"{what} is longer than {limit} bytes")
+        body += chunk
+    return bytes(body)
 
 
 def _string_map(value: Any) -> bool:
@@ -83,7 +127,9 @@ def parse_list(raw: bytes | str, required: Sequence[str] = ("name", "uid", "reso
     return [check_object(item, required, f"list item {i}") for i, item in enumerate(items)], version
 
 
-def parse_event(line: str, required: Sequence[str] = ("name", "uid", "resourceVersion")) -> tuple[str, Obj]:
+def parse_event(
+    line: bytes | str, required: Sequence[str] = ("name", "uid", "resourceVersion")
+) -> tuple[str, Obj]:
     """One watch line: (type, object). BOOKMARK objects need only a resourceVersion; ERROR objects are a
     Status (checked where it is read)."""
     event = _decode(line, "watch line")
@@ -99,3 +145,21 @@ def parse_event(line: str, required: Sequence[str] = ("name", "uid", "resourceVe
     if kind == "ERROR":
         return kind, obj
     return kind, check_object(obj, required, f"{kind} object")
+
+
+def parse_written(raw: bytes, what: str) -> str | None:
+    """The answer to a patch or create: an object with metadata; its resourceVersion, if it has one."""
+    obj = check_object(_decode(raw, what), (), what)
+    version = obj["metadata"].get("resourceVersion")
+    return version if isinstance(version, str) and version else None
+
+
+def parse_access_review(raw: bytes) -> bool:
+    """The answer to a SelfSubjectAccessReview: whether it is allowed (status.allowed, a boolean)."""
+    what = "SelfSubjectAccessReview answer"
+    body = _decode(raw, what)
+    status = body.get("status") if isinstance(body, dict) else None
+    allowed = status.get("allowed") if isinstance(status, dict) else None
+    if not isinstance(allowed, bool):
+        raise BadResponse(f"{what} has no status.allowed boolean: {show(body)}")
+    return allowed
