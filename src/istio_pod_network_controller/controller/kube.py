@@ -292,6 +292,7 @@ class Informer:
         self._stream_started: float | None = None
         self._from_list = False
         self._stream_after_list = False
+        self._oversized = False
 
     async def run(self) -> None:
         while True:
@@ -323,7 +324,7 @@ class Informer:
                 delay, wake = self._failed(exc)
             except TooLarge as exc:  # the same stream would send it again: start over from a list
                 self.resource_version = None
-                self._note_failure("too_large", str(exc))
+                self._too_large(exc)
                 delay = max(self._failures.next(), self._stream_over())
             except BadResponse as exc:
                 self._note_failure("bad_response", str(exc))
@@ -385,6 +386,15 @@ class Informer:
         log.log(level, "%s list/watch failed (%s, %d in a row): %s", self.resource, reason, self._streak,
                 show(detail))  # fmt: skip
 
+    def _too_large(self, exc: TooLarge) -> None:
+        """Counted each time; logged once until a watch stream lives long enough to prove the server well
+        again (the relist in between succeeds, so the usual failure streak would restart every time)."""
+        self.metrics.informer_failures.labels(self.resource, "too_large").inc()
+        self.failing = f"too_large: {exc}"
+        if not self._oversized:
+            log.warning("%s: %s; dropped the stream, relisting with backoff", self.resource, exc)
+        self._oversized = True
+
     def _request_ok(self) -> None:
         """A list or a watch the server accepted: the backoffs come down at once."""
         self._failures.reset()
@@ -400,6 +410,7 @@ class Informer:
 
     def _proven(self) -> None:
         self._churn.reset()
+        self._oversized = False
         self._recovered()
 
     async def _pause(self, delay: float, wake: bool) -> None:
