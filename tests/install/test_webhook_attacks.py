@@ -25,7 +25,6 @@ import yaml
 from install_helpers import injected_pod
 from test_install_webhook import make_pki, review
 
-from istio_pod_network_controller.install.webhook.listener import MAX_CONNECTIONS
 from istio_pod_network_controller.install.webhook.server import (
     BODY_TIMEOUT,
     IDLE_TIMEOUT,
@@ -40,10 +39,19 @@ IDLE_CONNECTIONS = 650
 MiB = 1 << 20
 
 
+def chart_webhook() -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load(VALUES.read_text())["webhook"]
+    return values
+
+
 def chart_memory_limit() -> int:
-    limit = str(yaml.safe_load(VALUES.read_text())["webhook"]["resources"]["limits"]["memory"])
+    limit = str(chart_webhook()["resources"]["limits"]["memory"])
     assert limit.endswith("Mi"), limit
     return int(limit[:-2]) * MiB
+
+
+def chart_max_connections() -> int:
+    return int(chart_webhook()["maxConnections"])
 
 
 @dataclass
@@ -78,7 +86,8 @@ def replica(tmp_path: Path) -> Iterator[Replica]:
         process = group.spawn(
             [sys.executable, "-m", "istio_pod_network_controller", "webhook",
              "--listen-address=127.0.0.1:0", f"--tls-cert-file={tmp_path / 'tls.crt'}",
-             f"--tls-key-file={tmp_path / 'tls.key'}", "--image=r/ipnc:test"],
+             f"--tls-key-file={tmp_path / 'tls.key'}", "--image=r/ipnc:test",
+             f"--max-connections={chart_max_connections()}"],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -187,7 +196,7 @@ async def test_hundreds_of_idle_tls_connections_leave_the_replica_answering(repl
     writers = await hold_idle(replica, IDLE_CONNECTIONS)
     try:
         assert replica.alive(), replica.log.read_text()
-        at_cap = lambda: replica.sockets() - baseline <= MAX_CONNECTIONS  # noqa: E731
+        at_cap = lambda: replica.sockets() - baseline <= chart_max_connections()  # noqa: E731
         await settled(at_cap, "connections down to the cap")
         await normal_review(replica)  # a new connection gets in: the oldest idle one makes room
         again = await hold_idle(replica, IDLE_CONNECTIONS)  # and once more, while the first are held
