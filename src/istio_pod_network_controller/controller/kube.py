@@ -86,7 +86,7 @@ def status_error(code: int, body: bytes | str, headers: httpx.Headers | None = N
     return ApiStatusError(
         code,
         str(status.get("reason", "")),
-        str(status.get("message", body[:200] if isinstance(body, str) else body[:200].decode("latin-1"))),
+        str(status.get("message", show(body[:200]))),
         _retry_after(headers or httpx.Headers(), status),
     )
 
@@ -141,21 +141,20 @@ class KubeClient:
         try:
             async with self._http.stream(method, path, **kwargs) as response:
                 if response.status_code >= 400:
-                    self._count(response.status_code)
-                    try:
-                        body = await bounded_body(_raw(response), what, MAX_ERROR_BYTES)
-                    except BadResponse:
-                        body = b""
-                    raise status_error(response.status_code, body, response.headers)
-                try:
-                    body = await bounded_body(_raw(response), what)
-                except BadResponse:
-                    self._bad_answer()
-                    raise
-                return response.status_code, body
+                    raise await self._failure(response, what)
+                return response.status_code, await bounded_body(_raw(response), what)
         except httpx.HTTPError as exc:
             self._count(0)
             raise ApiStatusError(0, type(exc).__name__, str(exc) or repr(exc)) from exc
+
+    async def _failure(self, response: httpx.Response, what: str) -> ApiStatusError:
+        """An error status, counted, with what its (bounded) body says."""
+        self._count(response.status_code)
+        try:
+            body = await bounded_body(_raw(response), what, MAX_ERROR_BYTES)
+        except BadResponse:
+            body = b""
+        return status_error(response.status_code, body, response.headers)
 
     def _bad_answer(self) -> None:
         self.metrics.api_errors.labels("bad_response").inc()
@@ -176,12 +175,7 @@ class KubeClient:
         try:
             async with self._http.stream("GET", path, params=params, timeout=timeout) as response:
                 if response.status_code >= 400:
-                    self._count(response.status_code)
-                    try:
-                        body = await bounded_body(_raw(response), "watch error", MAX_ERROR_BYTES)
-                    except BadResponse:
-                        body = b""
-                    raise status_error(response.status_code, body, response.headers)
+                    raise await self._failure(response, "watch error")
                 self.health.answered(ok=True)
                 yield bounded_lines(_raw(response))
         except httpx.HTTPError as exc:
@@ -192,8 +186,10 @@ class KubeClient:
         """One write; the resourceVersion of the object the server answered with. A 2xx answer that is
         not an object is an ApiStatusError with its code and reason BadResponse (the caller retries)."""
         data = json.dumps(body, separators=(",", ":")).encode()
-        code, answer = await self._request(method, path, what, content=data, headers={"Content-Type": ctype})
+        headers = {"Content-Type": ctype}
+        code = 200  # a body too large to read came with a 2xx status
         try:
+            code, answer = await self._request(method, path, what, content=data, headers=headers)
             version = parse_written(answer, what)
         except BadResponse as exc:
             self._bad_answer()
