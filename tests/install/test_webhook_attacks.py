@@ -174,12 +174,14 @@ async def settled(condition: Callable[[], bool], what: str, timeout: float = 10.
     assert condition(), what
 
 
-async def hold_idle(replica: Replica, count: int) -> list[asyncio.StreamWriter]:
-    """`count` TLS connections that finish the handshake and then send nothing."""
+async def hold_idle(replica: Replica, count: int, *, tls: bool = True) -> list[asyncio.StreamWriter]:
+    """`count` connections that finish the TLS handshake (or, without `tls`, never start one) and then
+    send nothing."""
 
     async def one() -> asyncio.StreamWriter | None:
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", replica.port, ssl=replica.context)
+            context = replica.context if tls else None
+            _, writer = await asyncio.open_connection("127.0.0.1", replica.port, ssl=context)
         except (OSError, ssl.SSLError):
             return None  # evicted during its handshake: the cap at work
         return writer
@@ -202,9 +204,13 @@ async def test_hundreds_of_idle_tls_connections_leave_the_replica_answering(repl
         again = await hold_idle(replica, IDLE_CONNECTIONS)  # and once more, while the first are held
         writers.extend(again)
         await normal_review(replica)
+        silent = await hold_idle(replica, IDLE_CONNECTIONS, tls=False)  # handshakes never started
+        writers.extend(silent)
+        await settled(at_cap, "connections down to the cap")
+        await normal_review(replica)
         assert replica.alive(), replica.log.read_text()
         assert replica.group.peak() < chart_memory_limit()
-        replica.report(f"{2 * IDLE_CONNECTIONS} idle TLS connections")
+        replica.report(f"{2 * IDLE_CONNECTIONS} idle TLS connections and {IDLE_CONNECTIONS} silent TCP ones")
         assert "closing the oldest idle one" in replica.log.read_text()
     finally:
         for writer in writers:
