@@ -65,6 +65,19 @@ def test_answers_that_are_not_objects_are_named_errors(raw: bytes) -> None:
         wire.parse_written(deep, "pod patch answer")
 
 
+def test_json_that_would_cost_too_many_objects_is_refused_before_parsing() -> None:
+    nested = b"[" + b"{}," * wire.MAX_OBJECT_VALUES + b"{}]"  # a 0.7 MiB line: far under the byte limit
+    with pytest.raises(wire.TooLarge, match="watch line holds more than 250000 JSON values"):
+        wire.parse_event(b'{"type":"ADDED","object":{"metadata":{"name":"a"},"x":' + nested + b"}}")
+    with pytest.raises(wire.TooLarge, match="pod patch answer holds more"):
+        wire.parse_written(b'{"metadata":{},"x":' + nested + b"}", "pod patch answer")
+    items = b",".join(
+        [b'{"metadata":{"name":"p","uid":"u","resourceVersion":"1"},"x":' + nested[:300_000] + b"]}"] * 10
+    )
+    with pytest.raises(wire.TooLarge, match="list body holds more than 1000000"):
+        wire.parse_list(b'{"metadata":{"resourceVersion":"1"},"items":[' + items + b"]}")
+
+
 @pytest.fixture
 async def api() -> AsyncIterator[LocalAPIServer]:
     async with LocalAPIServer(bookmark_interval=0.2, history_size=100) as server:

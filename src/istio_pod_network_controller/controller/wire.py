@@ -1,12 +1,12 @@
-"""The shapes the informer accepts from the API server: a list body, a watch line, an object's metadata.
+"""Every body the controller reads from the API server: lists, watch lines, and the answers to pod
+patches, Event creation and access reviews.
 
-API bodies are hostile input (a broken proxy, a hostile or buggy server). Every body the controller reads
-comes through here: lists, watch lines, the answers to pod patches, Event creation and access reviews.
-Anything that is not the Kubernetes shape is refused whole with a BadResponse naming what was wrong, so the
-caller can log, count and retry it, and the caches never see a half-checked object. Sizes are bounded while
-reading, before anything is parsed: a watch line over MAX_LINE_BYTES or a body over MAX_BODY_BYTES is a
-TooLarge as soon as that many bytes arrived. Values are quoted with `ascii()`, cut short, so no byte from
-the body reaches a log line raw.
+API bodies are hostile input (a broken proxy, a hostile or buggy server). Anything that is not the
+Kubernetes shape is refused whole with a BadResponse naming what was wrong, so the caller can log, count
+and retry it, and the caches never see a half-checked object. Sizes are bounded while reading, before
+anything is parsed: a watch line over MAX_LINE_BYTES or a body over MAX_BODY_BYTES is a TooLarge as soon
+as that many bytes arrived, and one whose JSON would cost too many Python objects is a TooLarge before it
+is parsed. Values are quoted with `ascii()`, cut short, so no byte from the body reaches a log line raw.
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ _SHOWN = 60
 MAX_LINE_BYTES: Final = 4 << 20
 """One watch event is one object: kube-apiserver refuses request bodies over 3 MiB and etcd objects over
 1.5 MiB, so a real event line stays far below 4 MiB; a longer one costs at most this much to refuse."""
-MAX_BODY_BYTES: Final = 64 << 20
+MAX_BODY_BYTES: Final = 32 << 20
 """A list of one node's pods (kubelet's default cap is 110, large nodes run 250) or an API answer to a
-write; 64 MiB is over 250 KiB per pod, beyond any real pod."""
+write; 32 MiB is over 128 KiB per pod, beyond real pods (a few KiB to tens)."""
+MAX_OBJECT_VALUES: Final = 250_000
+"""Objects, arrays and strings in one object's JSON (a watch line, a write's answer), counted from the
+bytes before parsing (an overcount: brackets and quotes inside strings count too). A pod has hundreds to
+a few thousand; each costs Python up to ~80 bytes (an empty object), so a parse costs at most ~20 MiB
+(measured: 18 MiB for 250,000 `{}`)."""
+MAX_LIST_VALUES: Final = 1_000_000
+"""The same for a whole list body (a node's pods): at most ~80 MiB (measured: 76 MiB for 1,000,000 `{}`)."""
 
 
 class BadResponse(ControllerError):
@@ -42,7 +49,15 @@ def show(value: Any) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
-def _decode(raw: bytes | str, what: str) -> Any:
+def _values(raw: bytes | str) -> int:
+    if isinstance(raw, str):
+        return raw.count("{") + raw.count("[") + raw.count('"') // 2
+    return raw.count(b"{") + raw.count(b"[") + raw.count(b'"') // 2
+
+
+def _decode(raw: bytes | str, what: str, max_values: int = MAX_OBJECT_VALUES) -> Any:
+    if _values(raw) > max_values:
+        raise TooLarge(f"{what} holds more than {max_values} JSON values")
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -112,7 +127,7 @@ def parse_list(raw: bytes | str, required: Sequence[str] = ("name", "uid", "reso
 ):  # fmt: skip
     """A list body: (items, the list's resourceVersion); one bad item refuses the whole list, since a
     partial list would look like deletions of everything left out."""
-    body = _decode(raw, "list body")
+    body = _decode(raw, "list body", MAX_LIST_VALUES)
     if not isinstance(body, dict):
         raise BadResponse(f"list body is not an object: {show(body)}")
     meta = body.get("metadata")
