@@ -16,9 +16,11 @@ from ipnc_lab.localapi import CORE_EVENTS, PODS, Hostile, RequestRecord
 from ipnc_lab.sim.cluster import CONTROLLER_USER, SimCluster, pod_manifest
 from ipnc_lab.sim.controller import ControllerProcess, wait_for
 from istio_pod_network_controller.settings import annotations as ann
+from memcg import vm_hwm
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(150)]
 METRIC = "istio_pod_network_controller_"
+MiB = 1 << 20
 MARGIN = 3.0
 """Generous bound for "marked within 1 s after the API answers again" on a loaded 2-core machine."""
 
@@ -138,4 +140,53 @@ def test_hostile_server_garbage_and_other_nodes_pods() -> None:
         after = cluster.add_pod(node, "after-garbage")
         cluster.wait_initialized([after], 20, ctl.log)
         assert "bad_response" in ctl.log(200_000)
+        assert ctl.terminate() == 0
+
+
+HTML = b"<html><body><h1>502 Bad Gateway</h1>\xff</body></html>"
+HUGE_LINE = 600 << 20
+"""The issue's line: once ~1.6 GB of the controller's memory (its chart limit is 256Mi)."""
+
+
+def test_run_survives_bad_answers_and_a_huge_watch_line() -> None:
+    """Issue 21 item 7 against the real `run`: `{}` and HTML answering the startup access reviews and the
+    pod patches, then a 600 MiB watch line. Each is one named log line, never a traceback; the line costs
+    the controller at most a bounded amount of memory (its peak RSS is printed for docs/security.md)."""
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipncw")
+        faults = cluster.api.faults
+        faults.set_hostile(Hostile(write_body=b"{}", write_resources=frozenset({"selfsubjectaccessreviews"})))
+        ctl = cluster.start_controller(node, ["--preflight-retry", "0.5"])
+        not_a_review = "the answer is not a SelfSubjectAccessReview"
+        wait_for(lambda: not_a_review in ctl.log(), 20, f"preflight refuses {{}}\n{ctl.log()}")
+        faults.set_hostile(Hostile(write_body=HTML, write_type="text/html",
+                                   write_resources=frozenset({"selfsubjectaccessreviews"})))  # fmt: skip
+        wait_for(lambda: "is not JSON" in ctl.log(), 20, f"preflight refuses HTML\n{ctl.log()}")
+        assert ctl.running() and ctl.http("/readyz")[0] == 503
+        faults.set_hostile(
+            Hostile(write_body=HTML, write_type="text/html", write_resources=frozenset({"pods"}))
+        )
+        ctl.wait_ready()
+        pod = cluster.add_pod(node, "patched-with-html")
+        wait_for(
+            lambda: "pod patch answer is not JSON" in ctl.log(), 20, f"patch answer refused\n{ctl.log()}"
+        )
+        assert not cluster.initialized(pod)
+        faults.set_hostile(Hostile())
+        cluster.wait_initialized([pod], 30, ctl.log)  # the mark is retried and lands
+
+        before = vm_hwm(ctl.pid)
+        faults.set_hostile(Hostile(huge_line=HUGE_LINE))
+        faults.drop_watches()
+        too_large = lambda: ctl.metric(f"{METRIC}informer_failures_total", 'reason="too_large"')  # noqa: E731
+        wait_for(lambda: too_large() >= 2, 60, f"the huge line refused twice\n{ctl.log()}")
+        peak = vm_hwm(ctl.pid)
+        print(f"\ncontroller peak RSS: {before / MiB:.1f} MiB before the {HUGE_LINE // MiB} MiB watch line, "
+              f"{peak / MiB:.1f} MiB after it was refused {too_large():.0f} times")  # fmt: skip
+        assert peak - before < 64 * MiB, f"{before / MiB:.1f} -> {peak / MiB:.1f} MiB"
+        assert ctl.log(200_000).count("dropped the stream, relisting") == 1
+        faults.set_hostile(Hostile())
+        after = cluster.add_pod(node, "after-the-huge-line")
+        cluster.wait_initialized([after], 60, ctl.log)
+        assert "Traceback" not in ctl.log(1_000_000)
         assert ctl.terminate() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -18,6 +19,7 @@ from pss_rules import restricted_violations
 
 from ipnc_lab.localapi.tls import generate_certificates
 from istio_pod_network_controller.install.injection import InjectOptions
+from istio_pod_network_controller.install.webhook.listener import Limits
 from istio_pod_network_controller.install.webhook.patch import pod_patch
 from istio_pod_network_controller.install.webhook.server import serving
 from istio_pod_network_controller.settings import annotations as ann
@@ -360,3 +362,32 @@ async def test_values_the_controller_refuses_are_denied_at_admission(
     assert response["allowed"] is False and response["status"]["code"] == 400
     assert named in response["status"]["message"]
     assert "\n" not in response["status"]["message"]  # the tenant's newline is shown escaped (repr)
+
+
+async def test_at_the_cap_idle_connections_make_room_and_a_request_in_progress_is_kept(
+    tmp_path: Path,
+) -> None:
+    """Cap 3: a request whose body is still arriving survives six newcomers; the idle ones are closed."""
+    ca_file = make_pki(tmp_path)
+    options = InjectOptions(image="r/ipnc:test")
+    cert, key = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
+    async with serving(options, "127.0.0.1", 0, cert, key, limits=Limits(max_connections=3)) as (_, port):
+        context = ssl.create_default_context(cafile=str(ca_file))
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", port, ssl=context)
+
+        body = json.dumps(review(injected_pod())).encode()
+        reader, writer = await connect()
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])  # fmt: skip
+        await writer.drain()
+        idle = [await connect() for _ in range(2)]  # by their handshakes' end the headers above are in
+        newcomers = [await connect() for _ in range(6)]
+        closed = [await r.read(1) for r, _ in [*idle, *newcomers[:4]]]  # the oldest idle ones, in order
+        assert closed == [b""] * 6
+        writer.write(body[10:])
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        for _, w in [(reader, writer), *idle, *newcomers]:
+            w.close()

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..install.webhook.listener import MAX_CONNECTIONS
 from .inject_options import ENV, inject_options_from, injection_options
 
 
@@ -44,6 +45,15 @@ from .inject_options import ENV, inject_options_from, injection_options
     envvar=ENV + "CERT_RELOAD_INTERVAL",
     help="Seconds between checks for a rotated certificate.",
 )
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=MAX_CONNECTIONS,
+    show_default=True,
+    envvar=ENV + "MAX_CONNECTIONS",
+    show_envvar=True,
+    help="Open connections per replica (TLS handshakes included); at the cap the oldest idle one is closed.",
+)
 @injection_options(environment=True)
 @click.option(
     "--log-level",
@@ -57,11 +67,13 @@ def webhook(
     tls_cert_file: str,
     tls_key_file: str,
     cert_reload_interval: float,
+    max_connections: int,
     log_level: str,
     **params: Any,
 ) -> None:
     """Serve the mutating admission webhook that replaces istio-init with the waiter in new pods."""
     from ..controller.config import ConfigError, parse_listen
+    from ..install.webhook.listener import Limits
     from ..install.webhook.server import serve_forever
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,9 +83,11 @@ def webhook(
         raise click.UsageError(str(exc)) from None
     options = inject_options_from(params)
 
+    limits = Limits(max_connections)
+
     async def main() -> None:
         task = asyncio.ensure_future(
-            serve_forever(options, host, port, tls_cert_file, tls_key_file, cert_reload_interval)
+            serve_forever(options, host, port, tls_cert_file, tls_key_file, cert_reload_interval, limits)
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any, Final
 
 import httpx2 as httpx
-import lightkube
+from lightkube.config.client_adapter import AsyncClient as _adapter_client
+from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import SingleConfig
-from lightkube.core.exceptions import ApiError
-from lightkube.models.authorization_v1 import ResourceAttributes, SelfSubjectAccessReviewSpec
-from lightkube.resources.authorization_v1 import SelfSubjectAccessReview
 
 from ..dataplane.apply import BackendChoice
 from .preflight import Access, ApiProblem, Check, Report, decide_access, local_checks
+from .wire import BadResponse, bounded_body, parse_access_review, show
 
 API_TIMEOUT: Final = 10.0
+REVIEWS: Final = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 
 async def probe_access(
@@ -24,26 +25,54 @@ async def probe_access(
 ) -> tuple[list[Access], ApiProblem | None]:
     """One SelfSubjectAccessReview per needed verb, cluster-wide (the controller acts in every namespace)."""
     try:
-        client = lightkube.AsyncClient(config=config, timeout=httpx.Timeout(API_TIMEOUT))
+        client = _adapter_client(config, ConnectionParams(timeout=httpx.Timeout(API_TIMEOUT)))
     except (OSError, ValueError) as exc:
         return [], ApiProblem(0, f"cannot set up the connection: {exc}")
+    client.headers["Accept-Encoding"] = "identity"
     try:
         reviews = [_review(client, access) for access in needed]
         return list(await asyncio.gather(*reviews)), None
-    except ApiError as exc:
-        return [], ApiProblem(int(exc.status.code or 0) or 500, str(exc.status.message or exc))
+    except _Refused as exc:
+        return [], exc.problem
     except (httpx.HTTPError, OSError) as exc:
         return [], ApiProblem(0, str(exc) or type(exc).__name__)
     finally:
-        await client.close()
+        await client.aclose()
 
 
-async def _review(client: lightkube.AsyncClient, access: Access) -> Access:
-    attributes = ResourceAttributes(group=access.group, resource=access.resource, verb=access.verb)
-    review = SelfSubjectAccessReview(spec=SelfSubjectAccessReviewSpec(resourceAttributes=attributes))
-    answer: Any = await client.create(review)
-    allowed = bool(getattr(getattr(answer, "status", None), "allowed", False))
+class _Refused(Exception):
+    def __init__(self, problem: ApiProblem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+async def _review(client: httpx.AsyncClient, access: Access) -> Access:
+    attributes = {"group": access.group, "resource": access.resource, "verb": access.verb}
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes},
+    }
+    async with client.stream("POST", REVIEWS, json=review) as response:
+        code = response.status_code
+        try:
+            body = await bounded_body(response.aiter_raw(), "SelfSubjectAccessReview answer")
+            if code >= 400:
+                raise _Refused(ApiProblem(code, _status_message(body)))
+            allowed = parse_access_review(body)
+        except BadResponse as exc:
+            raise _Refused(ApiProblem(code, f"the answer is not a SelfSubjectAccessReview: {exc}")) from None
     return Access(access.group, access.resource, access.verb, allowed)
+
+
+def _status_message(body: bytes) -> str:
+    """The message of a Status answer, else the start of the body, escaped."""
+    try:
+        status: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        status = None
+    message = status.get("message") if isinstance(status, dict) else None
+    return show(message) if isinstance(message, str) else show(body)
 
 
 async def api_check(config: SingleConfig, server: str, needed: Sequence[Access]) -> Check:

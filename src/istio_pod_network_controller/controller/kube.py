@@ -1,10 +1,12 @@
-"""The Kubernetes client: lightkube for configuration, auth, patches and Events; list/watch done here.
+"""The Kubernetes client: lightkube for configuration and auth; every request and body handled here.
 
-lightkube's watch API cannot send allowWatchBookmarks, silently re-watches from "now" after 410 Gone when
-asked to retry, and keeps no read timeout on its streams. The Informer below owns the whole list-then-watch
-protocol instead, on an httpx client built by lightkube from the same KubeConfig (same TLS and bearer-token
-handling, including service-account token files re-read after a 401), and hands raw JSON objects to the
-caches so the relist diff and the pure selection see exactly what the API server sent.
+Every answer is read bounded and parsed by `wire` (lightkube's own client decodes answers unchecked: a
+`{}` or HTML page answering a patch raised out of it). lightkube's watch API cannot send
+allowWatchBookmarks, silently re-watches from "now" after 410 Gone when asked to retry, and keeps no read
+timeout on its streams. The Informer below owns the whole list-then-watch protocol instead, on an httpx
+client built by lightkube from the same KubeConfig (same TLS and bearer-token handling, including
+service-account token files re-read after a 401), and hands raw JSON objects to the caches so the relist
+diff and the pure selection see exactly what the API server sent.
 """
 
 from __future__ import annotations
@@ -16,26 +18,34 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, cast
+from typing import Any
+from urllib.parse import quote
 
 import httpx2 as httpx
-import lightkube
 from lightkube.config.client_adapter import AsyncClient as _adapter_client
 from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
-from lightkube.core.exceptions import ApiError
-from lightkube.resources.core_v1 import Event, Pod
-from lightkube.types import PatchType
 
 from ..errors import ControllerError
 from .backoff import ApiHealth, Backoff, jittered
 from .cache import Obj
 from .config import WatchTuning
 from .metrics import Metrics
-from .wire import BadResponse, parse_event, parse_list, show
+from .wire import (
+    BadResponse,
+    TooLarge,
+    bounded_body,
+    bounded_lines,
+    parse_event,
+    parse_list,
+    parse_written,
+    show,
+)
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 10.0
+MAX_ERROR_BYTES = 64 << 10
+"""An error answer is a Status of a few hundred bytes; more of it is not read."""
 DEFAULT_REQUIRED = ("name", "uid", "resourceVersion")
 MIN_STREAM_LIFETIME = 5.0
 """A watch stream that ends sooner did not prove the server healthy: consecutive short streams back off."""
@@ -76,7 +86,7 @@ def status_error(code: int, body: bytes | str, headers: httpx.Headers | None = N
     return ApiStatusError(
         code,
         str(status.get("reason", "")),
-        str(status.get("message", body[:200] if isinstance(body, str) else body[:200].decode("latin-1"))),
+        str(status.get("message", show(body[:200]))),
         _retry_after(headers or httpx.Headers(), status),
     )
 
@@ -97,18 +107,27 @@ def load_config(kubeconfig: str | None, service_account: str = SERVICE_ACCOUNT_D
     return single
 
 
+def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive; identity only (asked for), so no small body inflates while read."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadResponse(f"the body is {show(encoding)}-encoded although identity was asked for")
+    return response.aiter_raw()
+
+
 class KubeClient:
+    """Every request and every body of the controller: bodies are read bounded and parsed by `wire`."""
+
     def __init__(self, config: SingleConfig, metrics: Metrics) -> None:
         self.metrics = metrics
         self.health = ApiHealth()
         self._http: httpx.AsyncClient = _adapter_client(
             config, ConnectionParams(timeout=httpx.Timeout(REQUEST_TIMEOUT))
         )
-        self._lk = lightkube.AsyncClient(config=config, timeout=httpx.Timeout(REQUEST_TIMEOUT))
+        self._http.headers["Accept-Encoding"] = "identity"
 
     async def close(self) -> None:
         await self._http.aclose()
-        await self._lk.close()
 
     def _count(self, code: int) -> None:
         self.metrics.api_errors.labels(str(code)).inc()
@@ -117,80 +136,89 @@ class KubeClient:
         else:
             self.health.answered(ok=False)
 
+    async def _request(self, method: str, path: str, what: str, **kwargs: Any) -> tuple[int, bytes]:
+        """Status and body of a successful request (bounded); ApiStatusError for a failed one."""
+        try:
+            async with self._http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    raise await self._failure(response, what)
+                return response.status_code, await bounded_body(_raw(response), what)
+        except httpx.HTTPError as exc:
+            self._count(0)
+            raise ApiStatusError(0, type(exc).__name__, str(exc) or repr(exc)) from exc
+
+    async def _failure(self, response: httpx.Response, what: str) -> ApiStatusError:
+        """An error status, counted, with what its (bounded) body says."""
+        self._count(response.status_code)
+        try:
+            body = await bounded_body(_raw(response), what, MAX_ERROR_BYTES)
+        except BadResponse:
+            body = b""
+        return status_error(response.status_code, body, response.headers)
+
+    def _bad_answer(self) -> None:
+        self.metrics.api_errors.labels("bad_response").inc()
+        self.health.answered(ok=False)
+
     async def list(
         self, path: str, params: dict[str, str], required: Sequence[str] = DEFAULT_REQUIRED
     ) -> tuple[list[Obj], str]:
         """Items and resourceVersion of a list; BadResponse for a body that is not a Kubernetes list."""
-        try:
-            response = await self._http.get(path, params=params)
-        except httpx.HTTPError as exc:
-            self._count(0)
-            raise ApiStatusError(0, type(exc).__name__, str(exc) or repr(exc)) from exc
-        if response.status_code >= 400:
-            self._count(response.status_code)
-            raise status_error(response.status_code, response.content, response.headers)
+        _, body = await self._request("GET", path, "list body", params=params)
         self.health.answered(ok=True)
-        return parse_list(response.content, required)
+        return parse_list(body, required)
 
     @contextlib.asynccontextmanager
-    async def stream(self, path: str, params: dict[str, str]) -> AsyncIterator[httpx.Response]:
-        """A watch response with no read timeout (the Informer's watchdog replaces it)."""
+    async def stream(self, path: str, params: dict[str, str]) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The lines of a watch, each bounded, with no read timeout (the Informer's watchdog replaces it)."""
         timeout = httpx.Timeout(REQUEST_TIMEOUT, read=None)
         try:
             async with self._http.stream("GET", path, params=params, timeout=timeout) as response:
                 if response.status_code >= 400:
-                    body = await response.aread()
-                    self._count(response.status_code)
-                    raise status_error(response.status_code, body, response.headers)
+                    raise await self._failure(response, "watch error")
                 self.health.answered(ok=True)
-                yield response
+                yield bounded_lines(_raw(response))
         except httpx.HTTPError as exc:
             self._count(0)
             raise ApiStatusError(0, type(exc).__name__, str(exc) or repr(exc)) from exc
 
-    def _translate(self, exc: Exception) -> ApiStatusError:
-        if isinstance(exc, ApiError):
-            code = int(exc.status.code or 0)
-            headers = exc.response.headers if exc.response is not None else httpx.Headers()
-            details = exc.status.details
-            retry = getattr(details, "retryAfterSeconds", None) if details is not None else None
-            after = _retry_after(headers, {"details": {"retryAfterSeconds": retry}})
-            error = ApiStatusError(code, str(exc.status.reason or ""), str(exc.status.message or ""), after)
-        elif isinstance(exc, httpx.HTTPStatusError):
-            error = status_error(exc.response.status_code, exc.response.content, exc.response.headers)
-        else:
-            error = ApiStatusError(0, type(exc).__name__, str(exc) or repr(exc))
-        self._count(error.code)
-        return error
+    async def _write(self, method: str, path: str, what: str, body: dict[str, Any], ctype: str) -> str | None:
+        """One write; the resourceVersion of the object the server answered with. A 2xx answer that is
+        not an object is an ApiStatusError with its code and reason BadResponse (the caller retries)."""
+        data = json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": ctype}
+        code = 200  # a body too large to read came with a 2xx status
+        try:
+            code, answer = await self._request(method, path, what, content=data, headers=headers)
+            version = parse_written(answer, what)
+        except BadResponse as exc:
+            self._bad_answer()
+            raise ApiStatusError(code, "BadResponse", str(exc)) from None
+        self.health.answered(ok=True)
+        return version
 
     async def patch_pod_annotations(
         self, namespace: str, name: str, annotations: dict[str, str]
     ) -> str | None:
         """One JSON merge patch of metadata.annotations; the pod's resourceVersion after it."""
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
         body = {"metadata": {"annotations": annotations}}
-        try:
-            patched = await self._lk.patch(Pod, name, body, namespace=namespace, patch_type=PatchType.MERGE)
-        except (httpx.HTTPError, ApiError) as exc:
-            raise self._translate(exc) from exc
-        self.health.answered(ok=True)
-        version = getattr(getattr(patched, "metadata", None), "resourceVersion", None)
-        return version if isinstance(version, str) else None
+        return await self._write("PATCH", path, "pod patch answer", body, "application/merge-patch+json")
 
     async def create_event(self, event: dict[str, Any], attempts: int = 4) -> None:
         """Create a core/v1 Event, retrying 429/5xx/connection failures; AlreadyExists means recorded."""
         backoff = Backoff(initial=0.2, maximum=5.0)
-        obj = cast(Event, Event.from_dict(event))
+        namespace = (event.get("metadata") or {}).get("namespace") or "default"
+        path = f"/api/v1/namespaces/{quote(str(namespace), safe='')}/events"
         for attempt in range(attempts):
             try:
-                await self._lk.create(obj)
-                self.health.answered(ok=True)
+                await self._write("POST", path, "Event answer", event, "application/json")
                 return
-            except (httpx.HTTPError, ApiError) as exc:
-                error = self._translate(exc)
+            except ApiStatusError as error:
                 if error.code == 409:
                     return
                 if (error.code not in (0, 429) and error.code < 500) or attempt == attempts - 1:
-                    raise error from exc
+                    raise
                 await asyncio.sleep(backoff.next(error.retry_after))
 
 
@@ -210,7 +238,8 @@ class Informer:
       not re-watched in a hot loop;
     - a body that is not the Kubernetes shape (wire.BadResponse), or a callback that fails on an object →
       logged, counted, retried like a failed request; the object is not applied and the resourceVersion
-      does not move past it;
+      does not move past it; a watch line over wire.MAX_LINE_BYTES (wire.TooLarge) ends the stream at once
+      and relists, since resuming would meet the same line;
     - objects `accept` refuses (another node's pods from a server that ignored the fieldSelector) are
       dropped and counted, never handed on;
     - BOOKMARK events only move the resourceVersion (allowWatchBookmarks=true is always sent); a jittered
@@ -259,6 +288,7 @@ class Informer:
         self._stream_started: float | None = None
         self._from_list = False
         self._stream_after_list = False
+        self._oversized = False
 
     async def run(self) -> None:
         while True:
@@ -288,6 +318,10 @@ class Informer:
                     self.resource_version = None
                 self.metrics.watch_restarts.labels(self.resource, f"error_{exc.code}").inc()
                 delay, wake = self._failed(exc)
+            except TooLarge as exc:  # the same stream would send it again: start over from a list
+                self.resource_version = None
+                self._too_large(exc)
+                delay = max(self._failures.next(), self._stream_over())
             except BadResponse as exc:
                 self._note_failure("bad_response", str(exc))
                 delay = max(self._failures.next(), self._stream_over())
@@ -348,6 +382,15 @@ class Informer:
         log.log(level, "%s list/watch failed (%s, %d in a row): %s", self.resource, reason, self._streak,
                 show(detail))  # fmt: skip
 
+    def _too_large(self, exc: TooLarge) -> None:
+        """Counted each time; logged once until a watch stream lives long enough to prove the server well
+        again (the relist in between succeeds, so the usual failure streak would restart every time)."""
+        self.metrics.informer_failures.labels(self.resource, "too_large").inc()
+        self.failing = f"too_large: {exc}"
+        if not self._oversized:
+            log.warning("%s: %s; dropped the stream, relisting with backoff", self.resource, exc)
+        self._oversized = True
+
     def _request_ok(self) -> None:
         """A list or a watch the server accepted: the backoffs come down at once."""
         self._failures.reset()
@@ -363,6 +406,7 @@ class Informer:
 
     def _proven(self) -> None:
         self._churn.reset()
+        self._oversized = False
         self._recovered()
 
     async def _pause(self, delay: float, wake: bool) -> None:
@@ -414,7 +458,7 @@ class Informer:
             "timeoutSeconds": str(timeout),
         }
         loop = asyncio.get_running_loop()
-        async with self.client.stream(self.path, params) as response:
+        async with self.client.stream(self.path, params) as lines:
             self._stream_started = time.monotonic()
             self._stream_after_list, self._from_list = self._from_list, False
             self._request_ok()
@@ -422,7 +466,7 @@ class Informer:
             limit = self._watchdog_limit(timeout)
             try:
                 async with asyncio.timeout(limit) as guard:
-                    async for line in response.aiter_lines():
+                    async for line in lines:
                         if line.strip():
                             self._handle(*parse_event(line, self.required))
                             limit = self._watchdog_limit(timeout)

@@ -424,6 +424,9 @@ class LocalAPIServer:
     ) -> web.StreamResponse:
         path = request.path.rstrip("/")
         if request.method == "POST" and path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
+            hostile = self.faults.hostile
+            if hostile.answers_write("selfsubjectaccessreviews") and hostile.write_body is not None:
+                return web.Response(status=201, body=hostile.write_body, content_type=hostile.write_type)
             return self._access_review(user, await self._body(request))
         if request.method != "GET":
             raise ApiError(
@@ -551,8 +554,11 @@ class LocalAPIServer:
             headers = {"Warning": ", ".join(f'299 - "{w}"' for w in warnings)} if warnings else None
             return _json_response(body, status, headers)
 
+        hostile = self.faults.hostile
+        if verb in ("create", "update", "patch", "delete") and hostile.answers_write(res.plural):
+            status = 201 if verb == "create" else 200
+            return web.Response(status=status, body=hostile.write_body, content_type=hostile.write_type)
         if verb in ("list", "watch", "deletecollection"):
-            hostile = self.faults.hostile
             hostile = hostile if verb != "deletecollection" and hostile.applies(res.plural) else Hostile()
             wanted = {} if hostile.ignore_selectors else query
             try:
@@ -734,6 +740,9 @@ class LocalAPIServer:
         if hostile.watch_lines is not None:
             for line in hostile.watch_lines:
                 await response.write(line + b"\n")
+        elif hostile.huge_line is not None:
+            for chunk in hostile.huge_chunks():
+                await response.write(chunk)
         elif hostile.instant_close == "BOOKMARK":
             await response.write(dumps({"type": "BOOKMARK", "object": mark}) + b"\n")
         elif hostile.instant_close == "MODIFIED":

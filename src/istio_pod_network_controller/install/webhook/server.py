@@ -1,7 +1,9 @@
 """aiohttp TLS server for AdmissionReview admission.k8s.io/v1: POST /mutate, GET /healthz, GET /readyz.
 
 Every request gets an answer and none can crash the server: a body that is not an AdmissionReview v1 is a
-400 with a plain-text reason; a review of something that is not a Pod CREATE is allowed unchanged; a pod
+400 with a plain-text reason; a body over MAX_BODY_BYTES is a 413 before any of it is parsed (or read, when
+it announces its length), one whose JSON would cost more than MAX_JSON_VALUES Python objects a 400, one not
+sent within BODY_TIMEOUT a 408; a review of something that is not a Pod CREATE is allowed unchanged; a pod
 that cannot be rewritten is denied with the reason (code 400); an unexpected error is denied with code 500
 and logged. The certificate and key are re-read when their files change (Secret rotation), for new
 connections, without a restart.
@@ -24,14 +26,30 @@ from aiohttp import web
 
 from ...errors import RefusedInput
 from ..injection import InjectionError, InjectOptions, rewrite_pod
+from .listener import DEFAULT_LIMITS, Limits, Listener
 from .patch import pod_patch
 
 log = logging.getLogger(__name__)
 
 ADMISSION_API: Final = "admission.k8s.io/v1"
-MAX_BODY_BYTES: Final = 8 << 20
-"""The API server caps an object at ~1.5 MiB; a review holds at most two copies (object, oldObject)."""
+MAX_BODY_BYTES: Final = 4 << 20
+"""kube-apiserver refuses request bodies over 3 MiB (its --max-request-body-bytes default) and etcd objects
+over 1.5 MiB; the webhook is registered for CREATE only, so a review carries one pod (oldObject is null)
+plus the request's envelope: 4 MiB leaves room for what defaulting and managedFields add."""
+MAX_JSON_VALUES: Final = 250_000
+"""Objects, arrays and strings in one body, counted from its bytes before parsing (an overcount: brackets
+and quotes inside strings count too). A real pod has a few thousand; each costs Python ~70 bytes at most,
+so parsing stays under ~20 MiB however the body is shaped (8 MiB of `[[],[],...]` once took ~260 MiB)."""
+BODY_TIMEOUT: Final = 10.0
+"""Seconds to deliver a body once the headers are in: the chart's timeoutSeconds, the API server's own
+deadline for the whole call (at most 30 s)."""
+IDLE_TIMEOUT: Final = 15.0
+"""Seconds a connection may sit idle, or take to send a request's headers, before it is closed."""
+MAX_READING: Final = 4
+"""Bodies read at once; others wait (within BODY_TIMEOUT) so trickled bodies cannot add up."""
 OPTIONS_KEY: Final = web.AppKey("options", InjectOptions)
+READING_KEY: Final = web.AppKey("reading", asyncio.Semaphore)
+LISTENER_KEY: Final = web.AppKey("listener", Listener)
 
 
 class BadReview(RefusedInput):
@@ -88,10 +106,15 @@ def _require(condition: bool, message: str) -> None:
 
 def parse_review(body: bytes) -> Mapping[str, Any]:
     """The `request` of an AdmissionReview v1, checked just enough to answer it."""
+    _require(len(body) <= MAX_BODY_BYTES, f"body is larger than {MAX_BODY_BYTES} bytes")
+    values = body.count(b"{") + body.count(b"[") + body.count(b'"') // 2
+    _require(values <= MAX_JSON_VALUES, f"body holds more than {MAX_JSON_VALUES} JSON values")
     try:
         review = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadReview(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadReview("body is nested too deeply") from None
     _require(isinstance(review, dict), "body is not a JSON object")
     _require(review.get("kind") == "AdmissionReview", "kind must be AdmissionReview")
     _require(
@@ -162,14 +185,47 @@ def review_response(request: Mapping[str, Any], options: InjectOptions) -> dict[
     return _response(uid, **fields)
 
 
-async def mutate(request: web.Request) -> web.Response:
+def _refuse(status: int, text: str) -> web.Response:
+    """An answer that closes the connection: whatever the client still sends is never read."""
+    response = web.Response(status=status, text=text)
+    response.force_close()
+    return response
+
+
+async def _read_body(request: web.Request) -> bytes | web.Response:
+    """The body, or the answer refusing it: too large (413), too slow (408)."""
+    announced = request.content_length
+    if announced is not None and announced > MAX_BODY_BYTES:
+        log.warning("refused a %d-byte body from %s (limit %d)", announced, request.remote, MAX_BODY_BYTES)
+        return _refuse(413, f"body larger than {MAX_BODY_BYTES} bytes\n")
     try:
-        body = await request.read()
+        async with asyncio.timeout(BODY_TIMEOUT), request.app[READING_KEY]:
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        log.warning("refused a body over %d bytes from %s", MAX_BODY_BYTES, request.remote)
+        return _refuse(413, f"body larger than {MAX_BODY_BYTES} bytes\n")
+    except TimeoutError:
+        log.warning("refused a body not sent within %.0fs from %s", BODY_TIMEOUT, request.remote)
+        return _refuse(408, f"body not sent within {BODY_TIMEOUT:.0f}s\n")
+
+
+async def mutate(request: web.Request) -> web.Response:
+    listener = request.app.get(LISTENER_KEY)
+    connection = listener.request_started(request.transport) if listener is not None else None
+    try:
+        return await _mutate(request)
+    finally:
+        Listener.request_done(connection)
+
+
+async def _mutate(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
         review = parse_review(body)
     except BadReview as exc:
         return web.Response(status=400, text=f"bad AdmissionReview: {exc}\n")
-    except web.HTTPException:
-        raise
     try:
         answer = review_response(review, request.app[OPTIONS_KEY])
     except Exception:
@@ -192,6 +248,7 @@ async def readyz(request: web.Request) -> web.Response:
 def make_app(options: InjectOptions, reloader: CertReloader | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[OPTIONS_KEY] = options
+    app[READING_KEY] = asyncio.Semaphore(MAX_READING)
     if reloader is not None:
         app[TLS_KEY] = reloader
     app.router.add_post("/mutate", mutate)
@@ -214,14 +271,22 @@ async def serving(
     cert_file: str,
     key_file: str,
     reload_interval: float = 30.0,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> AsyncIterator[tuple[web.AppRunner, int]]:
     """Run the webhook until the context exits; yields the runner and the bound port (0 picks one)."""
     reloader = CertReloader.create(cert_file, key_file)
-    runner = web.AppRunner(make_app(options, reloader), access_log=None)
+    app = make_app(options, reloader)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT)
+
+    def handler() -> asyncio.Protocol:
+        assert runner.server is not None  # noqa: S101 - set by setup(), before anything listens
+        return runner.server()
+
+    listener = Listener(handler, reloader.context, limits)
+    app[LISTENER_KEY] = listener
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=reloader.context)
-    await site.start()
-    bound = int(runner.addresses[0][1]) if runner.addresses else port
+    server = await asyncio.get_running_loop().create_server(listener, host, port, reuse_address=True)
+    bound = int(server.sockets[0].getsockname()[1]) if server.sockets else port
     watcher = asyncio.create_task(_watch_certs(reloader, reload_interval))
     try:
         yield runner, bound
@@ -229,12 +294,19 @@ async def serving(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        server.close()
         await runner.cleanup()
 
 
 async def serve_forever(
-    options: InjectOptions, host: str, port: int, cert_file: str, key_file: str, reload_interval: float
+    options: InjectOptions,
+    host: str,
+    port: int,
+    cert_file: str,
+    key_file: str,
+    reload_interval: float,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
-    async with serving(options, host, port, cert_file, key_file, reload_interval) as (_runner, bound):
+    async with serving(options, host, port, cert_file, key_file, reload_interval, limits) as (_runner, bound):
         log.info("webhook listening on https://%s:%d/mutate", host, bound)
         await asyncio.Event().wait()
