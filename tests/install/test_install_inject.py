@@ -20,14 +20,15 @@ from istio_pod_network_controller.install.injection import (
     InjectionError,
     InjectOptions,
     needs_rewrite,
-    parse_istio_iptables_args,
     rewrite_object,
     rewrite_pod,
 )
 from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.istio import parse_istio_iptables_args
 from istio_pod_network_controller.settings.spec import (
     SETTINGS_BY_NAME,
     SPEC_ANNOTATIONS,
+    Given,
     InterceptionMode,
     build_spec,
 )
@@ -192,9 +193,9 @@ def test_parse_istio_iptables_args_spellings() -> None:
     assert parse_istio_iptables_args(
         ["istio-iptables", "--envoy-port=15011", "-z", "15016", "--redirect-dns"]
     ) == {
-        "outbound_port": "15011",
-        "inbound_port": "15016",
-        "capture_dns": "true",
+        "outbound_port": Given("15011", "istio-init argument --envoy-port"),
+        "inbound_port": Given("15016", "istio-init argument --inbound-capture-port"),
+        "capture_dns": Given("true", "istio-init argument --redirect-dns"),
     }
 
 
@@ -313,7 +314,7 @@ def test_mode_is_read_exactly_as_the_controller_reads_it(deployment: dict, mode:
     try:
         controller_mode = build_spec({ann.INTERCEPTION_MODE: mode}).mode
     except SpecError:
-        with pytest.raises(InjectionError, match=r"interceptionMode|interception_mode") as caught:
+        with pytest.raises(InjectionError, match=r"interceptionMode|interception-mode") as caught:
             rewrite_pod(template["metadata"], template["spec"], OPTIONS)
         assert repr(mode) in str(caught.value)
         return
@@ -349,7 +350,7 @@ def test_hostile_istio_init_arguments_are_refused(deployment: dict, flag: str, v
     template = deployment["spec"]["template"]
     args = istio_init(template["spec"])["args"]
     args += [flag, value]
-    with pytest.raises(InjectionError, match="istio-init argument for"):
+    with pytest.raises(InjectionError, match="istio-init argument --"):
         rewrite_pod(template["metadata"], template["spec"], OPTIONS)
 
 
@@ -363,10 +364,10 @@ def test_the_translation_table_comes_from_the_spec_settings() -> None:
         assert not SETTINGS_BY_NAME[setting].annotations
         flag = "--" + setting.replace("_", "-")
         assert any(flag in p.opts for p in wait.params), flag  # the waiter accepts what injection passes
-    assert set(ANNOTATED_SETTINGS) | set(FLAG_SETTINGS) == set(parse_istio_iptables_args(
+    assert set(ANNOTATED_SETTINGS) | set(FLAG_SETTINGS) == {*parse_istio_iptables_args(
         ["-p", "1", "-z", "2", "-u", "3", "-g", "4", "-m", "NONE", "-b", "", "-d", "", "-i", "", "-x", "",
-         "-q", "", "-o", "", "-k", "", "-c", "", "--redirect-dns"]
-    ))  # fmt: skip
+         "-q", "", "-o", "", "-k", "", "-c", "", "--redirect-dns", "--capture-all-dns", "--drop-invalid"]
+    ), "outbound_owner_groups", "outbound_owner_groups_exclude"}  # fmt: skip
 
 
 def test_the_waiter_learns_the_controller_namespace(deployment: dict) -> None:

@@ -35,6 +35,7 @@ HOST_NETWORK_SKIPPED: Final = "HostNetworkSkipped"
 NETNS_NOT_FOUND: Final = "NetworkNamespaceNotFound"
 APPLY_FAILED: Final = "InterceptionFailed"
 CAPTURE_KEPT: Final = "CaptureKept"
+CIDR_MASKED: Final = "CIDRHostBitsMasked"
 
 log = logging.getLogger(__name__)
 _seq = itertools.count()

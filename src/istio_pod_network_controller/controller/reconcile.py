@@ -27,7 +27,8 @@ from ..dataplane.discovery import PodNetnsNotFound, ProcIndex
 from ..dataplane.netns import NetnsId, PinnedNetns
 from ..errors import DataplaneError, SpecError
 from ..settings import annotations as ann
-from ..settings.spec import InterceptSpec, build_spec
+from ..settings.istio import cidr_notices, pod_spec
+from ..settings.spec import InterceptSpec
 from . import events as ev
 from . import selection
 from .backoff import Backoff
@@ -187,7 +188,7 @@ class Reconciler:
         verdict = self.select(view.raw)
         spec: InterceptSpec | SpecError
         try:
-            spec = build_spec(view.annotations, self.config.spec_defaults)
+            spec = pod_spec(view.raw, self.config.spec_defaults)
         except SpecError as exc:
             spec = exc
         wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
@@ -208,6 +209,9 @@ class Reconciler:
         view = PodView.of(pod)
         plog = PodLogger(log, view, self.recorder)
         action = self.plan(view, state, flags)
+        if isinstance(action, Verify | Apply):
+            for notice in cidr_notices(view.annotations):
+                plog.warn_event(ev.CIDR_MASKED, notice)
         state.busy = True
         try:
             return await self.execute(view, state, action, plog)
