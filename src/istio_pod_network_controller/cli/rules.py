@@ -19,6 +19,7 @@ from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from ..errors import ControllerError
 from ..rules import iptables, nftables, plan
 from ..settings.downward import read_annotations
+from ..settings.istio import pod_spec
 from ..settings.spec import InterceptionMode, InterceptSpec, IPv6Policy, build_spec
 from . import exitcodes
 from .failures import fail, fail_with
@@ -64,7 +65,13 @@ class Target:
             fail(problem, exitcodes.PERMISSION)
         try:
             with self._open(pod) as handle:
-                options = {"allow_host": self.allow_host_netns, "proc_root": self.proc_root}
+                options: dict[str, object] = {
+                    "allow_host": self.allow_host_netns,
+                    "proc_root": self.proc_root,
+                }
+                if self.pid is not None and action is not dataplane.clean:
+                    # Its resolv.conf narrows DNS capture to the pod's nameservers, as the controller's does.
+                    options["pod_pids"] = (self.pid,)
                 return handle.description, action(handle, *args, _backend(self.backend), **options)
         except ControllerError as exc:
             fail_with(exc)
@@ -254,9 +261,8 @@ def verify(
     pod: dict[str, Any] | None = None
     if pod_ref is not None:
         pod, controller_defaults = _fetch_pod(pod_ref, kubeconfig, controller_namespace)
-        annotations = {str(k): str(v) for k, v in (pod["metadata"].get("annotations") or {}).items()}
         given = {name: value for name, value in settings.items() if value is not None}
-        spec = _spec_from(annotations, {**controller_defaults, **given})
+        spec = _spec_from(pod, {**controller_defaults, **given})
     else:
         spec = _parsed_spec(annotations_file, settings)
     where, drift = target.run(dataplane.verify, spec, pod=pod)
@@ -271,10 +277,11 @@ def verify(
     raise SystemExit(exitcodes.DRIFT)
 
 
-def _spec_from(annotations: Mapping[str, str], settings: Mapping[str, str | None]) -> InterceptSpec:
+def _spec_from(pod: Mapping[str, Any], settings: Mapping[str, str | None]) -> InterceptSpec:
+    """The pod's spec as the controller builds it (settings.istio), over these defaults."""
     defaults = {name: value for name, value in settings.items() if value is not None}
     try:
-        return build_spec(annotations, defaults, default_source=source_name)
+        return pod_spec(pod, defaults, default_source=source_name)
     except ControllerError as exc:
         fail_with(exc)
 

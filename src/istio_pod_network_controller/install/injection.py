@@ -332,9 +332,12 @@ def rewrite_pod(
         istio_init = next(c for c in inits if _name(c) == ann.ISTIO_INIT_CONTAINER)
         warnings += given_cidr_notices(from_istio_init(istio_init))
 
+    # Carried as an annotation when the controller (which also reads istio-proxy) or the waiter (which
+    # reads annotations only) would see another value than istio-init's.
+    waiter_view = _spec({"metadata": {"annotations": annotations_in}}, "the waiter would refuse this pod")
     annotations: JSON = dict(annotations_in)
     for setting, key in ANNOTATED_SETTINGS.items():
-        if key not in annotations and _differs(setting, want, have):
+        if key not in annotations and (_differs(setting, want, have) or _differs(setting, want, waiter_view)):
             annotations[key] = _canonical(setting, want)
     after["metadata"]["annotations"] = annotations
     effective = _spec(after, "the controller would refuse this pod")

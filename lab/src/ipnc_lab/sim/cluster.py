@@ -27,7 +27,7 @@ from istio_pod_network_controller.dataplane import apply as dataplane
 from istio_pod_network_controller.dataplane.apply import BackendChoice, Drift
 from istio_pod_network_controller.install import rbac
 from istio_pod_network_controller.settings import annotations as ann
-from istio_pod_network_controller.settings.spec import build_spec
+from istio_pod_network_controller.settings.istio import pod_spec
 
 from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
 from ..localapi.rbac import pod_bound_extra, service_account_groups, service_account_username
@@ -285,10 +285,10 @@ class SimCluster:
         return [event["reason"] for event in self.events(pod)]
 
     def verify(self, pod: SimPod, backend: BackendChoice = "auto") -> Drift:
-        """The pod's live rules against the spec its annotations ask for (under default controller flags)."""
+        """The pod's live rules against the spec the pod asks for (under default controller flags)."""
         if pod.netns is None:
             raise ValueError(f"{pod.name} has no network namespace of its own")
-        spec = build_spec(self.annotations(pod))
+        spec = pod_spec(self.pod_object(pod))
         return dataplane.verify(pod.netns.pinned, spec, backend)
 
     # -- teardown -----------------------------------------------------------------------------------------
