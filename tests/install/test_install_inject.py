@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,7 +25,7 @@ from istio_pod_network_controller.install.injection import (
     rewrite_pod,
 )
 from istio_pod_network_controller.settings import annotations as ann
-from istio_pod_network_controller.settings.istio import parse_istio_iptables_args
+from istio_pod_network_controller.settings.istio import parse_istio_iptables_args, pod_spec
 from istio_pod_network_controller.settings.spec import (
     SETTINGS_BY_NAME,
     SPEC_ANNOTATIONS,
@@ -398,3 +399,42 @@ def test_cli_passes_the_controller_namespace_and_never_trust() -> None:
     refused = runner.invoke(cli, ["inject", "-f", "-", "--waiter-arg=--trust-annotation"], input=text)
     assert refused.exit_code == 2
     assert "--trust-annotation is never injected" in refused.output
+
+
+def test_openshift_sidecar_pod_needs_no_grant_and_keeps_istios_capture() -> None:
+    """A sidecar-mode pod the injector shaped on OpenShift (istio-init `-u` = the top of the namespace's uid
+    range, no `-g`; proxyMetadata in istio-init's env): the waiter runs as that uid and gid (restricted-v2's
+    MustRunAsRange admits it: no nonroot/anyuid grant), and the controller, reading the rewritten pod,
+    builds exactly the spec istio-init would have used (DNS capture, drop-invalid, the exempt uid/gid)."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "istio-pods" / "sidecar-openshift.yaml"
+    pod = yaml.safe_load(fixture.read_text())
+    result = rewrite_pod(pod["metadata"], pod["spec"], OPTIONS)
+    (waiter, *_) = result.spec["initContainers"]
+    uid = 1000629999
+    assert (waiter["securityContext"]["runAsUser"], waiter["securityContext"]["runAsGroup"]) == (uid, uid)
+    assert 1000620000 <= uid < 1000620000 + 10000
+    ours = [v for v in restricted_violations(result.spec, result.metadata) if ann.WAITER_CONTAINER in v]
+    assert ours == []  # the others are Istio's and the tenant's (OpenShift's SCC admission defaults them)
+    notes = result.metadata["annotations"]
+    assert (notes[ann.CAPTURE_DNS], notes[ann.DROP_INVALID]) == ("true", "true")
+    assert notes[ann.ENVOY_USERID] == notes[ann.ENVOY_GROUPID] == str(uid)
+    istio_init_spec = pod_spec(pod)
+    controller_spec = pod_spec({"metadata": result.metadata, "spec": result.spec})
+    assert controller_spec == istio_init_spec
+    assert (controller_spec.proxy_uid, controller_spec.proxy_gid, controller_spec.capture_dns) == (
+        uid,
+        uid,
+        True,
+    )
+
+
+def test_istio_init_cidr_with_host_bits_is_masked_and_said(deployment: dict) -> None:
+    template = deployment["spec"]["template"]
+    args = istio_init(template["spec"])["args"]
+    args[args.index("-i") + 1] = "10.96.0.2/12"
+    result = rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+    assert result.metadata["annotations"][ann.INCLUDE_OUTBOUND_IP_RANGES] == "10.96.0.0/12"
+    assert (
+        "istio-init argument --istio-service-cidr: 10.96.0.2/12 has host bits set, read as 10.96.0.0/12"
+        in (result.warnings)
+    )

@@ -11,6 +11,7 @@ removes every node and stops the emulator, also after a failure.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -59,8 +60,19 @@ def pod_manifest(
     annotations: Mapping[str, str] | None = None,
     labels: Mapping[str, str] | None = None,
     host_network: bool = False,
+    shaped: Obj | None = None,
 ) -> Obj:
-    """A pod as the injector leaves it: `mesh` adds the sidecar status and the waiter init container."""
+    """A pod as the injector leaves it: `mesh` adds the sidecar status and the waiter init container.
+
+    `shaped`: a whole pod as Istio's injector (or our rewrite) wrote it; only its name, namespace and node
+    are the simulation's (`mesh`, `annotations` and `labels` do not apply then).
+    """
+    if shaped is not None:
+        body = copy.deepcopy(dict(shaped))
+        body["metadata"] = {**body.get("metadata", {}), "name": name, "namespace": namespace}
+        body["spec"] = {**body.get("spec", {}), "nodeName": node, "hostNetwork": host_network}
+        body.pop("status", None)
+        return body
     notes = {**({ann.SIDECAR_STATUS: INJECTED_STATUS} if mesh else {}), **(annotations or {})}
     inits = [{"name": ann.WAITER_CONTAINER, "image": "ipnc"}] if mesh else []
     return {
