@@ -24,6 +24,7 @@ from istio_pod_network_controller.install.injection import (
     rewrite_object,
     rewrite_pod,
 )
+from istio_pod_network_controller.rules import plan
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.istio import parse_istio_iptables_args, pod_spec
 from istio_pod_network_controller.settings.spec import (
@@ -420,7 +421,8 @@ def test_openshift_sidecar_pod_needs_no_grant_and_keeps_istios_capture() -> None
     assert notes[ann.ENVOY_USERID] == notes[ann.ENVOY_GROUPID] == str(uid)
     istio_init_spec = pod_spec(pod)
     controller_spec = pod_spec({"metadata": result.metadata, "spec": result.spec})
-    assert controller_spec == istio_init_spec
+    for v6 in (False, True):  # the same rules (-d's 15090,15021,15020 are the implied exclusions)
+        assert plan.build(controller_spec.with_ipv6(v6)) == plan.build(istio_init_spec.with_ipv6(v6))
     assert (controller_spec.proxy_uid, controller_spec.proxy_gid, controller_spec.capture_dns) == (
         uid,
         uid,
