@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 import yaml
 
+from istio_pod_network_controller.controller.cache import slim_pod
 from istio_pod_network_controller.errors import SpecError
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.istio import (
     ISTIO_IPTABLES_FLAGS,
+    READ_ENV,
     cidr_notices,
     from_istio_init,
     given_cidr_notices,
@@ -288,3 +290,13 @@ def test_an_env_spelling_the_flag_overrides_is_never_read() -> None:
     """As viper: istio-init always passes -i, so ISTIO_SERVICE_CIDR is not istio-iptables' input."""
     env = [{"name": "ISTIO_SERVICE_CIDR", "value": "10.0.0.0/8 -j ACCEPT"}]
     assert pod_spec(with_env(SIDECAR, "istio-init", env)).include_outbound_ip_ranges == WILDCARD
+
+
+@pytest.mark.parametrize("pod", [SIDECAR, NATIVE, CNI], ids=["sidecar", "native", "cni"])
+def test_the_controllers_slim_cache_keeps_what_the_translation_reads(pod: dict[str, Any]) -> None:
+    slim = slim_pod(pod)
+    assert pod_spec(slim) == pod_spec(pod)
+    assert istio_values(slim) == istio_values(pod)
+    proxy = container(slim, "istio-proxy")
+    assert {e["name"] for e in proxy.get("env", [])} <= READ_ENV
+    assert "ports" not in proxy and "image" not in proxy

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..settings import annotations as ann
+from ..settings.istio import slim_container
+
 Obj = dict[str, Any]
 
 _POD_META = ("name", "namespace", "uid", "resourceVersion", "annotations", "labels", "deletionTimestamp")
@@ -24,7 +27,12 @@ def slim_pod(pod: Obj) -> Obj:
         "metadata": {k: meta[k] for k in _POD_META if k in meta},
         "spec": {
             "hostNetwork": bool(spec.get("hostNetwork")),
-            "initContainers": [{"name": c.get("name", "")} for c in spec.get("initContainers") or ()],
+            "initContainers": [slim_container(c) for c in spec.get("initContainers") or ()],
+            "containers": [
+                slim_container(c)
+                for c in spec.get("containers") or ()
+                if c.get("name") == ann.ISTIO_PROXY_CONTAINER
+            ],
         },
         "status": {
             "phase": status.get("phase"),

@@ -123,6 +123,17 @@ ISTIO_INIT_SETTINGS: Final = tuple(
 )
 """Every setting istio-init's arguments and env can carry."""
 
+READ_ENV: Final = frozenset(
+    {
+        *(flag.env for flag in ISTIO_IPTABLES_FLAGS if flag.setting is not None or flag.fixed is not None),
+        *ENV_ONLY,
+        *ENV_DEFAULTS,
+        *DUAL_STACK_ENV,
+    }
+)
+"""Every variable this module reads."""
+READ_CONTAINERS: Final = (ann.ISTIO_INIT_CONTAINER, ann.ISTIO_PROXY_CONTAINER)
+
 _BY_SPELLING: Final = {
     spelling: flag
     for flag in ISTIO_IPTABLES_FLAGS
@@ -189,6 +200,27 @@ def container_env(container: Obj, name: str) -> dict[str, str | None]:
         else:
             raise SpecError(f"container {name} env {shown(item['name'])}", str(value), "must be a string")
     return env
+
+
+def slim_container(container: Obj) -> Obj:
+    """What this module reads of a container (for caches that keep pods small): the name, and for Istio's
+    istio-init and istio-proxy their arguments, the variables read here and the security context's ids."""
+    name = container.get("name", "")
+    if name not in READ_CONTAINERS:
+        return {"name": name}
+    slim: dict[str, Any] = {"name": name}
+    for key in ("command", "args"):
+        if key in container:
+            slim[key] = container[key]
+    env = container.get("env")
+    if isinstance(env, list):
+        slim["env"] = [e for e in env if not isinstance(e, Mapping) or e.get("name") in READ_ENV]
+    context = container.get("securityContext")
+    if isinstance(context, Mapping):
+        slim["securityContext"] = {k: context[k] for k in ("runAsUser", "runAsGroup") if k in context}
+    elif context is not None:
+        slim["securityContext"] = context
+    return slim
 
 
 # --- sidecar mode: istio-init ------------------------------------------------------------------------------
