@@ -22,7 +22,6 @@ from install_helpers import injected_pod, istio_init
 
 from hostile_values import IPTABLES_ATTACK, assert_loads_only_the_plan, assert_refusal_names, hostile
 from istio_pod_network_controller.errors import SpecError
-from istio_pod_network_controller.install import injection
 from istio_pod_network_controller.install.injection import InjectionError, InjectOptions, rewrite_pod
 from istio_pod_network_controller.install.webhook.server import parse_review, review_response
 from istio_pod_network_controller.settings import annotations as ann
