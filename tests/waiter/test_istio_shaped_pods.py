@@ -1,10 +1,10 @@
 """Pods shaped exactly as Istio's injector shapes them, through the real controller on the simulated node.
 
 Sidecar mode (istio-init's arguments and env, rewritten by `inject`), CNI mode with istio-validation,
-istio-proxy as a native sidecar, the OpenShift namespace-range uid, and `proxy.istio.io/overrides` ids: for each, a
-process running as the proxy's uid:gid is never captured, an app's uid always is, and a stand-in for Istio's
-istio-validation running as the proxy's uid passes (as uid 1337 it fails where the proxy is another uid:
-the loop Envoy would be in if we exempted 1337).
+istio-proxy as a native sidecar, the OpenShift namespace-range uid, and `proxy.istio.io/overrides` ids:
+for each, a process running as the proxy's uid:gid is never captured, an app's uid always is, and a
+stand-in for Istio's istio-validation running as the proxy's uid passes (as uid 1337 it fails where the
+proxy is another uid: the loop Envoy would be in if we exempted 1337).
 """
 
 from __future__ import annotations
