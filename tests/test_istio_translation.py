@@ -300,3 +300,12 @@ def test_the_controllers_slim_cache_keeps_what_the_translation_reads(pod: dict[s
     proxy = container(slim, "istio-proxy")
     assert {e["name"] for e in proxy.get("env", [])} <= READ_ENV
     assert "ports" not in proxy and "image" not in proxy
+
+
+def test_cni_mode_keeps_istios_outbound_15020_exclusion_below_flags_and_annotations() -> None:
+    assert pod_spec(CNI).exclude_outbound_ports == (15020,)
+    assert pod_spec(SIDECAR).exclude_outbound_ports == ()
+    assert pod_spec(CNI, {"exclude_outbound_ports": "5432"}).exclude_outbound_ports == (5432,)
+    annotated = copy.deepcopy(CNI)
+    annotated["metadata"]["annotations"][ann.EXCLUDE_OUTBOUND_PORTS] = ""
+    assert pod_spec(annotated).exclude_outbound_ports == ()

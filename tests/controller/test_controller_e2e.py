@@ -254,9 +254,8 @@ def test_a_cidr_annotation_with_host_bits_is_masked_and_said_once() -> None:
         wait_for(lambda: "CIDRHostBitsMasked" in cluster.reasons(pod), 5, "masked warning")
         (warning,) = [e for e in cluster.events(pod) if e["reason"] == "CIDRHostBitsMasked"]
         assert warning["type"] == "Warning"
-        assert warning["message"] == (
-            f"annotation {ann.EXCLUDE_OUTBOUND_IP_RANGES}: 10.96.0.2/24 has host bits set, read as 10.96.0.0/24"
-        )
+        said = "10.96.0.2/24 has host bits set, read as 10.96.0.0/24"
+        assert warning["message"] == f"annotation {ann.EXCLUDE_OUTBOUND_IP_RANGES}: {said}"
         assert rules_in_place(cluster, pod)  # verified against the masked spec
         cluster.edit_annotations(pod, {ann.EXCLUDE_INBOUND_PORTS: "8080"})
         wait_for(lambda: "Reconfigured" in cluster.reasons(pod), 10, "Reconfigured event")

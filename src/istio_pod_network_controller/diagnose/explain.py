@@ -17,7 +17,7 @@ from ..controller.config import LEGACY_SPEC_FLAGS
 from ..controller.decision import candidate_digests
 from ..errors import SpecError
 from ..settings import annotations as ann
-from ..settings.istio import istio_values, pod_spec
+from ..settings.istio import istio_defaults, istio_values, pod_spec
 from ..settings.spec import SETTINGS, Given, InterceptSpec
 from . import DEFAULT_CONTROLLER_NAMESPACE
 
@@ -264,7 +264,8 @@ def explain(
     settings: tuple[SettingView, ...] = ()
     expected: tuple[str, ...] = ()
     try:
-        from_pod = istio_values(pod)
+        below_flags = {k: v for k, v in istio_defaults(pod).items() if k not in ctl.sources}
+        from_pod = {**below_flags, **istio_values(pod)}
         spec = pod_spec(pod, ctl.defaults, default_source=lambda n: ctl.sources.get(n, n))
     except SpecError as exc:
         spec_error = safe(exc)

@@ -11,18 +11,20 @@ Whoever installs Istio's rules for a pod reads it in one of two ways, and so do 
   `istio-proxy` container wherever it sits (init containers, as a native sidecar, then containers; the last
   one wins): its runAsUser/runAsGroup are the exempt uid/gid (unset or 0: Istio's 1337, which is ours too),
   and its env ISTIO_META_DNS_CAPTURE and INVALID_DROP. In CNI mode (istio-validation) DNS capture covers
-  every server, as the plugin's does; elsewhere it stays limited to the pod's nameservers, as istio-iptables'.
+  every server, as the plugin's does (elsewhere it stays limited to the pod's nameservers, as
+  istio-iptables'), and outbound port 15020 is not captured unless excludeOutboundPorts says otherwise (the
+  plugin's default for that annotation).
 
 The injector puts the status port (`status.sidecar.istio.io/port`) into istio-init's exclusions, so outside
 CNI mode that annotation moves our exclusion too; Istio's CNI plugin always excludes 15020.
 
 Precedence, highest first: the pod's annotations (Istio's and ours, the 2018 `envoy-*` included: they are
 the pod's explicit word), then what this module reads from the pod, then the controller's defaults, then
-Istio's defaults (build_spec). Env values are hostile input like annotations: each goes through its
-setting's strict parser (booleans accept Go's spellings, as Istio's ParseBool), and a refusal names the
-container and the variable. Only literal `value:` entries can be read: istio-proxy's `valueFrom` is what
-Istio's plugin reads too (an empty value: the setting stays off), while istio-init's `valueFrom` for a
-setting we translate is refused (istio-iptables would see a value we cannot).
+Istio's defaults (istio_defaults, then build_spec's). Env values are hostile input like annotations: each
+goes through its setting's strict parser (booleans accept Go's spellings, as Istio's ParseBool), and a
+refusal names the container and the variable. Only literal `value:` entries can be read: istio-proxy's
+`valueFrom` is what Istio's plugin reads too (an empty value: the setting stays off), while istio-init's
+`valueFrom` for a setting we translate is refused (istio-iptables would see a value we cannot).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from . import annotations as ann
 from .spec import (
     HBONE_PORT,
     SETTINGS_BY_NAME,
+    STATUS_PORT,
     TPROXY_MARK,
     TPROXY_ROUTE_TABLE,
     Given,
@@ -360,6 +363,14 @@ def istio_values(pod: Obj) -> dict[str, Given]:
     return values
 
 
+def istio_defaults(pod: Obj) -> dict[str, Given]:
+    """Istio's own defaults that differ from ours for this pod; below the controller's defaults."""
+    cni_mode = _named(pod, ann.ISTIO_INIT_CONTAINER) is None and _named(pod, ann.ISTIO_VALIDATION_CONTAINER)
+    if not cni_mode:
+        return {}
+    return {"exclude_outbound_ports": Given(str(STATUS_PORT), "Istio CNI's default excludeOutboundPorts")}
+
+
 def annotations_of(pod: Obj) -> dict[str, str]:
     meta = pod.get("metadata") or {}
     notes = meta.get("annotations") if isinstance(meta, Mapping) else None
@@ -372,7 +383,7 @@ def pod_spec(
     default_source: Callable[[str], str] | None = None,
 ) -> InterceptSpec:
     """The pod's spec: its annotations over what Istio reads from it, over the controller's defaults."""
-    layered: dict[str, str | Given] = {**(defaults or {}), **istio_values(pod)}
+    layered: dict[str, str | Given] = {**istio_defaults(pod), **(defaults or {}), **istio_values(pod)}
     if default_source is None:
         return build_spec(annotations_of(pod), layered)
     return build_spec(annotations_of(pod), layered, default_source)
