@@ -19,6 +19,9 @@ from istio_pod_network_controller.controller.cache import slim_pod
 from istio_pod_network_controller.errors import SpecError
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.istio import (
+    DUAL_STACK_ENV,
+    ENV_DEFAULTS,
+    ENV_ONLY,
     ISTIO_IPTABLES_FLAGS,
     READ_ENV,
     cidr_notices,
@@ -309,3 +312,13 @@ def test_cni_mode_keeps_istios_outbound_15020_exclusion_below_flags_and_annotati
     annotated = copy.deepcopy(CNI)
     annotated["metadata"]["annotations"][ann.EXCLUDE_OUTBOUND_PORTS] = ""
     assert pod_spec(annotated).exclude_outbound_ports == ()
+
+
+def test_the_parity_table_names_every_flag_and_variable() -> None:
+    text = (HERE.parent / "docs" / "rules.md").read_text()
+    table = text[text.index("## Parity with Istio's configuration surface") :]
+    for flag in ISTIO_IPTABLES_FLAGS:
+        assert f"--{flag.long}`" in table and f"`{flag.env}`" in table, flag.long
+        assert not flag.short or f"`-{flag.short}`" in table, flag.short
+    for variable in [*ENV_ONLY, *ENV_DEFAULTS, *DUAL_STACK_ENV]:
+        assert f"`{variable}`" in table, variable
