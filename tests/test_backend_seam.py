@@ -31,6 +31,7 @@ from istio_pod_network_controller.settings.spec import TPROXY_MARK, TPROXY_ROUTE
 GOLDEN = Path(__file__).parent / "golden" / "seam"
 DEFAULT = plan.build(build_spec({ann.IPV6: "capture"}))
 TPROXY = plan.build(build_spec({ann.IPV6: "capture", ann.INTERCEPTION_MODE: "TPROXY"}))
+DROP_INVALID = plan.build(build_spec({ann.IPV6: "capture"}, {"drop_invalid": "true"}))
 OUR_FIB_RULES = [FibRule(4, TPROXY_MARK, TPROXY_ROUTE_TABLE), FibRule(6, TPROXY_MARK, TPROXY_ROUTE_TABLE)]
 
 
@@ -52,6 +53,11 @@ def fresh_nftables(runner: RecordingRunner) -> None:
 
 
 def reapply_nft(runner: RecordingRunner) -> None:
+    IptablesBackend("nft", runner).apply(DEFAULT, present=True)
+
+
+def drop_invalid_off(runner: RecordingRunner) -> None:
+    """Re-apply without drop-invalid over rules with it: ISTIO_DROP and its mangle jump go, nothing else."""
     IptablesBackend("nft", runner).apply(DEFAULT, present=True)
 
 
@@ -82,6 +88,7 @@ SCENARIOS: dict[str, tuple[Callable[[RecordingRunner], None], dict[str, str]]] =
     "fresh-nftables": (fresh_nftables, {}),
     "reapply-nft": (reapply_nft, _saved("nft", DEFAULT)),
     "legacy-to-nft": (legacy_to_nft, _saved("legacy", DEFAULT)),
+    "drop-invalid-off": (drop_invalid_off, _saved("nft", DROP_INVALID)),
     "tproxy-routes-fresh": (tproxy_routes_fresh, {}),
     "tproxy-routes-again": (tproxy_routes_again, {}),
     "clean": (clean, {**_saved("legacy", TPROXY), **_saved("nft", DEFAULT)}),

@@ -16,7 +16,11 @@ from istio_pod_network_controller.settings.spec import build_spec
 
 pytestmark = pytest.mark.root
 BACKENDS = ["legacy", "nft", "nftables"]
-FULL = build_spec({ann.INTERCEPTION_MODE: "TPROXY", ann.CAPTURE_DNS: "true", ann.IPV6: "capture"})
+FULL = build_spec(
+    {ann.INTERCEPTION_MODE: "TPROXY", ann.CAPTURE_DNS: "true", ann.IPV6: "capture"},
+    {"drop_invalid": "true", "outbound_owner_groups_exclude": "888"},
+)
+"""Every table of ours in both families: TPROXY's mangle shares its PREROUTING with ISTIO_DROP's jump."""
 DEFAULT = build_spec({ann.IPV6: "block"})
 
 
@@ -219,3 +223,19 @@ def test_host_netns_is_refused_without_override() -> None:
     after = subprocess.run(["iptables-legacy-save"], capture_output=True, text=True, check=True).stdout
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("#")]  # noqa: E731
     assert strip(before) == strip(after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_most_owner_groups_load_and_verify(netns_name: str, pinned: PinnedNetns, backend: str) -> None:
+    """49 listed groups, the most we accept, make one rule of 49 negated owner matches: every tool takes
+    it, and verify reads it back as ours."""
+    many = build_spec(
+        {ann.IPV6: "capture"}, {"outbound_owner_groups": ",".join(str(g) for g in range(2000, 2049))}
+    )
+    dp.apply(pinned, many, backend)  # type: ignore[arg-type]
+    drift = dp.verify(pinned, many, backend)  # type: ignore[arg-type]
+    assert drift.in_place, drift.report
+    listed = state(netns_name, backend)
+    assert "2048" in listed and "2000" in listed
+    dp.apply(pinned, DEFAULT, backend)  # type: ignore[arg-type]
+    assert "2048" not in state(netns_name, backend)

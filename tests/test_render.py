@@ -22,6 +22,7 @@ from istio_pod_network_controller.rules.model import (
     DPorts,
     Dst,
     Family,
+    FamilyRules,
     GidOwner,
     InIface,
     Jump,
@@ -114,8 +115,18 @@ CONFIGS: dict[str, dict[str, str]] = {
         ann.IPV6: "capture",
     },
     "loopback-included": {ann.INCLUDE_OUTBOUND_IP_RANGES: "127.0.0.0/8,10.96.0.0/12"},
+    "drop-invalid": {},
+    "tproxy-drop-invalid": {ann.INTERCEPTION_MODE: "TPROXY", ann.IPV6: "capture"},
+    "owner-groups": {ann.CAPTURE_DNS: "true", ann.IPV6: "capture"},
+    "owner-groups-exclude": {ann.INCLUDE_OUTBOUND_IP_RANGES: "10.96.0.0/12"},
 }
-DEFAULTS: dict[str, dict[str, str]] = {"dns-capture-all": {"capture_all_dns": "true"}}
+DEFAULTS: dict[str, dict[str, str]] = {
+    "dns-capture-all": {"capture_all_dns": "true"},
+    "drop-invalid": {"drop_invalid": "true"},
+    "tproxy-drop-invalid": {"drop_invalid": "true"},
+    "owner-groups": {"outbound_owner_groups": "202,1000", "outbound_owner_groups_exclude": "888"},
+    "owner-groups-exclude": {"outbound_owner_groups_exclude": "888,0"},
+}
 """Controller-wide settings (flags) of a configuration, beside its annotations."""
 NAMESERVERS: dict[str, tuple[str, ...]] = {
     "dns-servers": ("10.96.0.10", "fd00:96::a"),
@@ -157,6 +168,55 @@ def test_default_matches_istio_reference_rule_set() -> None:
     v4 = ruleset.family(4)
     assert v4 is not None
     assert iptables.render(v4) == ISTIO_DEFAULT_NAT
+
+
+def test_drop_invalid_is_istios_first_mangle_prerouting_rule() -> None:
+    """istio-iptables --drop-invalid: `-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP` and
+    `-A ISTIO_DROP -j DROP` in mangle, before TPROXY's own jump; in both families, IPv6 captured or not."""
+    for pod in ({}, {ann.INTERCEPTION_MODE: "TPROXY"}):
+        for capture_v6 in (False, True):
+            ruleset = plan.build(build_spec(pod, {"drop_invalid": "true"}).with_ipv6(capture_v6))
+            for family in ruleset.families:
+                mangle = family.table("mangle")
+                assert mangle is not None
+                text = iptables.render(FamilyRules(family.family, (mangle,))).splitlines()
+                hooks = [line for line in text if line.startswith("-A PREROUTING")]
+                assert hooks[0] == "-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP"
+                assert [line for line in text if line.startswith("-A ISTIO_DROP")] == [
+                    "-A ISTIO_DROP -j DROP"
+                ]
+    plain = plan.build(build_spec({}).with_ipv6(True))
+    assert all(f.table("mangle") is None for f in plain.families)
+
+
+def _output_lines(spec: InterceptSpec) -> list[str]:
+    v4 = plan.build(spec.with_ipv6(False)).family(4)
+    assert v4 is not None
+    return [line for line in iptables.render(v4).splitlines() if line.startswith("-A ISTIO_OUTPUT ")]
+
+
+def test_owner_groups_follow_istio_order() -> None:
+    """Istio's handleCaptureByOwnerGroup: right after the proxy gid's RETURN, before DNS and every capture;
+    a list is one rule of negated matches, `*` one RETURN per excluded group."""
+    gid_return = "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN"
+    only = _output_lines(build_spec({ann.CAPTURE_DNS: "true"}, {"outbound_owner_groups": "202,1000"}))
+    at = only.index(gid_return)
+    assert only[at + 1 : at + 3] == [
+        "-A ISTIO_OUTPUT -m owner ! --gid-owner 202 -m owner ! --gid-owner 1000 -j RETURN",
+        "-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS",
+    ]
+    but = _output_lines(build_spec({}, {"outbound_owner_groups_exclude": "888,0"}))
+    at = but.index(gid_return)
+    assert but[at + 1 : at + 4] == [
+        "-A ISTIO_OUTPUT -m owner --gid-owner 888 -j RETURN",
+        "-A ISTIO_OUTPUT -m owner --gid-owner 0 -j RETURN",
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+    ]
+    # Exclusions apply to `*` only (Istio's InterceptFilter): beside a list they change nothing.
+    listed = {"outbound_owner_groups": "202"}
+    assert _output_lines(build_spec({}, {**listed, "outbound_owner_groups_exclude": "888"})) == _output_lines(
+        build_spec({}, listed)
+    )
 
 
 def test_rendering_is_deterministic() -> None:

@@ -209,3 +209,55 @@ def test_cidrs_with_host_bits_are_masked_as_istio_masks_them() -> None:
         ("fd00::1/8", ipaddress.ip_network("fd00::/8")),
     )
     assert masked_cidrs("*", "x") == ()
+
+
+def test_owner_groups_and_drop_invalid_default_to_istio() -> None:
+    spec = build_spec({})
+    assert not spec.drop_invalid
+    assert spec.outbound_owner_groups == WILDCARD
+    assert spec.outbound_owner_groups_exclude == ()
+
+
+def test_owner_groups_parse_numeric_gids_like_istio() -> None:
+    given = {"drop_invalid": "true", "outbound_owner_groups": " 202, 0,202 "}
+    given["outbound_owner_groups_exclude"] = "8"
+    spec = build_spec({}, given)
+    assert spec.drop_invalid
+    assert spec.outbound_owner_groups == (202, 0)
+    assert spec.outbound_owner_groups_exclude == (8,)
+    # Istio reads an empty ISTIO_OUTBOUND_OWNER_GROUPS as unset: every group.
+    assert build_spec({}, {"outbound_owner_groups": ""}).outbound_owner_groups == WILDCARD
+    assert build_spec({}, {"outbound_owner_groups": "*"}).outbound_owner_groups == WILDCARD
+    most = ",".join(map(str, range(49)))
+    assert len(build_spec({}, {"outbound_owner_groups": most}).outbound_owner_groups) == 49
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "reason"),
+    [
+        ("outbound_owner_groups", "java,202", "group 'java' is not a numeric gid"),
+        ("outbound_owner_groups_exclude", "888,ftp", "group 'ftp' is not a numeric gid"),
+        ("outbound_owner_groups_exclude", "*", "group '\\*' is not a numeric gid"),
+        ("outbound_owner_groups", "-1", "group '-1' is not a numeric gid"),
+        ("outbound_owner_groups", "4294967295", "is not a numeric gid from 0 to 4294967294"),
+        ("outbound_owner_groups", ",".join(map(str, range(50))), "more than 49 groups"),
+        ("drop_invalid", "yes", 'must be "true" or "false"'),
+    ],
+)
+def test_bad_owner_groups_and_drop_invalid_name_the_flag(setting: str, value: str, reason: str) -> None:
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(SpecError, match=rf"^{flag}: invalid value .*{reason}"):
+        build_spec({}, {setting: value})
+
+
+def test_fingerprint_tracks_owner_groups_and_drop_invalid() -> None:
+    prints = {
+        build_spec({}, given).fingerprint()
+        for given in (
+            {},
+            {"drop_invalid": "true"},
+            {"outbound_owner_groups": "1000"},
+            {"outbound_owner_groups_exclude": "1000"},
+        )
+    }
+    assert len(prints) == 4

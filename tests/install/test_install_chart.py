@@ -58,6 +58,8 @@ VALUE_SETS: dict[str, dict] = {
             "excludeOutboundPorts": "5432",
             "captureDNS": "true",
             "ipv6": "block",
+            "dropInvalid": True,
+            "outboundOwnerGroupsExclude": "888,0",
         },
     },
     "webhook-generate": {"webhook": {"enabled": True}},
@@ -252,6 +254,8 @@ def test_modern_values_map_to_controller_flags_and_release_namespace() -> None:
         "--exclude-outbound-ports=5432",
         "--capture-dns=true",
         "--ipv6=block",
+        "--drop-invalid=true",
+        "--outbound-owner-groups-exclude=888,0",
     ):
         assert flag in args
     assert {o["metadata"]["namespace"] for o in objects if "namespace" in o["metadata"]} == {"mesh-system"}

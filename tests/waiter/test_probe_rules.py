@@ -70,8 +70,14 @@ def _walk(chains: dict[str, model.Chain], rules: tuple[model.Rule, ...], pkt: Co
     return None
 
 
-def redirected_port(spec_annotations: dict[str, str], target: ProbeTarget, uid: int, gid: int) -> int | None:
-    spec = build_spec(spec_annotations)
+def redirected_port(
+    spec_annotations: dict[str, str],
+    target: ProbeTarget,
+    uid: int,
+    gid: int,
+    defaults: dict[str, str] | None = None,
+) -> int | None:
+    spec = build_spec(spec_annotations, defaults)
     family = build(spec.with_ipv6(target.family == 6)).family(target.family)  # type: ignore[arg-type]
     assert family is not None
     nat = family.table("nat")
@@ -132,3 +138,35 @@ def test_an_unredirected_probe_is_seen_as_such() -> None:
     assert redirected_port({}, target, 1000, 1000) == 15001
     loopback = ProbeTarget(4, Path.LOOPBACK, "127.0.0.1", "127.0.0.6", 15002, 15006, 15001)
     assert redirected_port({}, loopback, 1000, 1000) is None
+
+
+GROUPS = [
+    {"outbound_owner_groups": "1000"},
+    {"outbound_owner_groups": "2000"},
+    {"outbound_owner_groups_exclude": "1000"},
+    {"outbound_owner_groups_exclude": "2000,1337"},
+    {"outbound_owner_groups": "2000", "drop_invalid": "true"},
+]
+
+
+@pytest.mark.parametrize("defaults", GROUPS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("waiter_ids", [(PROXY, PROXY), (1000, 1000)])
+def test_owner_groups_leave_a_probe_or_say_why(defaults: dict[str, str], waiter_ids: tuple[int, int]) -> None:
+    """The proxy uid's loopback probe comes before the owner groups, so it always proves capture; another
+    uid's outbound probe rides the rules exactly when its gid is captured, and is refused by name
+    otherwise."""
+    uid, gid = waiter_ids
+    spec = build_spec({}, defaults)
+    plan = plan_probe(spec, uid, gid, False)
+    other_gid_captured = redirected_port(
+        {}, ProbeTarget(4, Path.OUTBOUND, None, "192.0.2.1", 15002, 15001, 15006, 1), 1000, 1000, defaults
+    )
+    if uid == PROXY:
+        assert plan.targets and plan.targets[0].path is Path.LOOPBACK, plan.reason
+    elif other_gid_captured is None:
+        assert not plan.targets
+        assert "outbound owner groups leave gid 1000" in plan.reason
+    else:
+        assert plan.targets, plan.reason
+    for target in plan.targets:
+        assert redirected_port({}, target, uid, gid, defaults) == target.listen_port, target

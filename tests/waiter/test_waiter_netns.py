@@ -373,3 +373,26 @@ def test_tproxy_waits_for_policy_routing(netns_name: str, start_waiter: StartWai
     assert waiter.proc.poll() is None, waiter.log()
     subprocess.run(["ip", "-n", netns_name, "rule", "add", "fwmark", "1337", "lookup", "133"], check=True)
     assert waiter.finish() == exitcodes.CAPTURED, waiter.log()
+
+
+def test_outbound_owner_groups_decide_the_outbound_probe(
+    netns_name: str, start_waiter: StartWaiter, workdir: Path
+) -> None:
+    """A waiter that is not the proxy probes as app traffic: with its gid among the captured owner groups the
+    outbound path proves capture; with its gid excluded no rule captures it, and it says so (exit 5)."""
+    _outbound_link(netns_name)
+    pod = {ann.ENVOY_USERID: "1338", ann.ENVOY_GROUPID: "1338"}
+    path = write_annotations(workdir / "pod_annotations", pod)
+    apply_rules(netns_name, pod, "legacy", {"outbound_owner_groups": "1337"})
+    listed = start_waiter(
+        netns_name, ["--file", str(path), "--timeout", "10", "--outbound-owner-groups", "1337"]
+    )
+    assert listed.finish() == exitcodes.CAPTURED, listed.log()
+    assert "this pod -> 192.0.2.1:15002 was redirected to 127.0.0.1:15001" in listed.log()
+    apply_rules(netns_name, pod, "legacy", {"outbound_owner_groups_exclude": "1337"})
+    excluded = start_waiter(
+        netns_name, ["--file", str(path), "--timeout", "5", "--outbound-owner-groups-exclude", "1337"]
+    )
+    assert excluded.finish() == exitcodes.PROBE_UNAVAILABLE, excluded.log()
+    assert "the outbound owner groups leave gid 1337's traffic uncaptured" in excluded.log()
+    no_traceback(excluded.log())

@@ -59,6 +59,9 @@ Capture-default flags shared by the controller and the waiter: the modern `inter
   (list "--reroute-virtual-interfaces" $i.rerouteVirtualInterfaces)
   (list "--capture-dns" $i.captureDNS)
   (list "--ipv6" $i.ipv6)
+  (list "--drop-invalid" $i.dropInvalid)
+  (list "--outbound-owner-groups" $i.outboundOwnerGroups)
+  (list "--outbound-owner-groups-exclude" $i.outboundOwnerGroupsExclude)
 -}}
 {{- range $flags }}
 {{- $value := toString (index . 1) }}

@@ -20,6 +20,7 @@ from .model import (
     CtZone,
     DPort,
     DPorts,
+    Drop,
     Dst,
     Family,
     FamilyRules,
@@ -87,6 +88,8 @@ def _target(target: Target, family: Family) -> list[str]:
             return ["-j", "RETURN"]
         case Accept():
             return ["-j", "ACCEPT"]
+        case Drop():
+            return ["-j", "DROP"]
         case Jump(chain):
             return ["-j", chain]
         case Redirect(port):

@@ -31,6 +31,7 @@ class ChainName(StrEnum):
     TPROXY = "ISTIO_TPROXY"
     OUTPUT_MARK = "ISTIO_OUTPUT_MARK"
     BLOCK_INBOUND = "ISTIO_BLOCK_INBOUND"
+    DROP = "ISTIO_DROP"
 
 
 OUR_CHAINS: frozenset[str] = frozenset(name.value for name in ChainName)
@@ -97,9 +98,9 @@ class GidOwner:
 
 @dataclass(frozen=True, slots=True)
 class CtState:
-    """Conntrack state of the packet's connection, e.g. ("NEW",) or ("RELATED", "ESTABLISHED")."""
+    """Conntrack state of the packet's connection: ("NEW",), ("RELATED", "ESTABLISHED") or ("INVALID",)."""
 
-    states: tuple[Literal["NEW", "RELATED", "ESTABLISHED"], ...]
+    states: tuple[Literal["NEW", "RELATED", "ESTABLISHED", "INVALID"], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,11 @@ class Accept:
 
 
 @dataclass(frozen=True, slots=True)
+class Drop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class Jump:
     chain: ChainName
 
@@ -186,7 +192,7 @@ class Reject:
 
 
 Target: TypeAlias = (
-    Return | Accept | Jump | Redirect | Tproxy | SetMark | SaveMark | RestoreMark | CtZone | Reject
+    Return | Accept | Drop | Jump | Redirect | Tproxy | SetMark | SaveMark | RestoreMark | CtZone | Reject
 )
 
 

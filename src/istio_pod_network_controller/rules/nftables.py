@@ -17,6 +17,7 @@ from .model import (
     CtZone,
     DPort,
     DPorts,
+    Drop,
     Dst,
     Family,
     GidOwner,
@@ -105,6 +106,8 @@ def _target(target: Target, table: TableName, family: Family) -> str:
             return "return"
         case Accept():
             return "accept"
+        case Drop():
+            return "drop"
         case Jump(chain):
             return f"jump {chain_name(table, family, chain)}"
         case Redirect(port):

@@ -25,6 +25,7 @@ from ..settings.spec import (
     IPv6Policy,
 )
 from .model import (
+    TABLE_ORDER,
     Accept,
     Chain,
     ChainName,
@@ -33,6 +34,7 @@ from .model import (
     CtZone,
     DPort,
     DPorts,
+    Drop,
     Dst,
     Family,
     FamilyRules,
@@ -91,10 +93,24 @@ def build(spec: InterceptSpec) -> Ruleset:
         return Ruleset((), ())
     capture_v6 = spec.ipv6 is IPv6Policy.CAPTURE
     families = [_capture(spec, 4), _capture(spec, 6) if capture_v6 else FamilyRules(6, (_block_inbound(),))]
+    if spec.drop_invalid:
+        families = [_with_drop_invalid(rules) for rules in families]
     routes: list[PolicyRoute] = []
     if spec.mode is InterceptionMode.TPROXY and spec.captures_inbound:
         routes = [TPROXY_ROUTES[f.family] for f in families if f.family == 4 or capture_v6]
     return Ruleset(tuple(families), tuple(routes))
+
+
+def _with_drop_invalid(rules: FamilyRules) -> FamilyRules:
+    """Istio's --drop-invalid: the first rule of mangle PREROUTING sends packets conntrack finds INVALID
+    (out of window, unsolicited) to ISTIO_DROP, so the app's stack never answers them with a reset that
+    would tear down a connection through the proxy. Both families, whatever the IPv6 policy."""
+    hook = Hook("PREROUTING", rule(Jump(ChainName.DROP), CtState(("INVALID",))))
+    chain = Chain(ChainName.DROP, (rule(Drop()),))
+    mangle = rules.table("mangle") or TableRules("mangle", (), ())
+    mangle = TableRules("mangle", (hook, *mangle.hooks), (chain, *mangle.chains))
+    tables = [mangle, *(table for table in rules.tables if table.table != "mangle")]
+    return FamilyRules(rules.family, tuple(sorted(tables, key=lambda table: TABLE_ORDER.index(table.table))))
 
 
 def _of_family(nets: Iterable[IPNetwork], family: Family) -> list[IPNetwork]:
@@ -275,6 +291,7 @@ def _output(
             else:
                 rules.append(rule(Return(), LO_OUT, other))
         rules.append(rule(Return(), owner))
+    rules += _owner_groups(spec)
     if jump_dns:
         rules.append(rule(Jump(ChainName.OUTPUT_DNS)))
     rules.append(rule(Return(), Dst(loopback)))
@@ -285,6 +302,15 @@ def _output(
         targets = [rule(redirect)] if ranges is None else [rule(redirect, Dst(net)) for net in ranges]
         rules += targets
     return rules
+
+
+def _owner_groups(spec: InterceptSpec) -> list[Rule]:
+    """Istio's outbound owner groups, after the proxy's exemptions and before DNS and every capture: a list
+    returns the traffic of every other group in one rule; with `*`, each excluded group is returned (the
+    exclusions apply to `*` only, as in Istio)."""
+    if spec.outbound_owner_groups == WILDCARD:
+        return [rule(Return(), GidOwner(gid)) for gid in spec.outbound_owner_groups_exclude]
+    return [rule(Return(), *(GidOwner(gid, negate=True) for gid in spec.outbound_owner_groups))]
 
 
 def _all_included(spec: InterceptSpec) -> tuple[IPNetwork, ...]:

@@ -42,6 +42,10 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}")
 _CIDR_TEXT = re.compile(r"[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?")
 _BLANKS: Final = " \t\r\n"
 _DIGITS = re.compile(r"[0-9]{1,10}")
+MAX_OWNER_GROUPS_INCLUDE: Final = 49
+"""Listed owner groups are one rule of `-m owner ! --gid-owner G` matches, five words each; iptables-restore
+parses at most 254 words a rule, so 49 is the most that loads (Istio checks 64, but its own iptables-restore
+refuses more than 49 the same way)."""
 
 
 class InterceptionMode(StrEnum):
@@ -82,12 +86,13 @@ class InterceptSpec:
     capture_dns: bool = False
     capture_all_dns: bool = False
     ipv6: IPv6Policy = IPv6Policy.AUTO
-    status_port: int = STATUS_PORT
-    """Excluded from inbound capture with ALWAYS_EXCLUDED_INBOUND; 0: none (Istio's status port is off)."""
     drop_invalid: bool = False
     outbound_owner_groups: Wildcard | tuple[int, ...] = WILDCARD
-    """Groups whose outbound traffic is captured ("*": every group's)."""
+    """Groups whose outbound traffic is captured ("*": every group), Istio's ISTIO_OUTBOUND_OWNER_GROUPS."""
     outbound_owner_groups_exclude: tuple[int, ...] = ()
+    """With `*` only (as in Istio): groups whose outbound traffic is never captured."""
+    status_port: int = STATUS_PORT
+    """Excluded from inbound capture with ALWAYS_EXCLUDED_INBOUND; 0: none (Istio's status port is off)."""
     dns_servers: tuple[IPAddress, ...] | None = None
     """The pod's resolv.conf nameservers, found at apply time (not a setting); None: not known (yet)."""
 
@@ -201,6 +206,36 @@ def parse_id(raw: str, source: str) -> int:
     return int(text)
 
 
+def _gid(item: str, source: str, raw: str) -> int:
+    if not _DIGITS.fullmatch(item) or int(item) > 2**32 - 2:
+        raise SpecError(
+            source,
+            raw,
+            f"group {shown(item)} is not a numeric gid from 0 to 4294967294 (a group name cannot be "
+            "resolved from outside the pod)",
+        )
+    return int(item)
+
+
+def parse_groups(raw: str, source: str) -> tuple[int, ...]:
+    """Numeric gids only: Istio also takes names, but they resolve in whichever /etc/group the tool reads
+    (the proxy image's, or the node's in CNI mode), never reliably the app's; refusing is failing closed."""
+    return tuple(dict.fromkeys(_gid(item, source, raw) for item in _items(raw, source)))
+
+
+def parse_groups_or_wildcard(raw: str, source: str) -> Wildcard | tuple[int, ...]:
+    """`*` or a list of at most 49 gids (what one iptables rule holds); empty is `*`, as Istio reads an empty
+    variable."""
+    if _checked_length(raw, source) in {WILDCARD, ""}:
+        return WILDCARD
+    groups = parse_groups(raw, source)
+    if len(groups) > MAX_OWNER_GROUPS_INCLUDE:
+        raise SpecError(
+            source, raw, f"more than {MAX_OWNER_GROUPS_INCLUDE} groups: one iptables rule cannot match more"
+        )
+    return groups
+
+
 def _cidr(item: str, source: str, raw: str) -> IPNetwork:
     """One CIDR in its canonical typed form: no IPv6 scope (`%...`), no netmask notation; host bits are
     masked as Istio masks them (`10.96.0.2/24` is `10.96.0.0/24`; masked_cidrs() tells which were)."""
@@ -245,22 +280,6 @@ def parse_status_port(raw: str, source: str) -> int:
     if text == "0":
         return 0
     return parse_port(raw, source)
-
-
-def parse_gids(raw: str, source: str) -> tuple[int, ...]:
-    """Numeric group ids (a group name would need the pod's own group database, which is not ours to read)."""
-    gids = []
-    for item in _items(raw, source):
-        if not _DIGITS.fullmatch(item) or int(item) > 2**32 - 2:
-            raise SpecError(source, raw, f"group {shown(item)} is not a numeric gid (0 to 4294967294)")
-        gids.append(int(item))
-    return tuple(dict.fromkeys(gids))
-
-
-def parse_gids_or_wildcard(raw: str, source: str) -> Wildcard | tuple[int, ...]:
-    if raw.strip(_BLANKS) == WILDCARD:
-        return WILDCARD
-    return parse_gids(raw, source)
 
 
 def parse_interfaces(raw: str, source: str) -> tuple[str, ...]:
@@ -342,14 +361,16 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("capture_all_dns", ("capture_all_dns",), (), parse_bool,
             "DNS capture to every server, not only resolv.conf's (Istio --capture-all-dns)"),
     Setting("ipv6", ("ipv6",), (ann.IPV6,), parse_ipv6, "auto | capture | block"),
+    Setting("drop_invalid", ("drop_invalid",), (ann.DROP_INVALID,), parse_bool,
+            "drop inbound packets conntrack finds INVALID (Istio --drop-invalid / INVALID_DROP)"),
+    Setting("outbound_owner_groups", ("outbound_owner_groups",), (ann.OUTBOUND_OWNER_GROUPS,),
+            parse_groups_or_wildcard,
+            "gids whose outbound traffic is captured: * | list (Istio ISTIO_OUTBOUND_OWNER_GROUPS)"),
+    Setting("outbound_owner_groups_exclude", ("outbound_owner_groups_exclude",),
+            (ann.OUTBOUND_OWNER_GROUPS_EXCLUDE,), parse_groups,
+            "gids whose outbound traffic is never captured, with * (ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)"),
     Setting("status_port", ("status_port",), (), parse_status_port,
             "Istio's status port, excluded from inbound capture (15020; 0: none)"),
-    Setting("drop_invalid", ("drop_invalid",), (ann.DROP_INVALID,), parse_bool,
-            "drop packets conntrack finds INVALID (Istio INVALID_DROP)"),
-    Setting("outbound_owner_groups", ("outbound_owner_groups",), (ann.OUTBOUND_OWNER_GROUPS,),
-            parse_gids_or_wildcard, "gids whose outbound traffic is captured: * | list"),
-    Setting("outbound_owner_groups_exclude", ("outbound_owner_groups_exclude",),
-            (ann.OUTBOUND_OWNER_GROUPS_EXCLUDE,), parse_gids, "gids whose outbound traffic is not captured"),
 )  # fmt: skip
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
 SPEC_ANNOTATIONS: Final = frozenset(key for s in SETTINGS for key in s.annotations)

@@ -7,7 +7,8 @@ Two paths, chosen by the uid and gid the waiter runs as (see docs/waiter.md, "Wh
   outbound-only mode too (`includeInboundPorts: ""`), so this path covers every shape that captures anything.
 - OUTBOUND, the waiter is neither the proxy uid nor the proxy gid: its own connections are the app's, so
   the outbound capture sends a connection to a documentation (TEST-NET) address to the outbound capture
-  port. Sent with TTL / hop limit 1: without the rules, a SYN dies at the pod's first hop.
+  port. Sent with TTL / hop limit 1: without the rules, a SYN dies at the pod's first hop. Outbound owner
+  groups apply to it as to the app: a gid they leave out has no path (the loopback path comes before them).
 Every intercepted spec gets ISTIO_OUTPUT with that rule, even with nothing included, so only
 interceptionMode NONE needs no proof; a spec with no path is refused unless the operator trusts the
 annotation (wait.py).
@@ -118,6 +119,13 @@ def outbound_target(spec: InterceptSpec, family: Family, port: int) -> tuple[str
     return None
 
 
+def _group_captured(spec: InterceptSpec, gid: int) -> bool:
+    """Whether the outbound owner groups capture traffic of `gid` (the socket's fsgid, as `--gid-owner`)."""
+    if spec.outbound_owner_groups == WILDCARD:
+        return gid not in spec.outbound_owner_groups_exclude
+    return gid in spec.outbound_owner_groups
+
+
 def plan_probe(spec: InterceptSpec, euid: int, egid: int, global_ipv6: bool) -> ProbePlan:
     """The probe for the waiter's effective uid/gid and whether the pod has a global IPv6 address."""
     if not spec.intercepts:
@@ -150,6 +158,13 @@ def plan_probe(spec: InterceptSpec, euid: int, egid: int, global_ipv6: bool) -> 
             f"the waiter runs as uid {euid}, not the proxy uid {spec.proxy_uid}, and outbound capture is "
             f"off: only the proxy uid's loopback traffic reaches a capture port (run the waiter with "
             f"runAsUser: {spec.proxy_uid})",
+        )
+    if not _group_captured(spec, egid):
+        return ProbePlan(
+            (),
+            f"the waiter runs as uid {euid} and gid {egid}, and the outbound owner groups leave gid {egid}'s "
+            f"traffic uncaptured: no capture rule applies to its connections (run the waiter with runAsUser: "
+            f"{spec.proxy_uid}, or with a captured group)",
         )
     outbound = []
     for family in families:
