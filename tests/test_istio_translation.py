@@ -17,6 +17,7 @@ import yaml
 
 from istio_pod_network_controller.controller.cache import slim_pod
 from istio_pod_network_controller.errors import SpecError
+from istio_pod_network_controller.rules import iptables, plan
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.istio import (
     DUAL_STACK_ENV,
@@ -322,3 +323,23 @@ def test_the_parity_table_names_every_flag_and_variable() -> None:
         assert not flag.short or f"`-{flag.short}`" in table, flag.short
     for variable in [*ENV_ONLY, *ENV_DEFAULTS, *DUAL_STACK_ENV]:
         assert f"`{variable}`" in table, variable
+
+
+def test_a_moved_status_port_moves_the_inbound_return_in_the_rules() -> None:
+    """Istio's injector passes `-d 15090,15021,16000` for status port 16000: 15020 is then captured."""
+    moved = copy.deepcopy(SIDECAR)
+    moved["metadata"]["annotations"][ann.STATUS_PORT] = "16000"
+    args = container(moved, "istio-init")["args"]
+    args[args.index("-d") + 1] = "15090,15021,16000"
+
+    def inbound_returns(pod: dict[str, Any]) -> list[str]:
+        (v4,) = plan.build(pod_spec(pod).with_ipv6(False)).families[:1]
+        text = iptables.render(v4).splitlines()
+        return [
+            line.split("--dport ")[1].split()[0]
+            for line in text
+            if line.startswith("-A ISTIO_INBOUND ") and "RETURN" in line and "--dport" in line
+        ]
+
+    assert inbound_returns(SIDECAR) == ["15008", "15020", "15021", "15090"]
+    assert inbound_returns(moved) == ["15008", "16000", "15021", "15090"]
