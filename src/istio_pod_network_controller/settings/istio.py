@@ -347,26 +347,31 @@ def _from_istio_proxy(container: Obj, cni_mode: bool) -> dict[str, Given]:
     return values
 
 
+def cni_mode(pod: Obj) -> bool:
+    """Istio's CNI mode: istio-validation instead of istio-init (the CNI plugin, here us, installs capture)."""
+    return (
+        _named(pod, ann.ISTIO_INIT_CONTAINER) is None
+        and _named(pod, ann.ISTIO_VALIDATION_CONTAINER) is not None
+    )
+
+
 def istio_values(pod: Obj) -> dict[str, Given]:
     """{setting: Given}: what Istio's own tools would read from this pod outside its annotations."""
     istio_init = _named(pod, ann.ISTIO_INIT_CONTAINER)
+    proxy = _named(pod, ISTIO_PROXY)
     if istio_init is not None:
         values = from_istio_init(istio_init)
     else:
-        proxy = _named(pod, ISTIO_PROXY)
-        cni_mode = _named(pod, ann.ISTIO_VALIDATION_CONTAINER) is not None
-        values = _from_istio_proxy(proxy, cni_mode) if proxy is not None else {}
+        values = _from_istio_proxy(proxy, cni_mode(pod)) if proxy is not None else {}
     notes = annotations_of(pod)
-    in_cni_mode = istio_init is None and _named(pod, ann.ISTIO_VALIDATION_CONTAINER) is not None
-    if ann.STATUS_PORT in notes and not in_cni_mode:
+    if ann.STATUS_PORT in notes and not cni_mode(pod):
         values["status_port"] = Given(notes[ann.STATUS_PORT], f"annotation {ann.STATUS_PORT}")
     return values
 
 
 def istio_defaults(pod: Obj) -> dict[str, Given]:
     """Istio's own defaults that differ from ours for this pod; below the controller's defaults."""
-    cni_mode = _named(pod, ann.ISTIO_INIT_CONTAINER) is None and _named(pod, ann.ISTIO_VALIDATION_CONTAINER)
-    if not cni_mode:
+    if not cni_mode(pod):
         return {}
     return {"exclude_outbound_ports": Given(str(STATUS_PORT), "Istio CNI's default excludeOutboundPorts")}
 
