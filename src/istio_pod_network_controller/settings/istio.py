@@ -348,7 +348,7 @@ def _from_istio_proxy(container: Obj, cni_mode: bool) -> dict[str, Given]:
 
 
 def cni_mode(pod: Obj) -> bool:
-    """Istio's CNI mode: istio-validation instead of istio-init (the CNI plugin, here us, installs capture)."""
+    """Istio CNI mode: istio-validation instead of istio-init (the CNI plugin, here us, installs capture)."""
     return (
         _named(pod, ann.ISTIO_INIT_CONTAINER) is None
         and _named(pod, ann.ISTIO_VALIDATION_CONTAINER) is not None
