@@ -9,8 +9,10 @@ proxy is another uid: the loop Envoy would be in if we exempted 1337).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,43 @@ def outbound(pod: SimPod, gateway: str, uid: int, gid: int) -> str:
     return str(reply.label)
 
 
+DNS_AGENT = """
+import json, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 15053))
+print("ready", flush=True)
+while True:
+    data, source = s.recvfrom(65535)
+    s.sendto(json.dumps({"label": "dns-proxy", "token": data.decode().strip()}).encode() + b"\\n", source)
+"""
+"""Istio's agent answers captured DNS on 127.0.0.1:15053 as the proxy uid (its replies' conntrack zone
+depends on that uid); this one answers with its label."""
+
+
+@contextlib.contextmanager
+def dns_agent(pod: SimPod, uid: int) -> Iterator[None]:
+    assert pod.netns
+    argv = [
+        "ip", "netns", "exec", pod.netns.name,
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON, "-c", DNS_AGENT,
+    ]  # fmt: skip
+    agent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None and agent.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def dns(pod: SimPod, server: str, uid: int) -> str:
+    """Who answered a UDP query to port 53: the pod's DNS proxy (15053) when captured, else the server."""
+    assert pod.netns
+    reply = connect(pod.netns, server, 53, "udp", uid=uid, gid=uid)
+    assert reply.ok, reply
+    return str(reply.label)
+
+
 def test_istio_shaped_pods_get_istios_capture(workdir: Path) -> None:
     validator = workdir / "istio_validation.py"
     shutil.copyfile(HERE / "istio_validation.py", validator)
@@ -109,12 +148,19 @@ def test_istio_shaped_pods_get_istios_capture(workdir: Path) -> None:
         assert as_1337.returncode == 126, as_1337.stdout  # 1337 is not this pod's proxy: no loop exemption
 
         server.add(node.node, "remote", REMOTE_PORT, bind6=None)
+        server.add(node.node, "remote-dns", 53, "udp", bind6=None)
         for pod, _, _ in pods:
             server.add(pod.netns, "envoy-out", 15001, bind6=None)
         server.start()
         for pod, uid, gid in pods:
             assert outbound(pod, node.gateway, uid, gid) == "remote", pod.name  # the proxy is never captured
             assert outbound(pod, node.gateway, APP_ID, APP_ID) == "envoy-out", pod.name  # the app always is
+        # DNS: ISTIO_META_DNS_CAPTURE in istio-proxy's env turns capture on in CNI mode, to every server.
+        native_pod, stock_pod = pods[0][0], pods[3][0]
+        with dns_agent(native_pod, OPENSHIFT_ID):
+            assert dns(native_pod, node.gateway, APP_ID) == "dns-proxy"
+            assert dns(native_pod, node.gateway, OPENSHIFT_ID) == "remote-dns"  # the proxy's own DNS goes out
+        assert dns(stock_pod, node.gateway, APP_ID) == "remote-dns"  # no proxyMetadata: no DNS capture
         overridden = pods[2][0]
         assert outbound(overridden, node.gateway, 3000, 2001) == "remote"  # the proxy's gid alone exempts
         assert outbound(overridden, node.gateway, 2000, 3000) == "remote"  # so does its uid
