@@ -440,3 +440,17 @@ def test_istio_init_cidr_with_host_bits_is_masked_and_said(deployment: dict) -> 
         "istio-init argument --istio-service-cidr: 10.96.0.2/12 has host bits set, read as 10.96.0.0/12"
         in (result.warnings)
     )
+
+
+def test_native_sidecar_istio_proxy_loses_net_admin_too(deployment: dict) -> None:
+    """Istio >= 1.27 may inject istio-proxy as an init container with restartPolicy Always."""
+    template = deployment["spec"]["template"]
+    proxy = next(c for c in template["spec"]["containers"] if c["name"] == "istio-proxy")
+    template["spec"]["containers"].remove(proxy)
+    proxy["restartPolicy"] = "Always"
+    proxy.setdefault("securityContext", {}).setdefault("capabilities", {})["add"] = ["NET_ADMIN", "NET_RAW"]
+    template["spec"]["initContainers"].append(proxy)
+    result = rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+    (moved,) = [c for c in result.spec["initContainers"] if c["name"] == "istio-proxy"]
+    assert "add" not in moved["securityContext"]["capabilities"]
+    assert result.spec["initContainers"][0]["name"] == ann.WAITER_CONTAINER

@@ -8,15 +8,17 @@ or the clock. What a rewrite does to an Istio-injected pod:
    (drop ALL), no privilege escalation, read-only root, RuntimeDefault seccomp. Being first, every app init
    container runs with capture already in place, exactly like Istio CNI's `istio-validation` container.
 2. The `podinfo` downward-API volume (pod annotations -> /etc/podinfo/pod_annotations) is added for it.
-3. The capture settings that istio-init carried as istio-iptables arguments (Istio's injector computes them
-   from mesh-wide values such as global.proxy.includeIPRanges) become the pod annotations the node
-   controller reads, unless the pod already has that annotation or the value is the spec's default; so the
-   controller installs the same rules istio-init would have. Which setting has which annotation, and its
-   default, come from settings.spec.SETTINGS; every value is parsed by that setting's own parser and written
-   back in canonical form, and the resulting annotations are parsed as the controller will (build_spec), so
-   a pod the controller would refuse is refused here, naming the annotation or argument.
+3. What istio-iptables in istio-init would have read (its arguments and env: settings/istio.py, the one
+   translation; Istio's injector computes them from mesh-wide values such as global.proxy.includeIPRanges
+   and proxyMetadata) becomes the pod annotations the node controller reads, wherever the controller (which
+   also reads istio-proxy's ids and env) or the waiter (annotations only) would otherwise see another value,
+   unless the pod already has that annotation; so the controller installs the same rules istio-init would
+   have, and the waiter runs as istio-init's proxy uid/gid (on OpenShift, the namespace range's). Values are
+   written back in canonical form (CIDRs masked, with a warning), and the rewritten pod is parsed as the
+   controller will parse it, so a pod the controller would refuse is refused here, naming the annotation,
+   argument or variable.
 4. In REDIRECT mode NET_ADMIN/NET_RAW are also removed from the `istio-proxy` sidecar's added capabilities
-   (Envoy needs neither there). In TPROXY mode Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays,
+   (a container, or an init container as a native sidecar; Envoy needs neither there). In TPROXY mode Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays,
    with a warning. The application's own containers are never changed: a pod that was not Pod Security
    `restricted` because of them stays so (the rewrite is not a silent policy fixer).
 5. `sidecar.istio.io/status` is updated (istio-init -> the waiter, + the volume) so Istio's tooling that
@@ -67,7 +69,6 @@ WORKLOAD_TEMPLATE_PATHS: Final[dict[str, tuple[str, ...]]] = {
     "DeploymentConfig": ("spec", "template"),
 }
 
-_DEFAULT_SPEC: Final = InterceptSpec()
 #: settings a pod annotation carries (the setting's first annotation key); the controller reads those.
 ANNOTATED_SETTINGS: Final[dict[str, str]] = {
     name: SETTINGS_BY_NAME[name].annotations[0]
@@ -364,7 +365,7 @@ def rewrite_pod(
     waiter = waiter_container(options, volume_name, effective.proxy_uid, effective.proxy_gid, port_args)
     spec["initContainers"] = [waiter, *kept_inits]
 
-    for container in _containers(spec, "containers"):
+    for container in [*_containers(spec, "initContainers"), *_containers(spec, "containers")]:
         if _name(container) != ISTIO_PROXY_CONTAINER or not isinstance(container, dict):
             continue
         if effective.mode is InterceptionMode.TPROXY:
