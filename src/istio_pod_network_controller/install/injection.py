@@ -18,9 +18,10 @@ or the clock. What a rewrite does to an Istio-injected pod:
    controller will parse it, so a pod the controller would refuse is refused here, naming the annotation,
    argument or variable.
 4. In REDIRECT mode NET_ADMIN/NET_RAW are also removed from the `istio-proxy` sidecar's added capabilities
-   (a container, or an init container as a native sidecar; Envoy needs neither there). In TPROXY mode Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays,
-   with a warning. The application's own containers are never changed: a pod that was not Pod Security
-   `restricted` because of them stays so (the rewrite is not a silent policy fixer).
+   (a container, or an init container as a native sidecar; Envoy needs neither there). In TPROXY mode
+   Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays, with a warning. The application's own
+   containers are never changed: a pod that was not Pod Security `restricted` because of them stays so
+   (the rewrite is not a silent policy fixer).
 5. `sidecar.istio.io/status` is updated (istio-init -> the waiter, + the volume) so Istio's tooling that
    reads it (uninject, `istioctl x check-inject`) still sees a consistent picture.
 
