@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from istio_pod_network_controller.controller.cache import slim_pod
 from istio_pod_network_controller.errors import SpecError
-from istio_pod_network_controller.rules import iptables, plan
+from istio_pod_network_controller.rules import iptables, nftables, plan
 from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.istio import (
     DUAL_STACK_ENV,
@@ -343,3 +345,30 @@ def test_a_moved_status_port_moves_the_inbound_return_in_the_rules() -> None:
 
     assert inbound_returns(SIDECAR) == ["15008", "15020", "15021", "15090"]
     assert inbound_returns(moved) == ["15008", "16000", "15021", "15090"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    variable=st.sampled_from(sorted(READ_ENV)),
+    value=st.one_of(
+        st.text(max_size=60), st.sampled_from(["true", "0", "10.0.0.1/8", "80,443", "*", "1000"])
+    ),
+    where=st.sampled_from(["istio-init", "istio-proxy"]),
+)
+def test_any_env_value_is_refused_by_name_or_renders(variable: str, value: str, where: str) -> None:
+    """Env is tenant input: a value is refused naming the container and the variable, or it plans rules
+    every renderer can write."""
+    pod = with_env(SIDECAR if where == "istio-init" else NATIVE, where, [{"name": variable, "value": value}])
+    refused: SpecError | None = None
+    try:
+        spec = pod_spec(pod)
+    except SpecError as exc:
+        refused = exc
+    if refused is not None:
+        assert f"container {where} env {variable}" in refused.source
+        assert refused.value.strip() in value
+        return
+    ruleset = plan.build(spec.with_ipv6(True))
+    nftables.render(ruleset)
+    for family in ruleset.families:
+        iptables.render(family)
