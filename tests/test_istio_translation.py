@@ -372,3 +372,12 @@ def test_any_env_value_is_refused_by_name_or_renders(variable: str, value: str, 
     nftables.render(ruleset)
     for family in ruleset.families:
         iptables.render(family)
+
+
+@pytest.mark.parametrize("containers", ["istio-proxy", ["istio-proxy", 7], None, {"name": "istio-proxy"}])
+def test_the_slim_cache_survives_malformed_container_lists(containers: Any) -> None:
+    pod = copy.deepcopy(CNI)
+    pod["spec"]["containers"] = containers
+    pod["spec"]["initContainers"] = containers
+    slim = slim_pod(pod)
+    assert slim["spec"]["containers"] == [] and slim["spec"]["initContainers"] == []
