@@ -218,9 +218,10 @@ def test_rules_verify_pod_reads_the_pods_own_annotations() -> None:
     with SimCluster() as cluster:
         node = cluster.add_node("ipncv")
         pod = cluster.add_pod(node, "mesh", annotations={ann.EXCLUDE_OUTBOUND_PORTS: "5432"})
+        dns = cluster.add_pod(node, "dns", annotations={ann.CAPTURE_DNS: "true"})
         ctl = cluster.start_controller(node, ["--exclude-inbound-ports", "9000"])
         ctl.wait_ready()
-        cluster.wait_initialized([pod], 20, ctl.log)
+        cluster.wait_initialized([pod, dns], 20, ctl.log)
         admin = ["--kubeconfig", str(cluster.api.kubeconfig_path)]
         # The controller as the API sees its DaemonSet pod: verify takes its flags as the defaults.
         cluster.store.create(NAMESPACES, None, {"metadata": {"name": "istio-system"}})
@@ -235,6 +236,9 @@ def test_rules_verify_pod_reads_the_pods_own_annotations() -> None:
         done = rules("verify", "--pod", "default/mesh", *admin)
         assert done.returncode == exitcodes.OK, done.stdout + done.stderr
         assert done.stdout.strip().endswith(": in place")
+        # DNS capture is narrowed to the pod's nameservers, read from its processes as the controller does.
+        done = rules("verify", "--pod", "default/dns", *admin)
+        assert done.returncode == exitcodes.OK, done.stdout + done.stderr
         pid = str(pod.processes[0].pid)
         assert rules("verify", "--pid", pid, "--pod", "default/mesh", *admin).returncode == exitcodes.OK
         elsewhere = ["--controller-namespace", "nowhere"]  # no controller pod found: its flags are unknown

@@ -13,7 +13,7 @@ import click
 
 from ..controller import preflight
 from ..dataplane import apply as dataplane
-from ..dataplane.discovery import PodNetns, find_pod_netns
+from ..dataplane.discovery import ProcIndex, find_pod_netns
 from ..dataplane.netns import PinnedNetns
 from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from ..errors import ControllerError
@@ -64,14 +64,14 @@ class Target:
         if problem is not None:
             fail(problem, exitcodes.PERMISSION)
         try:
-            with self._open(pod) as handle:
+            with self._open(pod) as (handle, pids):
                 options: dict[str, object] = {
                     "allow_host": self.allow_host_netns,
                     "proc_root": self.proc_root,
                 }
-                if self.pid is not None and action is not dataplane.clean:
-                    # Its resolv.conf narrows DNS capture to the pod's nameservers, as the controller's does.
-                    options["pod_pids"] = (self.pid,)
+                if action is not dataplane.clean:
+                    # Their resolv.conf narrows DNS capture to the pod's nameservers, as the controller's.
+                    options["pod_pids"] = pids
                 return handle.description, action(handle, *args, _backend(self.backend), **options)
         except ControllerError as exc:
             fail_with(exc)
@@ -79,26 +79,30 @@ class Target:
             fail_with(ControllerError(f"{exc.filename or 'network namespace'}: {exc.strerror or exc}"))
 
     @contextlib.contextmanager
-    def _open(self, pod: Obj | None) -> Iterator[PinnedNetns]:
+    def _open(self, pod: Obj | None) -> Iterator[tuple[PinnedNetns, tuple[int, ...]]]:
+        """The namespace, and the processes whose resolv.conf gives the nameservers (--pid's, the pod's)."""
+        pids: tuple[int, ...] = ()
         if self.netns_path is not None:
             handle = PinnedNetns.open_path(self.netns_path)
         elif self.pid is not None:
-            handle = PinnedNetns.open_pid(self.pid, self.proc_root)
+            handle, pids = PinnedNetns.open_pid(self.pid, self.proc_root), (self.pid,)
         else:
-            handle = _discover(dict(pod or {}), self.proc_root).netns
+            handle, pids = _discover(dict(pod or {}), self.proc_root)
         with handle:
-            yield handle
+            yield handle, pids
 
 
-def _discover(pod: dict[str, Any], proc_root: str) -> PodNetns:
-    """The pod's namespace from the node's /proc, as the controller finds it (uid, container ids, IPs)."""
+def _discover(pod: dict[str, Any], proc_root: str) -> tuple[PinnedNetns, tuple[int, ...]]:
+    """The pod's namespace from the node's /proc, as the controller finds it (uid, container ids, IPs), and
+    the pod's processes."""
     from ..controller.cache import pod_ips, slim_pod
 
     _check_proc_root(proc_root)
     slim = slim_pod(pod)
-    return find_pod_netns(
-        slim["metadata"]["uid"], slim["status"].get("containerIDs") or (), pod_ips(slim), proc_root=proc_root
-    )
+    uid = slim["metadata"]["uid"]
+    index = ProcIndex.scan(proc_root)
+    found = index.find(uid, container_ids=slim["status"].get("containerIDs") or (), pod_ips=pod_ips(slim))
+    return found.netns, tuple(p.pid for p in index.processes(uid))
 
 
 def _check_proc_root(proc_root: str) -> None:
