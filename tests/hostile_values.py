@@ -52,6 +52,7 @@ BASES: dict[Callable[[str, str], object], list[str]] = {
     spec_mod.parse_interfaces: ["eth0", "net1,eth0", "lo"],
     spec_mod.parse_bool: ["true", "false"],
     spec_mod.parse_ipv6: ["capture", "block", "auto"],
+    spec_mod.parse_status_port: ["15020", "0", "16000"],
     spec_mod.parse_groups_or_wildcard: ["*", "1000,2000", "0"],
     spec_mod.parse_groups: ["1000", "888,0", ""],
 }

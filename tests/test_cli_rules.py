@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ipnc_lab.sim.controller import wait_for
 from istio_pod_network_controller.cli import exitcodes
 
 CLI = [sys.executable, "-m", "istio_pod_network_controller", "rules"]
@@ -148,3 +149,48 @@ def test_find_netns_with_a_proc_root(netns_name: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     inode = os.stat(f"/run/netns/{netns_name}").st_ino
     assert f"pod {uid}: net:[{inode}] via pid 4242 (container {'ab' * 32}" in done.stdout
+
+
+@pytest.mark.root
+def test_apply_by_pid_narrows_dns_capture_to_that_process_nameservers(netns_name: str) -> None:
+    """`ip netns exec` shows the process /etc/netns/NAME/resolv.conf as its /etc/resolv.conf: --pid reads it
+    (through the process's root, as the controller reads a pod's) and captures DNS to that server only."""
+    etc = Path("/etc/netns") / netns_name
+    etc.mkdir(parents=True)
+    sleeper = None
+    try:
+        (etc / "resolv.conf").write_text("nameserver 192.0.2.53\n")
+        sleeper = subprocess.Popen(["ip", "netns", "exec", netns_name, "sleep", "120"])
+        wait_for_netns(sleeper.pid, netns_name)
+        target = ["--pid", str(sleeper.pid), "--backend", "legacy", "--capture-dns", "true"]
+        applied = cli("apply", *target)
+        assert applied.returncode == 0, applied.stderr
+        saved = subprocess.run(
+            ["ip", "netns", "exec", netns_name, "iptables-legacy-save"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        dns = [line for line in saved.splitlines() if "--dport 53" in line and "REDIRECT" in line]
+        assert dns and all("-d 192.0.2.53/32" in line for line in dns), saved
+        assert cli("verify", *target, "--flags-only").returncode == exitcodes.OK
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        (etc / "resolv.conf").unlink(missing_ok=True)
+        etc.rmdir()
+
+
+def wait_for_netns(pid: int, name: str) -> None:
+    """Until the process has entered the named namespace (ip netns exec switches, then execs sleep)."""
+    want = os.stat(f"/run/netns/{name}").st_ino
+
+    def entered() -> bool:
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            return os.stat(f"/proc/{pid}/ns/net").st_ino == want and exe.endswith("sleep")
+        except OSError:
+            return False
+
+    wait_for(entered, 10, f"pid {pid} in {name}")

@@ -65,6 +65,11 @@ VALUE_FOR = {
     ann.KUBEVIRT_INTERFACES: _list(IFACE),
     ann.CAPTURE_DNS: st.sampled_from(["true", "false", "true", "false", "yes"]),
     ann.IPV6: st.sampled_from(["auto", "capture", "block", "capture", "on"]),
+    ann.DROP_INVALID: st.sampled_from(["true", "false", "1"]),
+    ann.OUTBOUND_OWNER_GROUPS: st.one_of(
+        st.just("*"), _list(st.integers(0, 70000).map(str)), st.just("wheel")
+    ),
+    ann.OUTBOUND_OWNER_GROUPS_EXCLUDE: _list(st.integers(0, 70000).map(str)),
 }
 ANNOTATIONS = st.dictionaries(
     st.sampled_from(sorted(SPEC_ANNOTATIONS)),

@@ -15,6 +15,7 @@ from istio_pod_network_controller.settings.spec import (
     InterceptSpec,
     IPv6Policy,
     build_spec,
+    masked_cidrs,
 )
 
 
@@ -98,7 +99,6 @@ def test_new_reroute_annotation_wins_over_deprecated_name() -> None:
         (ann.ENVOY_PORT, "15001 ; rm -rf /", "a port must be a number"),
         (ann.ENVOY_USERID, "0", "id 0 would exempt all root-owned traffic"),
         (ann.ENVOY_GROUPID, "4294967295", "an id must be a number"),
-        (ann.INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.1/8", "has host bits set"),
         (ann.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33", "is not a CIDR range"),
         (ann.EXCLUDE_OUTBOUND_IP_RANGES, "$(reboot)", "is not a CIDR range"),
         (ann.INTERCEPTION_MODE, "redirect", "must be one of REDIRECT, TPROXY, NONE"),
@@ -199,6 +199,16 @@ def test_fingerprint_is_stable_and_tracks_every_field() -> None:
 
 def test_none_mode_does_not_intercept() -> None:
     assert not build_spec({ann.INTERCEPTION_MODE: "NONE"}).intercepts
+
+
+def test_cidrs_with_host_bits_are_masked_as_istio_masks_them() -> None:
+    spec = build_spec({ann.EXCLUDE_OUTBOUND_IP_RANGES: "10.96.0.2/24,10.96.0.3/24,fd00::1/8,192.0.2.7"})
+    assert [str(n) for n in spec.exclude_outbound_ip_ranges] == ["10.96.0.0/24", "fd00::/8", "192.0.2.7/32"]
+    assert masked_cidrs("10.96.0.2/24, 10.0.0.0/8,fd00::1/8,192.0.2.7", "x") == (
+        ("10.96.0.2/24", ipaddress.ip_network("10.96.0.0/24")),
+        ("fd00::1/8", ipaddress.ip_network("fd00::/8")),
+    )
+    assert masked_cidrs("*", "x") == ()
 
 
 def test_owner_groups_and_drop_invalid_default_to_istio() -> None:

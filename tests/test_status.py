@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ipnc_lab.localapi import LocalAPIServer
 from ipnc_lab.localapi.resources import CORE_EVENTS, NAMESPACES, PODS
@@ -232,9 +233,10 @@ def test_rules_verify_pod_reads_the_pods_own_annotations() -> None:
     with SimCluster() as cluster:
         node = cluster.add_node("ipncv")
         pod = cluster.add_pod(node, "mesh", annotations={ann.EXCLUDE_OUTBOUND_PORTS: "5432"})
+        dns = cluster.add_pod(node, "dns", annotations={ann.CAPTURE_DNS: "true"})
         ctl = cluster.start_controller(node, ["--exclude-inbound-ports", "9000"])
         ctl.wait_ready()
-        cluster.wait_initialized([pod], 20, ctl.log)
+        cluster.wait_initialized([pod, dns], 20, ctl.log)
         admin = ["--kubeconfig", str(cluster.api.kubeconfig_path)]
         # The controller as the API sees its DaemonSet pod: verify takes its flags as the defaults.
         cluster.store.create(NAMESPACES, None, {"metadata": {"name": "istio-system"}})
@@ -249,6 +251,9 @@ def test_rules_verify_pod_reads_the_pods_own_annotations() -> None:
         done = rules("verify", "--pod", "default/mesh", *admin)
         assert done.returncode == exitcodes.OK, done.stdout + done.stderr
         assert done.stdout.strip().endswith(": in place")
+        # DNS capture is narrowed to the pod's nameservers, read from its processes as the controller does.
+        done = rules("verify", "--pod", "default/dns", *admin)
+        assert done.returncode == exitcodes.OK, done.stdout + done.stderr
         pid = str(pod.processes[0].pid)
         assert rules("verify", "--pid", pid, "--pod", "default/mesh", *admin).returncode == exitcodes.OK
         elsewhere = ["--controller-namespace", "nowhere"]  # no controller pod found: its flags are unknown
@@ -263,3 +268,20 @@ def test_rules_verify_pod_reads_the_pods_own_annotations() -> None:
         assert done.returncode == exitcodes.NOT_INSTALLED and "not installed" in done.stdout
         done = rules("verify", "--pod", "default/missing", *admin)
         assert done.returncode == exitcodes.NOT_FOUND and "pod default/missing: not found" in done.stderr
+
+
+def test_status_reads_the_pod_as_istio_does_and_says_where_each_value_came_from() -> None:
+    """An OpenShift CNI-mode pod: the proxy's ids and DNS capture come from istio-proxy, as Istio's plugin
+    reads them, and `status` names that container field or variable as the source."""
+    fixture = Path(__file__).parent / "fixtures" / "istio-pods" / "cni-native-sidecar-openshift.yaml"
+    pod = yaml.safe_load(fixture.read_text())
+    pod["spec"]["nodeName"] = "node-1"
+    controllers = [controller_pod("node-1", ready=True)]
+    told = ex.explain(pod, None, controllers, [], "istio-system", flag_name, env_name)
+    assert told.spec_error is None
+    settings = {view.field: (view.value, view.source) for view in told.settings}
+    runas = "container istio-proxy securityContext"
+    assert settings["proxy_uid"] == ("1000629999", f"{runas}.runAsUser")
+    assert settings["proxy_gid"] == ("1000629999", f"{runas}.runAsGroup")
+    assert settings["capture_dns"] == ("true", "container istio-proxy env ISTIO_META_DNS_CAPTURE")
+    assert settings["exclude_outbound_ports"] == ("5432", "controller flag --exclude-outbound-ports")

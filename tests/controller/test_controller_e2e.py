@@ -239,3 +239,24 @@ def test_refuses_to_start_without_node_name() -> None:
     done = subprocess.run([sys.executable, "-m", "istio_pod_network_controller", "run", "--kubeconfig", "/x"],
                           capture_output=True, text=True, env=env, timeout=30, check=False)  # fmt: skip
     assert done.returncode == 2 and "--node-name" in done.stderr
+
+
+def test_a_cidr_annotation_with_host_bits_is_masked_and_said_once() -> None:
+    """Istio reads `10.96.0.2/24` as `10.96.0.0/24`: the pod is captured with the masked network and gets one
+    Warning naming the annotation and the value it was read as (not again on a later pass)."""
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipncm")
+        notes = {ann.EXCLUDE_OUTBOUND_IP_RANGES: "10.96.0.2/24,10.0.0.0/8"}
+        pod = cluster.add_pod(node, "masked", annotations=notes)
+        ctl = start(cluster, node, "--repair-interval", "0.5")
+        ctl.wait_ready()
+        cluster.wait_initialized([pod], 15, ctl.log)
+        wait_for(lambda: "CIDRHostBitsMasked" in cluster.reasons(pod), 5, "masked warning")
+        (warning,) = [e for e in cluster.events(pod) if e["reason"] == "CIDRHostBitsMasked"]
+        assert warning["type"] == "Warning"
+        said = "10.96.0.2/24 has host bits set, read as 10.96.0.0/24"
+        assert warning["message"] == f"annotation {ann.EXCLUDE_OUTBOUND_IP_RANGES}: {said}"
+        assert rules_in_place(cluster, pod)  # verified against the masked spec
+        cluster.edit_annotations(pod, {ann.EXCLUDE_INBOUND_PORTS: "8080"})
+        wait_for(lambda: "Reconfigured" in cluster.reasons(pod), 10, "Reconfigured event")
+        assert cluster.reasons(pod).count("CIDRHostBitsMasked") == 1

@@ -22,17 +22,19 @@ from install_helpers import injected_pod, istio_init
 
 from hostile_values import IPTABLES_ATTACK, assert_loads_only_the_plan, assert_refusal_names, hostile
 from istio_pod_network_controller.errors import SpecError
-from istio_pod_network_controller.install import injection
 from istio_pod_network_controller.install.injection import InjectionError, InjectOptions, rewrite_pod
 from istio_pod_network_controller.install.webhook.server import parse_review, review_response
 from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.istio import ISTIO_IPTABLES_FLAGS
 from istio_pod_network_controller.settings.spec import SETTINGS_BY_NAME, build_spec
 
 OPTIONS = InjectOptions()
 BASE_POD = injected_pod()
 SPELLINGS: dict[str, list[str]] = {}
-for _flag, _setting in sorted(injection._IPTABLES_FLAGS.items()):
-    SPELLINGS.setdefault(_setting, []).append(_flag)
+for _flag in ISTIO_IPTABLES_FLAGS:
+    if _flag.setting is not None and not _flag.boolean:
+        SPELLINGS.setdefault(_flag.setting, []).append("--" + _flag.long)
+        SPELLINGS[_flag.setting] += ["-" + _flag.short] if _flag.short else []
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -125,7 +127,7 @@ def test_the_issue_attack_through_inject_is_refused_by_inject_itself() -> None:
     pod = _pod_with("-x", IPTABLES_ATTACK, inline=False)
     with pytest.raises(InjectionError) as refused:
         rewrite_pod(pod["metadata"], pod["spec"], OPTIONS)
-    assert "exclude_outbound_ip_ranges" in str(refused.value)
+    assert "--istio-service-exclude-cidr" in str(refused.value)
     assert "\n" not in refused.value.public and "\n" not in str(refused.value)
     with pytest.raises(SpecError) as caught:
         build_spec({ann.EXCLUDE_OUTBOUND_IP_RANGES: IPTABLES_ATTACK.strip(), ann.IPV6: "capture"})

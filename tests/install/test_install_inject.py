@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,14 +21,16 @@ from istio_pod_network_controller.install.injection import (
     InjectionError,
     InjectOptions,
     needs_rewrite,
-    parse_istio_iptables_args,
     rewrite_object,
     rewrite_pod,
 )
+from istio_pod_network_controller.rules import plan
 from istio_pod_network_controller.settings import annotations as ann
+from istio_pod_network_controller.settings.istio import parse_istio_iptables_args, pod_spec
 from istio_pod_network_controller.settings.spec import (
     SETTINGS_BY_NAME,
     SPEC_ANNOTATIONS,
+    Given,
     InterceptionMode,
     build_spec,
 )
@@ -192,9 +195,9 @@ def test_parse_istio_iptables_args_spellings() -> None:
     assert parse_istio_iptables_args(
         ["istio-iptables", "--envoy-port=15011", "-z", "15016", "--redirect-dns"]
     ) == {
-        "outbound_port": "15011",
-        "inbound_port": "15016",
-        "capture_dns": "true",
+        "outbound_port": Given("15011", "istio-init argument --envoy-port"),
+        "inbound_port": Given("15016", "istio-init argument --inbound-capture-port"),
+        "capture_dns": Given("true", "istio-init argument --redirect-dns"),
     }
 
 
@@ -313,7 +316,7 @@ def test_mode_is_read_exactly_as_the_controller_reads_it(deployment: dict, mode:
     try:
         controller_mode = build_spec({ann.INTERCEPTION_MODE: mode}).mode
     except SpecError:
-        with pytest.raises(InjectionError, match=r"interceptionMode|interception_mode") as caught:
+        with pytest.raises(InjectionError, match=r"interceptionMode|interception-mode") as caught:
             rewrite_pod(template["metadata"], template["spec"], OPTIONS)
         assert repr(mode) in str(caught.value)
         return
@@ -349,7 +352,7 @@ def test_hostile_istio_init_arguments_are_refused(deployment: dict, flag: str, v
     template = deployment["spec"]["template"]
     args = istio_init(template["spec"])["args"]
     args += [flag, value]
-    with pytest.raises(InjectionError, match="istio-init argument for"):
+    with pytest.raises(InjectionError, match="istio-init argument --"):
         rewrite_pod(template["metadata"], template["spec"], OPTIONS)
 
 
@@ -363,10 +366,10 @@ def test_the_translation_table_comes_from_the_spec_settings() -> None:
         assert not SETTINGS_BY_NAME[setting].annotations
         flag = "--" + setting.replace("_", "-")
         assert any(flag in p.opts for p in wait.params), flag  # the waiter accepts what injection passes
-    assert set(ANNOTATED_SETTINGS) | set(FLAG_SETTINGS) == set(parse_istio_iptables_args(
+    assert set(ANNOTATED_SETTINGS) | set(FLAG_SETTINGS) == {*parse_istio_iptables_args(
         ["-p", "1", "-z", "2", "-u", "3", "-g", "4", "-m", "NONE", "-b", "", "-d", "", "-i", "", "-x", "",
-         "-q", "", "-o", "", "-k", "", "-c", "", "--redirect-dns"]
-    ))  # fmt: skip
+         "-q", "", "-o", "", "-k", "", "-c", "", "--redirect-dns", "--capture-all-dns", "--drop-invalid"]
+    ), "outbound_owner_groups", "outbound_owner_groups_exclude"}  # fmt: skip
 
 
 def test_the_waiter_learns_the_controller_namespace(deployment: dict) -> None:
@@ -397,3 +400,57 @@ def test_cli_passes_the_controller_namespace_and_never_trust() -> None:
     refused = runner.invoke(cli, ["inject", "-f", "-", "--waiter-arg=--trust-annotation"], input=text)
     assert refused.exit_code == 2
     assert "--trust-annotation is never injected" in refused.output
+
+
+def test_openshift_sidecar_pod_needs_no_grant_and_keeps_istios_capture() -> None:
+    """A sidecar-mode pod the injector shaped on OpenShift (istio-init `-u` = the top of the namespace's uid
+    range, no `-g`; proxyMetadata in istio-init's env): the waiter runs as that uid and gid (restricted-v2's
+    MustRunAsRange admits it: no nonroot/anyuid grant), and the controller, reading the rewritten pod,
+    builds exactly the spec istio-init would have used (DNS capture, drop-invalid, the exempt uid/gid)."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "istio-pods" / "sidecar-openshift.yaml"
+    pod = yaml.safe_load(fixture.read_text())
+    result = rewrite_pod(pod["metadata"], pod["spec"], OPTIONS)
+    (waiter, *_) = result.spec["initContainers"]
+    uid = 1000629999
+    assert (waiter["securityContext"]["runAsUser"], waiter["securityContext"]["runAsGroup"]) == (uid, uid)
+    assert 1000620000 <= uid < 1000620000 + 10000
+    ours = [v for v in restricted_violations(result.spec, result.metadata) if ann.WAITER_CONTAINER in v]
+    assert ours == []  # the others are Istio's and the tenant's (OpenShift's SCC admission defaults them)
+    notes = result.metadata["annotations"]
+    assert (notes[ann.CAPTURE_DNS], notes[ann.DROP_INVALID]) == ("true", "true")
+    assert notes[ann.ENVOY_USERID] == notes[ann.ENVOY_GROUPID] == str(uid)
+    istio_init_spec = pod_spec(pod)
+    controller_spec = pod_spec({"metadata": result.metadata, "spec": result.spec})
+    for v6 in (False, True):  # the same rules (-d's 15090,15021,15020 are the implied exclusions)
+        assert plan.build(controller_spec.with_ipv6(v6)) == plan.build(istio_init_spec.with_ipv6(v6))
+    assert (controller_spec.proxy_uid, controller_spec.proxy_gid, controller_spec.capture_dns) == (
+        uid,
+        uid,
+        True,
+    )
+
+
+def test_istio_init_cidr_with_host_bits_is_masked_and_said(deployment: dict) -> None:
+    template = deployment["spec"]["template"]
+    args = istio_init(template["spec"])["args"]
+    args[args.index("-i") + 1] = "10.96.0.2/12"
+    result = rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+    assert result.metadata["annotations"][ann.INCLUDE_OUTBOUND_IP_RANGES] == "10.96.0.0/12"
+    assert (
+        "istio-init argument --istio-service-cidr: 10.96.0.2/12 has host bits set, read as 10.96.0.0/12"
+        in (result.warnings)
+    )
+
+
+def test_native_sidecar_istio_proxy_loses_net_admin_too(deployment: dict) -> None:
+    """Istio >= 1.27 may inject istio-proxy as an init container with restartPolicy Always."""
+    template = deployment["spec"]["template"]
+    proxy = next(c for c in template["spec"]["containers"] if c["name"] == "istio-proxy")
+    template["spec"]["containers"].remove(proxy)
+    proxy["restartPolicy"] = "Always"
+    proxy.setdefault("securityContext", {}).setdefault("capabilities", {})["add"] = ["NET_ADMIN", "NET_RAW"]
+    template["spec"]["initContainers"].append(proxy)
+    result = rewrite_pod(template["metadata"], template["spec"], OPTIONS)
+    (moved,) = [c for c in result.spec["initContainers"] if c["name"] == "istio-proxy"]
+    assert "add" not in moved["securityContext"]["capabilities"]
+    assert result.spec["initContainers"][0]["name"] == ann.WAITER_CONTAINER

@@ -14,12 +14,15 @@ import click
 import helm_python
 import pytest
 import yaml
-from install_helpers import ROOT, render
+from install_helpers import ROOT, by_kind, render
 from test_install_chart import VALUE_SETS
 
+from ipnc_lab.sim.cluster import SimCluster
 from istio_pod_network_controller.cli.run import run
 from istio_pod_network_controller.cli.webhook import webhook
+from istio_pod_network_controller.dataplane import apply as dataplane
 from istio_pod_network_controller.dataplane.apply import BACKEND_CHOICES
+from istio_pod_network_controller.settings.istio import pod_spec
 
 CHART = ROOT / "chart" / "istio-pod-network-controller"
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -158,6 +161,8 @@ GOOD = [
     ("includeIPRanges", "172.30.0.0/16,172.20.0.0/16"),
     ("includeIPRanges", "10.0.0.0/8, fd00::/8"),
     ("includeIPRanges", "10.1.2.3"),
+    ("includeIPRanges", "10.0.0.1/8"),
+    ("interception.excludeOutboundIPRanges", "10.96.0.2/24,fd00::1/8"),
     ("excludeIPRanges", "169.254.169.254/32"),
     ("excludeIPRanges", ""),
     ("interception.excludeOutboundIPRanges", "::1/128,fe80::/10"),
@@ -208,3 +213,25 @@ def test_enums_are_exactly_what_the_commands_accept() -> None:
     assert controller["logFormat"]["enum"] == choices(run, "log_format")
     pull = SCHEMA["properties"]["image"]["properties"]["pullPolicy"]["enum"]
     assert pull == choices(webhook, "image_pull_policy")
+
+
+@pytest.mark.root
+@pytest.mark.timeout(90)
+def test_a_cidr_with_host_bits_renders_and_the_controller_starts_with_it() -> None:
+    """Istio reads `10.0.0.1/8` as `10.0.0.0/8`: so does the chart, the controller (one log line), and the
+    rules it installs."""
+    (daemonset,) = by_kind(render({"includeIPRanges": "10.0.0.1/8"}), "DaemonSet")
+    args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+    spec_args = [a for a in args if a.startswith("--include-outbound-ip-ranges")]
+    assert spec_args == ["--include-outbound-ip-ranges=10.0.0.1/8"]
+    with SimCluster() as cluster:
+        node = cluster.add_node("ipncv")
+        pod = cluster.add_pod(node, "mesh")
+        controller = cluster.start_controller(node, spec_args)
+        controller.wait_ready()
+        cluster.wait_initialized([pod], 30, controller.log)
+        said = "--include-outbound-ip-ranges: 10.0.0.1/8 has host bits set, read as 10.0.0.0/8"
+        assert controller.log().count(said) == 1
+        assert pod.netns
+        masked = pod_spec(cluster.pod_object(pod), {"include_outbound_ip_ranges": "10.0.0.0/8"})
+        assert dataplane.verify(pod.netns.pinned, masked).in_place

@@ -219,7 +219,7 @@ async def test_malformed_reviews_are_400(hook: Hook, body: bytes, reason: str) -
         ),
         (
             {"metadata": {}, "spec": {"initContainers": [{"name": "istio-init", "args": "istio-iptables"}]}},
-            "lists",
+            "must be a list",
         ),
     ],
 )
@@ -336,11 +336,15 @@ def test_webhook_refuses_to_inject_trust_annotation() -> None:
     ("where", "value", "named"),
     [
         ("annotation", "tproxy", "annotation sidecar.istio.io/interceptionMode: invalid value 'tproxy'"),
-        ("istio-init", "tproxy", "istio-init argument for interception_mode: invalid value 'tproxy'"),
+        (
+            "istio-init",
+            "tproxy",
+            "istio-init argument --istio-inbound-interception-mode: invalid value 'tproxy'",
+        ),
         (
             "istio-init-x",
             "10.0.0.0/8\n-A ISTIO_OUTPUT -j ACCEPT",
-            "istio-init argument for exclude_outbound_ip_ranges",
+            "istio-init argument --istio-service-exclude-cidr",
         ),
     ],
 )

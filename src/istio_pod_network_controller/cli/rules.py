@@ -13,12 +13,13 @@ import click
 
 from ..controller import preflight
 from ..dataplane import apply as dataplane
-from ..dataplane.discovery import PodNetns, find_pod_netns
+from ..dataplane.discovery import ProcIndex, find_pod_netns
 from ..dataplane.netns import PinnedNetns
 from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from ..errors import ControllerError
 from ..rules import iptables, nftables, plan
 from ..settings.downward import read_annotations
+from ..settings.istio import pod_spec
 from ..settings.spec import InterceptionMode, InterceptSpec, IPv6Policy, build_spec
 from . import exitcodes
 from .failures import fail, fail_with
@@ -63,8 +64,14 @@ class Target:
         if problem is not None:
             fail(problem, exitcodes.PERMISSION)
         try:
-            with self._open(pod) as handle:
-                options = {"allow_host": self.allow_host_netns, "proc_root": self.proc_root}
+            with self._open(pod) as (handle, pids):
+                options: dict[str, object] = {
+                    "allow_host": self.allow_host_netns,
+                    "proc_root": self.proc_root,
+                }
+                if action is not dataplane.clean:
+                    # Their resolv.conf narrows DNS capture to the pod's nameservers, as the controller's.
+                    options["pod_pids"] = pids
                 return handle.description, action(handle, *args, _backend(self.backend), **options)
         except ControllerError as exc:
             fail_with(exc)
@@ -72,26 +79,30 @@ class Target:
             fail_with(ControllerError(f"{exc.filename or 'network namespace'}: {exc.strerror or exc}"))
 
     @contextlib.contextmanager
-    def _open(self, pod: Obj | None) -> Iterator[PinnedNetns]:
+    def _open(self, pod: Obj | None) -> Iterator[tuple[PinnedNetns, tuple[int, ...]]]:
+        """The namespace, and the processes whose resolv.conf gives the nameservers (--pid's, the pod's)."""
+        pids: tuple[int, ...] = ()
         if self.netns_path is not None:
             handle = PinnedNetns.open_path(self.netns_path)
         elif self.pid is not None:
-            handle = PinnedNetns.open_pid(self.pid, self.proc_root)
+            handle, pids = PinnedNetns.open_pid(self.pid, self.proc_root), (self.pid,)
         else:
-            handle = _discover(dict(pod or {}), self.proc_root).netns
+            handle, pids = _discover(dict(pod or {}), self.proc_root)
         with handle:
-            yield handle
+            yield handle, pids
 
 
-def _discover(pod: dict[str, Any], proc_root: str) -> PodNetns:
-    """The pod's namespace from the node's /proc, as the controller finds it (uid, container ids, IPs)."""
+def _discover(pod: dict[str, Any], proc_root: str) -> tuple[PinnedNetns, tuple[int, ...]]:
+    """The pod's namespace from the node's /proc, as the controller finds it (uid, container ids, IPs), and
+    the pod's processes."""
     from ..controller.cache import pod_ips, slim_pod
 
     _check_proc_root(proc_root)
     slim = slim_pod(pod)
-    return find_pod_netns(
-        slim["metadata"]["uid"], slim["status"].get("containerIDs") or (), pod_ips(slim), proc_root=proc_root
-    )
+    uid = slim["metadata"]["uid"]
+    index = ProcIndex.scan(proc_root)
+    found = index.find(uid, container_ids=slim["status"].get("containerIDs") or (), pod_ips=pod_ips(slim))
+    return found.netns, tuple(p.pid for p in index.processes(uid))
 
 
 def _check_proc_root(proc_root: str) -> None:
@@ -254,9 +265,8 @@ def verify(
     pod: dict[str, Any] | None = None
     if pod_ref is not None:
         pod, controller_defaults = _fetch_pod(pod_ref, kubeconfig, controller_namespace)
-        annotations = {str(k): str(v) for k, v in (pod["metadata"].get("annotations") or {}).items()}
         given = {name: value for name, value in settings.items() if value is not None}
-        spec = _spec_from(annotations, {**controller_defaults, **given})
+        spec = _spec_from(pod, {**controller_defaults, **given})
     else:
         spec = _parsed_spec(annotations_file, settings)
     where, drift = target.run(dataplane.verify, spec, pod=pod)
@@ -271,10 +281,11 @@ def verify(
     raise SystemExit(exitcodes.DRIFT)
 
 
-def _spec_from(annotations: Mapping[str, str], settings: Mapping[str, str | None]) -> InterceptSpec:
+def _spec_from(pod: Mapping[str, Any], settings: Mapping[str, str | None]) -> InterceptSpec:
+    """The pod's spec as the controller builds it (settings.istio), over these defaults."""
     defaults = {name: value for name, value in settings.items() if value is not None}
     try:
-        return build_spec(annotations, defaults, default_source=source_name)
+        return pod_spec(pod, defaults, default_source=source_name)
     except ControllerError as exc:
         fail_with(exc)
 

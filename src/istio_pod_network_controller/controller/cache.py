@@ -10,9 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..settings import annotations as ann
+from ..settings.istio import slim_container
+
 Obj = dict[str, Any]
 
 _POD_META = ("name", "namespace", "uid", "resourceVersion", "annotations", "labels", "deletionTimestamp")
+
+
+def _maps(value: Any) -> list[Obj]:
+    """The maps of a container list (the API server's shape; anything else is dropped, not a crash)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def slim_pod(pod: Obj) -> Obj:
@@ -24,7 +32,12 @@ def slim_pod(pod: Obj) -> Obj:
         "metadata": {k: meta[k] for k in _POD_META if k in meta},
         "spec": {
             "hostNetwork": bool(spec.get("hostNetwork")),
-            "initContainers": [{"name": c.get("name", "")} for c in spec.get("initContainers") or ()],
+            "initContainers": [slim_container(c) for c in _maps(spec.get("initContainers"))],
+            "containers": [
+                slim_container(c)
+                for c in _maps(spec.get("containers"))
+                if c.get("name") == ann.ISTIO_PROXY_CONTAINER
+            ],
         },
         "status": {
             "phase": status.get("phase"),

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..dataplane.apply import BackendChoice
 from ..errors import ControllerError
+from ..settings.istio import given_cidr_notices
 from ..settings.spec import SETTINGS_BY_NAME, Given, build_spec
 from .selection import SelectionOptions
 
+log = logging.getLogger(__name__)
 LEGACY_SPEC_FLAGS: dict[str, str] = {
     "--istio-inbound-interception-mode": "interception_mode",
     "--istio-include-outbound-ip-ranges": "include_outbound_ip_ranges",
@@ -87,5 +90,8 @@ def spec_defaults(modern: Mapping[str, Given | None], legacy: Mapping[str, str |
 
 
 def check_spec_defaults(defaults: Mapping[str, Given]) -> None:
-    """Parse the defaults once now, so a bad flag stops start-up instead of failing every pod."""
+    """Parse the defaults once now, so a bad flag stops start-up instead of failing every pod; say once
+    which CIDRs had host bits, masked as Istio masks them."""
     build_spec({}, defaults)
+    for notice in given_cidr_notices(defaults):
+        log.warning("%s", notice)

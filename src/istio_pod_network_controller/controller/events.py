@@ -37,6 +37,7 @@ APPLY_FAILED: Final = "InterceptionFailed"
 CAPTURE_KEPT: Final = "CaptureKept"
 OVERRIDE_IGNORED: Final = "PodOverrideIgnored"
 CAPTURE_BYPASSED: Final = "CaptureBypassed"
+CIDR_MASKED: Final = "CIDRHostBitsMasked"
 
 log = logging.getLogger(__name__)
 _seq = itertools.count()

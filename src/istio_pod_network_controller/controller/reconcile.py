@@ -28,7 +28,8 @@ from ..dataplane.netns import NetnsId, PinnedNetns
 from ..errors import DataplaneError, SpecError
 from ..rules.foreign import Bypass
 from ..settings import annotations as ann
-from ..settings.spec import InterceptSpec, build_spec
+from ..settings.istio import cidr_notices, pod_spec, with_annotations
+from ..settings.spec import InterceptSpec
 from . import events as ev
 from . import selection
 from .backoff import Backoff
@@ -200,7 +201,7 @@ class Reconciler:
         annotations = {k: v for k, v in view.annotations.items() if k not in ignored}
         spec: InterceptSpec | SpecError
         try:
-            spec = build_spec(annotations, self.config.spec_defaults)
+            spec = pod_spec(with_annotations(view.raw, annotations), self.config.spec_defaults)
         except SpecError as exc:
             spec = exc
         wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
@@ -229,6 +230,9 @@ class Reconciler:
                 f"annotations {', '.join(ignored)} ignored (controller flag --ignore-pod-overrides); "
                 "the controller-wide proxy identity and IPv6 policy apply",
             )
+        if isinstance(action, Verify | Apply):
+            for notice in cidr_notices(view.annotations):
+                plog.warn_event(ev.CIDR_MASKED, notice)
         state.busy = True
         try:
             return await self.execute(view, state, action, plog)

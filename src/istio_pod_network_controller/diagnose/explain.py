@@ -17,7 +17,8 @@ from ..controller.config import LEGACY_SPEC_FLAGS
 from ..controller.decision import candidate_digests
 from ..errors import SpecError
 from ..settings import annotations as ann
-from ..settings.spec import SETTINGS, InterceptSpec, build_spec
+from ..settings.istio import istio_defaults, istio_values, pod_spec, with_annotations
+from ..settings.spec import SETTINGS, Given, InterceptSpec
 from . import DEFAULT_CONTROLLER_NAMESPACE
 
 Obj = Mapping[str, Any]
@@ -203,13 +204,17 @@ class Explanation:
     next_steps: tuple[str, ...]
 
 
-def attribute(annotations: Mapping[str, str], sources: Mapping[str, str]) -> dict[str, str]:
-    """InterceptSpec field -> where its value came from, by build_spec's layers: annotations over defaults."""
+def attribute(
+    annotations: Mapping[str, str], sources: Mapping[str, str], from_pod: Mapping[str, Given] | None = None
+) -> dict[str, str]:
+    """InterceptSpec field -> where its value came from, by pod_spec's layers: annotations over what Istio
+    reads from the pod (settings.istio) over the controller's defaults."""
     origin = {f.name: "built-in default" for f in fields(InterceptSpec)}
+    layered = {**sources, **{name: given.source for name, given in (from_pod or {}).items()}}
     for setting in SETTINGS:
-        if setting.name in sources:
+        if setting.name in layered:
             for target in setting.targets:
-                origin[target] = sources[setting.name]
+                origin[target] = layered[setting.name]
     for setting in SETTINGS:
         key = next((k for k in setting.annotations if k in annotations), None)
         if key is not None:
@@ -268,11 +273,14 @@ def explain(
     expected: tuple[str, ...] = ()
     honoured = ctl.pod_annotations(annotations)
     try:
-        spec = build_spec(honoured, ctl.defaults, default_source=lambda n: ctl.sources.get(n, n))
+        gated = with_annotations(pod, honoured)
+        below_flags = {k: v for k, v in istio_defaults(gated).items() if k not in ctl.sources}
+        from_pod = {**below_flags, **istio_values(gated)}
+        spec = pod_spec(gated, ctl.defaults, default_source=lambda n: ctl.sources.get(n, n))
     except SpecError as exc:
         spec_error = safe(exc)
     else:
-        origin = attribute(honoured, ctl.sources)
+        origin = attribute(honoured, ctl.sources, from_pod)
         settings = tuple(SettingView(k, safe(v), origin[k]) for k, v in spec.describe().items())
         expected = tuple(sorted(candidate_digests(spec)))
     marked = annotations.get(ann.STATUS) == ann.STATUS_INITIALIZED

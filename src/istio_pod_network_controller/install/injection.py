@@ -8,17 +8,20 @@ or the clock. What a rewrite does to an Istio-injected pod:
    (drop ALL), no privilege escalation, read-only root, RuntimeDefault seccomp. Being first, every app init
    container runs with capture already in place, exactly like Istio CNI's `istio-validation` container.
 2. The `podinfo` downward-API volume (pod annotations -> /etc/podinfo/pod_annotations) is added for it.
-3. The capture settings that istio-init carried as istio-iptables arguments (Istio's injector computes them
-   from mesh-wide values such as global.proxy.includeIPRanges) become the pod annotations the node
-   controller reads, unless the pod already has that annotation or the value is the spec's default; so the
-   controller installs the same rules istio-init would have. Which setting has which annotation, and its
-   default, come from settings.spec.SETTINGS; every value is parsed by that setting's own parser and written
-   back in canonical form, and the resulting annotations are parsed as the controller will (build_spec), so
-   a pod the controller would refuse is refused here, naming the annotation or argument.
+3. What istio-iptables in istio-init would have read (its arguments and env: settings/istio.py, the one
+   translation; Istio's injector computes them from mesh-wide values such as global.proxy.includeIPRanges
+   and proxyMetadata) becomes the pod annotations the node controller reads, wherever the controller (which
+   also reads istio-proxy's ids and env) or the waiter (annotations only) would otherwise see another value,
+   unless the pod already has that annotation; so the controller installs the same rules istio-init would
+   have, and the waiter runs as istio-init's proxy uid/gid (on OpenShift, the namespace range's). Values are
+   written back in canonical form (CIDRs masked, with a warning), and the rewritten pod is parsed as the
+   controller will parse it, so a pod the controller would refuse is refused here, naming the annotation,
+   argument or variable.
 4. In REDIRECT mode NET_ADMIN/NET_RAW are also removed from the `istio-proxy` sidecar's added capabilities
-   (Envoy needs neither there). In TPROXY mode Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays,
-   with a warning. The application's own containers are never changed: a pod that was not Pod Security
-   `restricted` because of them stays so (the rewrite is not a silent policy fixer).
+   (a container, or an init container as a native sidecar; Envoy needs neither there). In TPROXY mode
+   Envoy itself needs NET_ADMIN (IP_TRANSPARENT), so it stays, with a warning. The application's own
+   containers are never changed: a pod that was not Pod Security `restricted` because of them stays so
+   (the rewrite is not a silent policy fixer).
 5. `sidecar.istio.io/status` is updated (istio-init -> the waiter, + the volume) so Istio's tooling that
    reads it (uninject, `istioctl x check-inject`) still sees a consistent picture.
 
@@ -35,14 +38,8 @@ from typing import Any, Final
 
 from ..errors import RefusedInput, SpecError
 from ..settings import annotations as ann
-from ..settings.spec import (
-    ALWAYS_EXCLUDED_INBOUND,
-    SETTINGS_BY_NAME,
-    SPEC_ANNOTATIONS,
-    InterceptionMode,
-    InterceptSpec,
-    build_spec,
-)
+from ..settings.istio import ISTIO_INIT_SETTINGS, from_istio_init, given_cidr_notices, pod_spec
+from ..settings.spec import SETTINGS_BY_NAME, SPEC_ANNOTATIONS, InterceptionMode, InterceptSpec
 
 JSON = dict[str, Any]
 
@@ -54,7 +51,7 @@ PODINFO_VOLUME: Final = "podinfo"
 PODINFO_FALLBACK_VOLUME: Final = "istio-pod-network-podinfo"
 PODINFO_MOUNT: Final = "/etc/podinfo"
 PODINFO_FILE: Final = "pod_annotations"
-ISTIO_PROXY_CONTAINER: Final = "istio-proxy"
+ISTIO_PROXY_CONTAINER: Final = ann.ISTIO_PROXY_CONTAINER
 OPT_OUT_ANNOTATION: Final = "pod-network-controller.istio.io/inject"
 """`"false"` on a pod (template) keeps Istio's own istio-init: inject and webhook leave it alone."""
 REMOVED_CAPABILITIES: Final = frozenset({"NET_ADMIN", "NET_RAW"})
@@ -73,45 +70,14 @@ WORKLOAD_TEMPLATE_PATHS: Final[dict[str, tuple[str, ...]]] = {
     "DeploymentConfig": ("spec", "template"),
 }
 
-# istio-iptables flag (short and long spellings) -> setting name.
-_IPTABLES_FLAGS: Final[dict[str, str]] = {
-    "-p": "outbound_port",
-    "--envoy-port": "outbound_port",
-    "-z": "inbound_port",
-    "--inbound-capture-port": "inbound_port",
-    "-u": "proxy_uid",
-    "--proxy-uid": "proxy_uid",
-    "-g": "proxy_gid",
-    "--proxy-gid": "proxy_gid",
-    "-m": "interception_mode",
-    "--istio-inbound-interception-mode": "interception_mode",
-    "-b": "include_inbound_ports",
-    "--istio-inbound-ports": "include_inbound_ports",
-    "-d": "exclude_inbound_ports",
-    "--istio-local-exclude-ports": "exclude_inbound_ports",
-    "-i": "include_outbound_ip_ranges",
-    "--istio-service-cidr": "include_outbound_ip_ranges",
-    "-x": "exclude_outbound_ip_ranges",
-    "--istio-service-exclude-cidr": "exclude_outbound_ip_ranges",
-    "-q": "include_outbound_ports",
-    "--istio-include-outbound-ports": "include_outbound_ports",
-    "-o": "exclude_outbound_ports",
-    "--istio-local-outbound-ports-exclude": "exclude_outbound_ports",
-    "-k": "reroute_virtual_interfaces",
-    "--kube-virt-interfaces": "reroute_virtual_interfaces",
-    "-c": "exclude_interfaces",
-    "--exclude-interfaces": "exclude_interfaces",
-}
-_IPTABLES_BOOL_FLAGS: Final[dict[str, str]] = {"--redirect-dns": "capture_dns"}
-
-_TRANSLATED: Final = tuple(dict.fromkeys((*_IPTABLES_FLAGS.values(), *_IPTABLES_BOOL_FLAGS.values())))
-_DEFAULT_SPEC: Final = InterceptSpec()
 #: settings a pod annotation carries (the setting's first annotation key); the controller reads those.
 ANNOTATED_SETTINGS: Final[dict[str, str]] = {
-    name: SETTINGS_BY_NAME[name].annotations[0] for name in _TRANSLATED if SETTINGS_BY_NAME[name].annotations
+    name: SETTINGS_BY_NAME[name].annotations[0]
+    for name in ISTIO_INIT_SETTINGS
+    if SETTINGS_BY_NAME[name].annotations
 }
 #: settings no pod annotation carries: passed to the waiter as flags (start the controller with them too).
-FLAG_SETTINGS: Final[tuple[str, ...]] = tuple(name for name in _TRANSLATED if name not in ANNOTATED_SETTINGS)
+FLAG_SETTINGS: Final[tuple[str, ...]] = tuple(n for n in ISTIO_INIT_SETTINGS if n not in ANNOTATED_SETTINGS)
 
 
 class InjectionError(RefusedInput):
@@ -202,72 +168,29 @@ def needs_rewrite(pod_spec: Mapping[str, Any], annotations: Mapping[str, Any] | 
     return any(_name(c) == ann.ISTIO_INIT_CONTAINER for c in _containers(pod_spec, "initContainers"))
 
 
-def parse_istio_iptables_args(args: list[Any]) -> dict[str, str]:
-    """istio-init's arguments -> {setting: raw value}; unknown flags are ignored (they change no rule)."""
-    settings: dict[str, str] = {}
-    items = [str(a) for a in args]
-    index = 0
-    while index < len(items):
-        item = items[index]
-        index += 1
-        flag, sep, inline = item.partition("=")
-        if flag in _IPTABLES_BOOL_FLAGS:
-            settings[_IPTABLES_BOOL_FLAGS[flag]] = "false" if sep and inline.lower() == "false" else "true"
-            continue
-        setting = _IPTABLES_FLAGS.get(flag)
-        if setting is None:
-            continue
-        if sep:
-            settings[setting] = inline
-        elif index < len(items):
-            settings[setting] = items[index]
-            index += 1
-    return settings
-
-
-def _istio_init_settings(container: Mapping[str, Any]) -> dict[str, str]:
-    command = container.get("command") or []
-    args = container.get("args") or []
-    if not isinstance(command, list) or not isinstance(args, list):
-        raise InjectionError("istio-init command/args must be lists")
-    return parse_istio_iptables_args([*command, *args])
-
-
-def _canonical(setting: str, value: object) -> str:
-    """The value as the spec writes it (annotation syntax), e.g. `10.0.0.0/8,fd00::/8` or `8080`."""
-    target = SETTINGS_BY_NAME[setting].targets[0]
-    return replace(_DEFAULT_SPEC, **{target: value}).describe()[target]  # type: ignore[arg-type]
-
-
-def translate_settings(raw: Mapping[str, str]) -> dict[str, object]:
-    """istio-init's {setting: raw text} -> {setting: typed value}, parsed by the spec's own parsers.
-
-    Values equal to the spec's default are dropped (nothing to carry); Istio's -d always lists the
-    health/metrics ports, which the controller excludes itself, so those are dropped from it too.
-    """
-    typed: dict[str, object] = {}
-    for setting, text in raw.items():
-        definition = SETTINGS_BY_NAME[setting]
-        try:
-            value = definition.parse(text, f"istio-init argument for {setting}")
-        except SpecError as exc:
-            raise InjectionError(str(exc)) from None
-        if setting == "exclude_inbound_ports" and isinstance(value, tuple):
-            value = tuple(p for p in value if p not in ALWAYS_EXCLUDED_INBOUND)
-        if value != getattr(_DEFAULT_SPEC, definition.targets[0]):
-            typed[setting] = value
-    return typed
-
-
-def effective_spec(annotations: Mapping[str, Any]) -> InterceptSpec:
-    """The spec the controller will build from the pod's annotations (without controller-wide flags)."""
-    own = {k: v for k, v in annotations.items() if k in SPEC_ANNOTATIONS}
+def _string_annotations(annotations: Mapping[str, Any]) -> None:
+    own = {k: v for k, v in annotations.items() if k in SPEC_ANNOTATIONS or k == ann.STATUS_PORT}
     if not all(isinstance(v, str) for v in own.values()):
         raise InjectionError("metadata.annotations values must be strings")
+
+
+def _spec(pod: Mapping[str, Any], what: str) -> InterceptSpec:
     try:
-        return build_spec(own)
+        spec = pod_spec(pod)
     except SpecError as exc:
-        raise InjectionError(f"{exc}; the controller would refuse this pod") from None
+        raise InjectionError(f"{exc}; {what}") from None
+    implied = spec.inbound_always_excluded
+    own = tuple(p for p in spec.exclude_inbound_ports if p not in implied)
+    return replace(spec, exclude_inbound_ports=own)
+
+
+def _differs(setting: str, want: InterceptSpec, have: InterceptSpec) -> bool:
+    return any(getattr(want, t) != getattr(have, t) for t in SETTINGS_BY_NAME[setting].targets)
+
+
+def _canonical(setting: str, spec: InterceptSpec) -> str:
+    """The setting's value as the spec writes it (annotation syntax), e.g. `10.0.0.0/8,fd00::/8` or `8080`."""
+    return spec.describe()[SETTINGS_BY_NAME[setting].targets[0]]
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -397,27 +320,40 @@ def rewrite_pod(
     _require_shape(spec)
 
     warnings: list[str] = []
+    _string_annotations(annotations_in)
     inits = _containers(spec, "initContainers")
-    istio_init = next(c for c in inits if _name(c) == ann.ISTIO_INIT_CONTAINER)
-    raw = _istio_init_settings(istio_init) if options.translate_istio_init_args else {}
-    settings = translate_settings(raw)
+    kept_inits = [c for c in inits if _name(c) not in {ann.ISTIO_INIT_CONTAINER, ann.WAITER_CONTAINER}]
+    after: JSON = {
+        "metadata": {"annotations": annotations_in},
+        "spec": {**spec, "initContainers": kept_inits},
+    }
+    have = _spec(after, "the controller would refuse this pod")
+    want = have
+    if options.translate_istio_init_args:
+        want = _spec({"metadata": {"annotations": annotations_in}, "spec": spec}, "istio-init's settings")
+        istio_init = next(c for c in inits if _name(c) == ann.ISTIO_INIT_CONTAINER)
+        warnings += given_cidr_notices(from_istio_init(istio_init))
 
+    # Carried as an annotation when the controller (which also reads istio-proxy) or the waiter (which
+    # reads annotations only) would see another value than istio-init's.
+    waiter_view = _spec({"metadata": {"annotations": annotations_in}}, "the waiter would refuse this pod")
     annotations: JSON = dict(annotations_in)
     for setting, key in ANNOTATED_SETTINGS.items():
-        if setting in settings and key not in annotations:
-            annotations[key] = _canonical(setting, settings[setting])
-    effective = effective_spec(annotations)
+        if key not in annotations and (_differs(setting, want, have) or _differs(setting, want, waiter_view)):
+            annotations[key] = _canonical(setting, want)
+    after["metadata"]["annotations"] = annotations
+    effective = _spec(after, "the controller would refuse this pod")
     if effective.mode is InterceptionMode.NONE:
         warnings.append("interception mode NONE: the waiter will only wait for the controller's status mark")
 
     port_args: list[str] = []
     for setting in FLAG_SETTINGS:
-        if setting in settings:
-            flag, port = "--" + setting.replace("_", "-"), _canonical(setting, settings[setting])
-            port_args += [flag, port]
+        if _differs(setting, want, effective):
+            flag, value = "--" + setting.replace("_", "-"), _canonical(setting, want)
+            port_args += [flag, value]
             warnings.append(
-                f"istio-init used {flag.removeprefix('--')} {port}: start the controller with {flag} {port} "
-                "too (no pod annotation carries it)"
+                f"istio-init used {flag.removeprefix('--')} {value}: start the controller with "
+                f"{flag} {value} too (no pod annotation carries it)"
             )
 
     volumes = spec.get("volumes")
@@ -428,12 +364,9 @@ def rewrite_pod(
     volume_name = _place_volume(volumes)
 
     waiter = waiter_container(options, volume_name, effective.proxy_uid, effective.proxy_gid, port_args)
-    spec["initContainers"] = [
-        waiter,
-        *(c for c in inits if _name(c) not in {ann.ISTIO_INIT_CONTAINER, ann.WAITER_CONTAINER}),
-    ]
+    spec["initContainers"] = [waiter, *kept_inits]
 
-    for container in _containers(spec, "containers"):
+    for container in [*_containers(spec, "initContainers"), *_containers(spec, "containers")]:
         if _name(container) != ISTIO_PROXY_CONTAINER or not isinstance(container, dict):
             continue
         if effective.mode is InterceptionMode.TPROXY:

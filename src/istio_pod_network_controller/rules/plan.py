@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 from ..settings.addresses import FAMILIES, LOOPBACK_NET, PASSTHROUGH_NET
 from ..settings.spec import (
-    ALWAYS_EXCLUDED_INBOUND,
     DNS_CAPTURE_PORT,
     HBONE_PORT,
     TPROXY_MARK,
@@ -150,7 +149,7 @@ def _interface_exclusions(spec: InterceptSpec) -> list[Rule]:
 
 def _inbound_excluded(spec: InterceptSpec, *, hbone: bool) -> list[int]:
     """Ports returned before the `*` catch-all: the user's and the proxy's own (plus 15008 in REDIRECT)."""
-    ports = dict.fromkeys((*ALWAYS_EXCLUDED_INBOUND, *spec.exclude_inbound_ports))
+    ports = dict.fromkeys((*spec.inbound_always_excluded, *spec.exclude_inbound_ports))
     ports.pop(HBONE_PORT, None)
     return [HBONE_PORT, *ports] if hbone else list(ports)
 

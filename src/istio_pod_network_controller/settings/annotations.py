@@ -16,6 +16,9 @@ REROUTE_VIRTUAL_INTERFACES: Final = "istio.io/reroute-virtual-interfaces"
 KUBEVIRT_INTERFACES: Final = "traffic.sidecar.istio.io/kubevirtInterfaces"
 """Deprecated name of REROUTE_VIRTUAL_INTERFACES; the new name wins when both are set."""
 
+STATUS_PORT: Final = "status.sidecar.istio.io/port"
+"""The agent's status port; Istio's injector excludes it from inbound capture (istio-init's -d)."""
+
 SIDECAR_INJECT: Final = "sidecar.istio.io/inject"
 SIDECAR_STATUS: Final = "sidecar.istio.io/status"
 
@@ -31,15 +34,30 @@ CAPTURE_DNS: Final = "pod-network-controller.istio.io/capture-dns"
 """Ours: "true"/"false" turns DNS capture on or off for one pod (Istio drives it from proxy metadata)."""
 IPV6: Final = "pod-network-controller.istio.io/ipv6"
 """Ours: auto | capture | block, the pod's IPv6 policy."""
-GATEABLE_OVERRIDES: Final = (ENVOY_USERID, ENVOY_GROUPID, IPV6)
+DROP_INVALID: Final = "pod-network-controller.istio.io/drop-invalid"
+"""Ours: "true" drops conntrack-INVALID packets (Istio drives it from INVALID_DROP in proxy metadata)."""
+OUTBOUND_OWNER_GROUPS: Final = "pod-network-controller.istio.io/outbound-owner-groups"
+"""Ours: gids whose outbound traffic is captured (Istio: ISTIO_OUTBOUND_OWNER_GROUPS)."""
+OUTBOUND_OWNER_GROUPS_EXCLUDE: Final = "pod-network-controller.istio.io/outbound-owner-groups-exclude"
+"""Ours: gids whose outbound traffic is never captured (Istio: ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)."""
+GATEABLE_OVERRIDES: Final = (
+    ENVOY_USERID,
+    ENVOY_GROUPID,
+    IPV6,
+    OUTBOUND_OWNER_GROUPS,
+    OUTBOUND_OWNER_GROUPS_EXCLUDE,
+)
 """Per-pod overrides outside Istio's `traffic.sidecar.istio.io/*` prefix that switch capture off for the app
-(its own uid or gid as the proxy's, IPv6 blocked instead of captured); `run --ignore-pod-overrides` drops
+(its own uid or gid as the proxy's, IPv6 blocked instead of captured, its gid left out of the owner
+groups); `run --ignore-pod-overrides` drops
 them."""
 SPEC_DIGEST: Final = "pod-network-controller.istio.io/spec-digest"
 """Written with STATUS: InterceptSpec.fingerprint() of the rules applied, so a changed spec is noticed."""
 
 WAITER_CONTAINER: Final = "istio-pod-network-wait"
 """The one name of our waiter init container, shared by selection and every injection path."""
+ISTIO_PROXY_CONTAINER: Final = "istio-proxy"
+"""Istio's sidecar (a container, or an init container with restartPolicy Always): its uid is the proxy's."""
 ISTIO_INIT_CONTAINER: Final = "istio-init"
 """Istio's own privileged init container: a pod that still has it is left to it."""
 ISTIO_VALIDATION_CONTAINER: Final = "istio-validation"

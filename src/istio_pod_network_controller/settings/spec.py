@@ -31,8 +31,10 @@ DNS_CAPTURE_PORT: Final = 15053
 PROXY_ID: Final = 1337
 TPROXY_MARK: Final = 1337
 TPROXY_ROUTE_TABLE: Final = 133
-ALWAYS_EXCLUDED_INBOUND: Final = (15020, 15021, 15090)
-"""Merged metrics, health and Envoy's Prometheus port: never captured when inbound capture is `*`."""
+STATUS_PORT: Final = 15020
+"""The agent's status port (merged metrics), Istio's `status.sidecar.istio.io/port` default."""
+ALWAYS_EXCLUDED_INBOUND: Final = (15021, 15090)
+"""Health and Envoy's Prometheus port: with the status port, never captured when inbound capture is `*`."""
 
 MAX_VALUE_LENGTH: Final = 4096
 MAX_LIST_ITEMS: Final = 256
@@ -89,12 +91,19 @@ class InterceptSpec:
     """Groups whose outbound traffic is captured ("*": every group), Istio's ISTIO_OUTBOUND_OWNER_GROUPS."""
     outbound_owner_groups_exclude: tuple[int, ...] = ()
     """With `*` only (as in Istio): groups whose outbound traffic is never captured."""
+    status_port: int = STATUS_PORT
+    """Excluded from inbound capture with ALWAYS_EXCLUDED_INBOUND; 0: none (Istio's status port is off)."""
     dns_servers: tuple[IPAddress, ...] | None = None
     """The pod's resolv.conf nameservers, found at apply time (not a setting); None: not known (yet)."""
 
     @property
     def intercepts(self) -> bool:
         return self.mode is not InterceptionMode.NONE
+
+    @property
+    def inbound_always_excluded(self) -> tuple[int, ...]:
+        """The proxy's own ports returned before a `*` inbound capture: status port, health, Prometheus."""
+        return (*((self.status_port,) if self.status_port else ()), *ALWAYS_EXCLUDED_INBOUND)
 
     @property
     def captures_inbound(self) -> bool:
@@ -228,13 +237,14 @@ def parse_groups_or_wildcard(raw: str, source: str) -> Wildcard | tuple[int, ...
 
 
 def _cidr(item: str, source: str, raw: str) -> IPNetwork:
-    """One CIDR in its canonical typed form: no IPv6 scope (`%...`), no netmask notation, host bits zero."""
+    """One CIDR in its canonical typed form: no IPv6 scope (`%...`), no netmask notation; host bits are
+    masked as Istio masks them (`10.96.0.2/24` is `10.96.0.0/24`; masked_cidrs() tells which were)."""
     if "%" in item:
         raise SpecError(source, raw, f"{shown(item)}: an IPv6 scope (%zone) is not allowed in a CIDR range")
     if not _CIDR_TEXT.fullmatch(item):
         raise SpecError(source, raw, f"{shown(item)} is not a CIDR range (address[/prefix length])")
     try:
-        network = ipaddress.ip_network(item, strict=True)
+        network = ipaddress.ip_network(item, strict=False)
     except ValueError as exc:
         raise SpecError(source, raw, f"{shown(item)} is not a CIDR range: {exc}") from None
     if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id is not None:
@@ -243,13 +253,33 @@ def _cidr(item: str, source: str, raw: str) -> IPNetwork:
 
 
 def parse_cidrs(raw: str, source: str) -> tuple[IPNetwork, ...]:
-    return tuple(_cidr(item, source, raw) for item in _items(raw, source))
+    return tuple(dict.fromkeys(_cidr(item, source, raw) for item in _items(raw, source)))
+
+
+def masked_cidrs(raw: str, source: str) -> tuple[tuple[str, IPNetwork], ...]:
+    """(item as written, network it means) for each CIDR of the list whose host bits were masked."""
+    if raw.strip(_BLANKS) == WILDCARD:
+        return ()
+    masked = []
+    for item in _items(raw, source):
+        network = _cidr(item, source, raw)
+        if ipaddress.ip_interface(item).ip != network.network_address:
+            masked.append((item, network))
+    return tuple(masked)
 
 
 def parse_cidrs_or_wildcard(raw: str, source: str) -> Wildcard | tuple[IPNetwork, ...]:
     if raw.strip(_BLANKS) == WILDCARD:
         return WILDCARD
     return parse_cidrs(raw, source)
+
+
+def parse_status_port(raw: str, source: str) -> int:
+    """A port, or 0: Istio's status port turned off (nothing of its own excluded from inbound capture)."""
+    text = _checked_length(raw, source)
+    if text == "0":
+        return 0
+    return parse_port(raw, source)
 
 
 def parse_interfaces(raw: str, source: str) -> tuple[str, ...]:
@@ -331,12 +361,16 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("capture_all_dns", ("capture_all_dns",), (), parse_bool,
             "DNS capture to every server, not only resolv.conf's (Istio --capture-all-dns)"),
     Setting("ipv6", ("ipv6",), (ann.IPV6,), parse_ipv6, "auto | capture | block"),
-    Setting("drop_invalid", ("drop_invalid",), (), parse_bool,
+    Setting("drop_invalid", ("drop_invalid",), (ann.DROP_INVALID,), parse_bool,
             "drop inbound packets conntrack finds INVALID (Istio --drop-invalid / INVALID_DROP)"),
-    Setting("outbound_owner_groups", ("outbound_owner_groups",), (), parse_groups_or_wildcard,
+    Setting("outbound_owner_groups", ("outbound_owner_groups",), (ann.OUTBOUND_OWNER_GROUPS,),
+            parse_groups_or_wildcard,
             "gids whose outbound traffic is captured: * | list (Istio ISTIO_OUTBOUND_OWNER_GROUPS)"),
-    Setting("outbound_owner_groups_exclude", ("outbound_owner_groups_exclude",), (), parse_groups,
+    Setting("outbound_owner_groups_exclude", ("outbound_owner_groups_exclude",),
+            (ann.OUTBOUND_OWNER_GROUPS_EXCLUDE,), parse_groups,
             "gids whose outbound traffic is never captured, with * (ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)"),
+    Setting("status_port", ("status_port",), (), parse_status_port,
+            "Istio's status port, excluded from inbound capture (15020; 0: none)"),
 )  # fmt: skip
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
 SPEC_ANNOTATIONS: Final = frozenset(key for s in SETTINGS for key in s.annotations)

@@ -11,6 +11,7 @@ removes every node and stops the emulator, also after a failure.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -27,7 +28,7 @@ from istio_pod_network_controller.dataplane import apply as dataplane
 from istio_pod_network_controller.dataplane.apply import BackendChoice, Drift
 from istio_pod_network_controller.install import rbac
 from istio_pod_network_controller.settings import annotations as ann
-from istio_pod_network_controller.settings.spec import build_spec
+from istio_pod_network_controller.settings.istio import pod_spec
 
 from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
 from ..localapi.rbac import pod_bound_extra, service_account_groups, service_account_username
@@ -59,8 +60,19 @@ def pod_manifest(
     annotations: Mapping[str, str] | None = None,
     labels: Mapping[str, str] | None = None,
     host_network: bool = False,
+    shaped: Obj | None = None,
 ) -> Obj:
-    """A pod as the injector leaves it: `mesh` adds the sidecar status and the waiter init container."""
+    """A pod as the injector leaves it: `mesh` adds the sidecar status and the waiter init container.
+
+    `shaped`: a whole pod as Istio's injector (or our rewrite) wrote it; only its name, namespace and node
+    are the simulation's (`mesh`, `annotations` and `labels` do not apply then).
+    """
+    if shaped is not None:
+        body = copy.deepcopy(dict(shaped))
+        body["metadata"] = {**body.get("metadata", {}), "name": name, "namespace": namespace}
+        body["spec"] = {**body.get("spec", {}), "nodeName": node, "hostNetwork": host_network}
+        body.pop("status", None)
+        return body
     notes = {**({ann.SIDECAR_STATUS: INJECTED_STATUS} if mesh else {}), **(annotations or {})}
     inits = [{"name": ann.WAITER_CONTAINER, "image": "ipnc"}] if mesh else []
     return {
@@ -285,10 +297,10 @@ class SimCluster:
         return [event["reason"] for event in self.events(pod)]
 
     def verify(self, pod: SimPod, backend: BackendChoice = "auto") -> Drift:
-        """The pod's live rules against the spec its annotations ask for (under default controller flags)."""
+        """The pod's live rules against the spec the pod asks for (under default controller flags)."""
         if pod.netns is None:
             raise ValueError(f"{pod.name} has no network namespace of its own")
-        spec = build_spec(self.annotations(pod))
+        spec = pod_spec(self.pod_object(pod))
         return dataplane.verify(pod.netns.pinned, spec, backend)
 
     # -- teardown -----------------------------------------------------------------------------------------
