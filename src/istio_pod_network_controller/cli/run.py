@@ -226,7 +226,11 @@ def run(ctx: click.Context, /, **options: Any) -> None:
             relist_jitter=options["relist_jitter"],
         ),
     )
-    raise SystemExit(asyncio.run(_serve(config, loaded, options["preflight_retry"])))
+    try:
+        code = asyncio.run(_serve(config, loaded, options["preflight_retry"]))
+    except cfg.ConfigError as exc:  # the status address is taken
+        fail(str(exc), exitcodes.USAGE)
+    raise SystemExit(code)
 
 
 def _given(setting: str, value: str | None) -> Given | None:

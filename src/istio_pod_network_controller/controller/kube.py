@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
+from urllib.parse import quote
 
 import httpx2 as httpx
 import lightkube
@@ -131,6 +132,17 @@ class KubeClient:
             raise status_error(response.status_code, response.content, response.headers)
         self.health.answered(ok=True)
         return parse_list(response.content, required)
+
+    async def node_exists(self, name: str) -> bool | None:
+        """Whether the Node object is there; None when the answer is not a yes or no (403, outage)."""
+        try:
+            response = await self._http.get(f"/api/v1/nodes/{quote(name, safe='')}")
+        except httpx.HTTPError:
+            self._count(0)
+            return None
+        if response.status_code == 404:
+            return False
+        return True if response.status_code < 400 else None
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, params: dict[str, str]) -> AsyncIterator[httpx.Response]:

@@ -29,7 +29,7 @@ from istio_pod_network_controller.settings import annotations as ann
 
 from ..localapi import LocalAPIServer
 from ..localapi.rbac import pod_bound_extra, service_account_groups
-from ..localapi.resources import CORE_EVENTS, NAMESPACES, PODS
+from ..localapi.resources import CORE_EVENTS, NAMESPACES, NODES, PODS
 from ..localapi.server import ThreadedServer
 from ..sim import chart
 from ..sim.cluster import CONTROLLER_USER, host_rules, kubelet_status, set_status
@@ -134,6 +134,7 @@ class Demo:
         self.api.api.install_policies(chart.policies())
         self.say("creating the simulated node")
         self._node = SimNode(self.tag)
+        self.api.store.create(NODES, None, {"metadata": {"name": self.node.name}})
         user = self.api.api.add_user(
             CONTROLLER_USER,
             uuid.uuid4().hex,

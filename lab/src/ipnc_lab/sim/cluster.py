@@ -31,6 +31,7 @@ from istio_pod_network_controller.settings.spec import build_spec
 
 from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
 from ..localapi.rbac import pod_bound_extra, service_account_groups, service_account_username
+from ..localapi.resources import NODES
 from . import chart
 from .controller import ControllerProcess, wait_for
 from .node import SimNode, SimPod
@@ -137,9 +138,10 @@ class SimCluster:
     # -- nodes and controllers ----------------------------------------------------------------------------
 
     def add_node(self, prefix: str = "ipnc", subnet: int | None = None) -> SimNode:
-        """A new node with a unique name; subnets differ per node unless given."""
+        """A new node with a unique name and its Node object; subnets differ per node unless given."""
         node = SimNode(unique_name(prefix), subnet if subnet is not None else 100 + len(self.nodes))
         self.nodes.append(node)
+        self.store.create(NODES, None, {"metadata": {"name": node.name}})
         return node
 
     def kubeconfig(
