@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 from typing import Any
@@ -90,7 +91,10 @@ def webhook(
     try:
         asyncio.run(main())
     except OSError as exc:
-        fail(f"--listen-address {listen_address}: {exc.strerror or exc}", exitcodes.USAGE)
+        fail(
+            f"--listen-address {listen_address}: {os.strerror(exc.errno) if exc.errno else exc}",
+            exitcodes.USAGE,
+        )
 
 
 def _check_certificate(cert_file: str, key_file: str) -> None:

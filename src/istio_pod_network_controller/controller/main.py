@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
@@ -304,7 +305,9 @@ class Controller:
             await self.kube.close()
             self.executor.shutdown(wait=False)
             address = f"{self.config.listen_host}:{self.config.listen_port}"
-            raise ConfigError(f"--listen-address {address}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"--listen-address {address}: {os.strerror(exc.errno) if exc.errno else exc}"
+            ) from None
         log.info(
             "controller for node %s started; status on %s:%d; %d workers",
             self.config.node_name,
