@@ -99,7 +99,8 @@ def _spec_options(func: F) -> F:
     "--concurrency",
     type=click.IntRange(min=1),
     default=None,
-    help="pods reconciled at once [default: 2 x cores, min 2]",
+    help="pods reconciled at once [default: 2 x the CPUs the container's CPU limit allows "
+    "(else the node's), 2 to 4]",
 )
 @click.option(
     "--repair-interval",
