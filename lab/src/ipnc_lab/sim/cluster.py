@@ -44,11 +44,19 @@ HOST_RULE_TOOLS = (
     "iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save", "nft",
 )  # fmt: skip
 _names = itertools.count(1)
+_issued: list[str] = []
 
 
 def unique_name(prefix: str) -> str:
     """Short and unique across parallel runs (netns and cgroup names are host-global)."""
-    return f"{prefix}{os.getpid() % 10000}x{next(_names)}"
+    name = f"{prefix}{os.getpid() % 10000}x{next(_names)}"
+    _issued.append(name)
+    return name
+
+
+def issued_names() -> tuple[str, ...]:
+    """Every name unique_name() gave out in this process: what a leftover check looks for."""
+    return tuple(_issued)
 
 
 def pod_manifest(
