@@ -3,7 +3,7 @@
 Reads /etc/apt/sources.list, sources.list.d/*.list (one-line form) and sources.list.d/*.sources (deb822),
 in apt's order, and prints the first `deb` URI that serves SUITE (default bookworm); else the first that
 looks like a Debian archive (a path ending in /debian). Runs with the system python3 alone: make calls it
-before the venv exists. Exit 1 with one line when the host names no Debian mirror (give DEBIAN_MIRROR=URL to make).
+before the venv exists. Exit 1 with one line when the host names no Debian mirror (give DEBIAN_MIRROR=URL).
 """
 
 from __future__ import annotations
