@@ -58,18 +58,20 @@ clean:
 
 # -- The image: built from the Dockerfile by podman (runc, lower rlimits: tools/containers.conf). No registry
 # is reachable from CI, so the base is made here: a debootstrap of Debian bookworm with python3 and the rule
-# tools, cached in build/image/ (delete the tar to refresh it). `make image BASE_IMAGE=docker.io/library/
-# python:3.11-slim-bookworm` uses a public base instead. The build fetches nothing from PyPI: the host's pip
-# downloads the dependencies' wheels, mounted into the build. docs/install.md has the user's side.
+# tools, cached in build/image/ (delete the tar to refresh it), from the Debian mirror the host's apt already
+# uses (tools/debian_mirror.py; or DEBIAN_MIRROR=URL). `make image BASE_IMAGE=python:3.11-slim-bookworm`
+# uses a public base instead. The build fetches nothing from PyPI: the host's pip downloads the dependencies'
+# wheels, mounted into the build. docs/install.md has the user's side.
 TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= ghcr.io/istio-pod-network-controller/istio-pod-network-controller:$(VERSION)
 LOCAL_BASE := localhost/ipnc-base:bookworm
 BASE_IMAGE ?= $(LOCAL_BASE)
 BASE_PACKAGES := python3,iptables,nftables,iproute2
-DEBIAN_MIRROR ?= http://deb.debian.org/debian
+DEBIAN_MIRROR ?=
 IMAGE_BUILD := build/image
 BASE_TAR := $(IMAGE_BUILD)/base-bookworm.tar
+BASE_MARK := $(IMAGE_BUILD)/.base-imported
 WHEELS := $(IMAGE_BUILD)/wheels
 ARCHIVE := $(IMAGE_BUILD)/istio-pod-network-controller-$(VERSION).tar
 PODMAN := CONTAINERS_CONF=$(CURDIR)/tools/containers.conf podman
@@ -86,16 +88,18 @@ tool-deps:
 
 $(BASE_TAR): | tool-deps
 	rm -rf $(IMAGE_BUILD)/rootfs && mkdir -p $(IMAGE_BUILD)
-	debootstrap --variant=minbase --include=$(BASE_PACKAGES) bookworm $(IMAGE_BUILD)/rootfs $(DEBIAN_MIRROR)
+	mirror="$(DEBIAN_MIRROR)"; [ -n "$$mirror" ] || mirror=$$($(PYTHON) tools/debian_mirror.py) || exit 1; \
+	debootstrap --variant=minbase --include=$(BASE_PACKAGES) bookworm $(IMAGE_BUILD)/rootfs "$$mirror"
 	cd $(IMAGE_BUILD)/rootfs && rm -rf var/cache/apt/archives/*.deb var/cache/apt/*.bin var/lib/apt/lists/* \
 		var/log/* usr/share/doc/* usr/share/man/* usr/share/info/* usr/share/locale/*
 	tar -C $(IMAGE_BUILD)/rootfs --numeric-owner -cf $@.part . && mv $@.part $@
 	rm -rf $(IMAGE_BUILD)/rootfs
 
 ifeq ($(BASE_IMAGE),$(LOCAL_BASE))
+# Import when the image is missing, the marker is missing (dash's -nt is false then) or the tar is newer.
 image-base: $(BASE_TAR) | tool-deps
-	@if ! $(PODMAN) image exists $(BASE_IMAGE) || [ $(BASE_TAR) -nt $(IMAGE_BUILD)/.base-imported ]; then \
-		$(PODMAN) import -q $(BASE_TAR) $(BASE_IMAGE) && touch $(IMAGE_BUILD)/.base-imported; fi
+	@if ! $(PODMAN) image exists $(BASE_IMAGE) || [ ! -e $(BASE_MARK) ] || [ $(BASE_TAR) -nt $(BASE_MARK) ]; \
+	then $(PODMAN) import -q $(BASE_TAR) $(BASE_IMAGE) && touch $(BASE_MARK); fi
 else
 image-base: | tool-deps
 endif
@@ -111,8 +115,16 @@ image: image-base $(WHEELS)/.done
 	$(PODMAN) build -q --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
 		--build-arg "PIP_OPTIONS=--no-index --find-links /wheels" -v $(CURDIR)/$(WHEELS):/wheels:ro -t $(IMAGE) .
 
-# A docker-archive a node's containerd imports: ctr -n k8s.io images import FILE (docs/install.md).
-image-archive: image
-	rm -f $(ARCHIVE).part
-	$(PODMAN) save -q --format docker-archive -o $(ARCHIVE).part $(IMAGE) && mv $(ARCHIVE).part $(ARCHIVE)
-	@echo "wrote $(ARCHIVE) ($(IMAGE))"
+# A docker-archive a node's containerd imports: ctr -n k8s.io images import FILE (docs/install.md). A file
+# target: built (image and archive) only when what goes into the image changed, or the image is gone.
+IMAGE_SOURCES := Dockerfile .dockerignore pyproject.toml README.md \
+	$(shell find src -type f -not -name '*.pyc' -not -path '*.egg-info/*' 2>/dev/null)
+image-archive:
+	@$(PODMAN) image exists $(IMAGE) || rm -f $(ARCHIVE)
+	@$(MAKE) --no-print-directory $(ARCHIVE)
+
+$(ARCHIVE): $(IMAGE_SOURCES) $(WHEELS)/.done
+	$(MAKE) --no-print-directory image
+	rm -f $@.part
+	$(PODMAN) save -q --format docker-archive -o $@.part $(IMAGE) && mv $@.part $@
+	@echo "wrote $@ ($(IMAGE))"

@@ -15,7 +15,8 @@ def _box(series: dict[str, list[float]], title: str, ylabel: str, path: Path) ->
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.boxplot(list(series.values()), showfliers=True)
     ax.set_ylim(bottom=0)
-    ax.set_xticks(range(1, len(series) + 1), list(series), rotation=20, ha="right", fontsize=8)
+    labels = [f"{name} (n={len(values)})" for name, values in series.items()]
+    ax.set_xticks(range(1, len(series) + 1), labels, rotation=20, ha="right", fontsize=8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
@@ -41,8 +42,9 @@ def _line(
     plt.close(fig)
 
 
-def plot_all(data_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
-    """Write every plot whose samples exist; return (title, file name) pairs for the Markdown."""
+def plot_all(data_dir: Path, out_dir: Path, stamp: str) -> list[tuple[str, str]]:
+    """Write every plot whose samples exist, titled with the run's date and sample counts; return (title,
+    file name) pairs for the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     made: list[tuple[str, str]] = []
 
@@ -53,33 +55,36 @@ def plot_all(data_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
     dataplane = load("dataplane")
     if dataplane:
         series = {k: [v * 1000 for v in values] for k, values in dataplane.items()}  # type: ignore[union-attr]
-        _box(series, "Per-pod rule load, fresh namespace", "ms", out_dir / "dataplane-apply.png")
-        made.append(("Data plane: apply vs bare restore, per sample", "dataplane-apply.png"))
+        title = f"Per-pod rule load, fresh namespace ({stamp})"
+        _box(series, title, "ms", out_dir / "dataplane-apply.png")
+        made.append((f"Data plane: apply vs bare restore, per sample ({stamp})", "dataplane-apply.png"))
     waiter = load("waiter")
     if waiter:
         series = {k: list(v) for k, v in waiter.items()}  # type: ignore[union-attr]
-        _box(series, "Waiter", "ms", out_dir / "waiter.png")
-        made.append(("Waiter: rules applied → exit, and start → first probe", "waiter.png"))
+        _box(series, f"Waiter ({stamp})", "ms", out_dir / "waiter.png")
+        made.append((f"Waiter: rules applied → exit, and start → first probe ({stamp})", "waiter.png"))
     controller = load("controller")
     if controller:
         latencies = controller.get("latency_ms")  # type: ignore[union-attr]
         if latencies:
             _box(
                 {"pod visible → marked": latencies},
-                "Controller burst",
+                f"Controller burst ({stamp})",
                 "ms",
                 out_dir / "controller-latency.png",
             )
-            made.append(("Controller: pod visible → marked in a burst", "controller-latency.png"))
+            title = f"Controller: pod visible → marked in 1 burst of {len(latencies)} pods ({stamp})"
+            made.append((title, "controller-latency.png"))
         sweep = controller.get("concurrency_sweep")  # type: ignore[union-attr]
         if sweep:
             _line(
                 [row["concurrency"] for row in sweep],
                 {"pods/s": [row["pods_per_s"] for row in sweep]},
-                "Controller throughput against concurrency",
+                f"Controller throughput against concurrency, 1 burst per point ({stamp})",
                 "--concurrency",
                 "pods/s",
                 out_dir / "controller-concurrency.png",
             )
-            made.append(("Controller: pods/s against --concurrency", "controller-concurrency.png"))
+            title = f"Controller: pods/s against --concurrency, 1 burst per point ({stamp})"
+            made.append((title, "controller-concurrency.png"))
     return made

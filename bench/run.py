@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from plots import plot_all
+from samples import MISSED
 
 HERE = Path(__file__).parent
 SCRIPTS = [
@@ -57,7 +58,8 @@ def main() -> None:
         else:
             sections.append(done.stdout.strip() + "\n")
     out = Path(args.out)
-    plots = plot_all(data_dir, out.parent / "img")
+    stamp = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    plots = plot_all(data_dir, out.parent / "img", stamp)
     shutil.rmtree(data_dir, ignore_errors=True)
     if plots:
         sections.append(
@@ -65,11 +67,14 @@ def main() -> None:
         )
     header = (
         "# Benchmarks\n\n"
-        f"Written by `make bench` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"Written by `make bench` on {stamp}, "
         f"{os.cpu_count()} cores, kernel {platform.release()}, Python {platform.python_version()}. "
-        "Every figure below was measured in that run; none is a timed assertion in the tests.\n"
+        "Every figure below was measured in that run, with its sample count; none is a timed assertion in "
+        "the tests.\n"
     )
-    out.write_text(header + "\n" + "\n".join(sections))
+    missed = [line for section in sections for line in section.splitlines() if MISSED in line]
+    summary = "## Targets missed in this run\n\n" + ("\n".join(missed) if missed else "none") + "\n"
+    out.write_text(header + "\n" + summary + "\n" + "\n".join(sections))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -25,6 +25,14 @@ def provenance(script: str) -> str:
     return f"`bench/{script}`, {now}, nproc {os.cpu_count()}, Linux {platform.release()}."
 
 
+MISSED = "**MISSED**"
+
+
+def target(what: str, measured: str, goal: str, met: bool, samples: str) -> str:
+    """One Markdown bullet: a figure against its target, flagged when missed, with its sample count."""
+    return f"- {'met' if met else MISSED}: {what}: {measured} against {goal} ({samples})"
+
+
 def pct(values: list[float], q: float) -> float:
     """The q-quantile by nearest rank (no interpolation: a value that was measured)."""
     ordered = sorted(values)

@@ -1,4 +1,5 @@
-"""Suite-wide rules: `root` tests run only as root, and under CI=true none of them may be skipped."""
+"""Suite-wide rules: `root` tests run only as root, under CI=true none of them may be skipped, and a run
+that leaves a network namespace, cgroup or process of its own behind fails."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from hypothesis import settings
 
 from ipnc_lab.localapi import LocalAPIServer
 from ipnc_lab.localapi.server import ThreadedServer
-from ipnc_lab.sim.cluster import unique_name
+from ipnc_lab.sim import leftovers
+from ipnc_lab.sim.cluster import issued_names, unique_name
 
 settings.register_profile("default", max_examples=60)
 settings.register_profile("soak", max_examples=10_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _skipped_root: list[str] = []
+_leftovers: list[str] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -36,9 +39,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("CI") == "true" and _skipped_root:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # Every fixture is torn down by now: what the run made (names from unique_name) must be gone.
+    _leftovers.extend(leftovers.report(issued_names()))
+    if _leftovers:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _leftovers:
+        terminalreporter.write_line(f"{len(_leftovers)} leftover(s) of this run: FAILS the run", red=True)
+        for line in _leftovers:
+            terminalreporter.write_line(f"  {line}")
     if _skipped_root:
         verdict = "FAILS the run (CI=true)" if os.environ.get("CI") == "true" else "allowed outside CI"
         terminalreporter.write_line(f"{len(_skipped_root)} root test(s) skipped: {verdict}", red=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ipnc_lab.localapi.resources import CORE_EVENTS
+from ipnc_lab.localapi.resources import CORE_EVENTS, NODES
 from ipnc_lab.localapi.server import ThreadedServer
+from ipnc_lab.localapi.tls import generate_certificates
+from ipnc_lab.sim.cluster import unique_name
 from ipnc_lab.sim.controller import free_port, http_get, wait_for
 from ipnc_lab.sim.runtime import SYSTEM_PYTHON, build_runtime, runtime_env
 from istio_pod_network_controller.cli import exitcodes
@@ -353,3 +356,133 @@ def test_verify_of_a_namespace_without_rules_says_not_installed(netns_name: str)
         done.stdout.strip()
         == f"/run/netns/{netns_name}: not installed: no rules of ours in this network namespace"
     )
+
+
+# --- named flags and files; user errors that are not the data plane's ----------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port this test holds open, so a command told to listen there finds it in use."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def last_line(done: subprocess.CompletedProcess[str], code: int, expected: str) -> None:
+    """The command's verdict is its last stderr line (log lines may precede it); never a traceback."""
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == expected
+
+
+def test_run_names_a_taken_listen_address(tmp_path: Path, taken_port: int) -> None:
+    config = kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{free_port()}")
+    address = f"127.0.0.1:{taken_port}"
+    done = cli(
+        "run", *NODE, "--kubeconfig", str(config), "--listen-address", address, env=clean_env(tmp_path)
+    )
+    last_line(done, exitcodes.USAGE, f"error: --listen-address {address}: Address already in use")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    pems = generate_certificates()
+    directory = tmp_path_factory.mktemp("certs")
+    (directory / "tls.crt").write_bytes(pems.cert_pem)
+    (directory / "tls.key").write_bytes(pems.key_pem)
+    return directory / "tls.crt", directory / "tls.key"
+
+
+def test_webhook_names_its_missing_certificate(tmp_path: Path) -> None:
+    missing = tmp_path / "tls.crt"
+    done = cli("webhook", "--tls-cert-file", str(missing), "--listen-address", "127.0.0.1:0")
+    one_clear_line(
+        done, exitcodes.NOT_FOUND, f"error: --tls-cert-file {missing}: No such file or directory (mount"
+    )
+
+
+def test_webhook_names_a_bad_pem(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    bad = tmp_path / "tls.crt"
+    bad.write_text("not a certificate\n")
+    args = [
+        "--tls-cert-file",
+        str(bad),
+        "--tls-key-file",
+        str(certificate[1]),
+        "--listen-address",
+        "127.0.0.1:0",
+    ]
+    line = one_clear_line(cli("webhook", *args), exitcodes.USAGE, f"--tls-cert-file {bad} / --tls-key-file")
+    assert line.endswith("not a PEM certificate chain and its matching private key"), line
+    assert "_ssl.c" not in line
+
+
+def test_webhook_names_a_taken_listen_address(certificate: tuple[Path, Path], taken_port: int) -> None:
+    cert, key = certificate
+    address = f"127.0.0.1:{taken_port}"
+    done = cli(
+        "webhook", "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--listen-address", address
+    )
+    last_line(done, exitcodes.USAGE, f"error: --listen-address {address}: Address already in use")
+
+
+def test_find_netns_refuses_an_address_that_is_not_one() -> None:
+    done = cli("rules", "find-netns", "--pod-uid", "x", "--pod-ip", "300.1.1.1")
+    one_clear_line(done, exitcodes.USAGE, "error: --pod-ip '300.1.1.1': not an IP address")
+
+
+@pytest.mark.root
+def test_a_netns_path_that_is_not_one_is_a_usage_error() -> None:
+    for command in ("apply", "verify", "clean"):
+        flags = ["--flags-only"] if command == "verify" else []
+        done = cli("rules", command, "--netns", "/tmp", *flags)
+        one_clear_line(
+            done,
+            exitcodes.USAGE,
+            "error: --netns /tmp: not a network namespace (give /run/netns/NAME or /proc/PID/ns/net)",
+        )
+
+
+@pytest.mark.root
+def test_clean_of_a_namespace_without_our_rules_says_so(netns_name: str) -> None:
+    path = f"/run/netns/{netns_name}"
+    for backend in ("auto", "legacy", "nftables"):
+        done = cli("rules", "clean", "--netns", path, "--backend", backend)
+        assert done.returncode == exitcodes.OK, done.stderr
+        expected = f"{path}: nothing to clean: no rules or routes of ours in this network namespace"
+        assert done.stdout.strip() == expected
+    assert cli("rules", "apply", "--netns", path, "--backend", "legacy").returncode == exitcodes.OK
+    done = cli("rules", "clean", "--netns", path)
+    assert done.stdout.strip() == f"cleaned {path}: removed ours from legacy", done.stdout + done.stderr
+
+
+@pytest.mark.root
+def test_run_for_a_node_that_does_not_exist_warns(
+    tmp_path: Path, api: ThreadedServer, started: list[subprocess.Popen[str]]
+) -> None:
+    user = api.add_user("ipnc-nodes", "ipnc-nodes-token", rbac.cluster_role_rules())
+    config = api.api.write_kubeconfig(tmp_path / "kubeconfig", user)
+    real = unique_name("node")
+    api.store.create(NODES, None, {"metadata": {"name": real}})
+    ports = {}
+    for node in (real, unique_name("no-such-node")):
+        log = tmp_path / f"{node}.log"
+        argv = [*CLI, "run", "--node-name", node, "--kubeconfig", str(config), "--log-format", "text"]
+        ports[node] = free_port()
+        argv += ["--listen-address", f"127.0.0.1:{ports[node]}"]
+        with log.open("w") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=clean_env(tmp_path))
+        started.append(proc)
+    for node, port in ports.items():
+        wait_for(lambda port=port: http_get(port, "/readyz")[0] == 200, 30, f"{node} ready")
+    missing = next(node for node in ports if node != real)
+    warning = (
+        f"warning: no Node named {missing!r} in the cluster; this controller will find no pods: "
+        "check --node-name / NODE_NAME (the DaemonSet sets it from spec.nodeName)"
+    )
+    assert http_get(ports[missing], "/readyz")[1].strip() == f"ok; {warning}"
+    assert warning in (tmp_path / f"{missing}.log").read_text()
+    assert http_get(ports[real], "/readyz")[1].strip() == "ok"
+    assert "no Node named" not in (tmp_path / f"{real}.log").read_text()

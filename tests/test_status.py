@@ -119,10 +119,14 @@ def test_an_initialized_pod_on_one_screen(api: ThreadedServer) -> None:
     lines = {
         line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 2
     }
-    assert "annotation traffic.sidecar.istio.io/excludeInboundPorts" in lines["exclude_inbound_ports"]
-    assert "controller flag --exclude-outbound-ports" in lines["exclude_outbound_ports"]
-    assert "controller env IPNC_CAPTURE_DNS" in lines["capture_dns"]
-    assert "built-in default" in lines["outbound_port"]
+    excluded = lines[ann.EXCLUDE_INBOUND_PORTS]
+    assert "9000" in excluded and "annotation traffic.sidecar.istio.io/excludeInboundPorts" in excluded, out
+    assert "controller flag --exclude-outbound-ports" in lines[ann.EXCLUDE_OUTBOUND_PORTS]
+    assert "controller env IPNC_CAPTURE_DNS" in lines[ann.CAPTURE_DNS]
+    assert "built-in default" in lines["--outbound-port"]
+    assert "(read at apply time)  the pod's /etc/resolv.conf" in lines["DNS"]
+    assert "None" not in out and "_" not in "".join(lines)
+    assert f"a hash of this spec; the controller records it in {ann.SPEC_DIGEST}" in out
     assert "Controller: istio-system/ipnc-node-1 on node-1: Ready (Running, 2 restarts)" in out
     assert "Normal   Initialized: installed" in out
     assert "Verdict:    initialized: capture rules installed for this spec" in out
@@ -178,6 +182,37 @@ def test_api_failures_are_one_line(api: ThreadedServer, tmp_path: Path) -> None:
     )
     for failed in (done,):
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+
+
+def test_an_unselected_pod_is_short(api: ThreadedServer) -> None:
+    done = status(api, "shop/plain")
+    assert done.returncode == 0, done.stderr
+    assert "Spec:       not computed: the pod is not selected" in done.stdout
+    assert "Digest:" not in done.stdout and len(done.stdout.splitlines()) <= 10, done.stdout
+
+
+def test_without_permission_to_list_events_the_rest_is_shown(api: ThreadedServer, tmp_path: Path) -> None:
+    rules = [{"verbs": ["get", "list"], "resources": ["pods", "namespaces"]}]
+    user = api.add_user("no-events", "no-events-token", rules)
+    done = status(api, "shop/web", kubeconfig=api.api.write_kubeconfig(tmp_path / "kc", user))
+    assert done.returncode == 0, done.stderr
+    assert "Events:     not shown: this user may not list events in namespace shop" in done.stdout
+    assert "Verdict:    initialized: capture rules installed for this spec" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("",), "POD: empty pod name; give POD -n NS or NS/POD"),
+        (("/",), "POD '/': expected POD or NS/POD"),
+        (("a/b/c",), "POD 'a/b/c': expected POD or NS/POD"),
+        (("a/b", "-n", "c"), "POD a/b names namespace 'a' but -n says 'c': give one"),
+    ],
+)
+def test_pod_argument_mistakes_are_named(api: ThreadedServer, args: tuple[str, ...], message: str) -> None:
+    done = status(api, *args)
+    assert done.returncode == exitcodes.USAGE, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: {message} (see 'istio-pod-network-controller status --help')"
 
 
 def test_attribution_agrees_with_build_spec() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 
-from ipnc_lab.demo.run import DemoResult, run_demo
+from ipnc_lab.demo.run import Demo, DemoResult, run_demo
 
 pytestmark = pytest.mark.root
 
@@ -69,7 +71,8 @@ def test_status_explains_the_example_pod(result: DemoResult) -> None:
 
 def test_controller_used_one_patch_per_mesh_pod_and_no_gets(result: DemoResult) -> None:
     assert result.controller_requests.get("patch pods") == 3
-    assert not any(key.startswith("get ") for key in result.controller_requests)
+    gets = {key: n for key, n in result.controller_requests.items() if key.startswith("get ")}
+    assert gets == {"get nodes": 1}  # its own Node, once at start (a wrong --node-name is warned about)
     assert result.controller_exit == 0
 
 
@@ -88,3 +91,27 @@ def test_demo_command_prints_the_table_and_leaves_nothing_behind() -> None:
     demo_names = re.compile(r"^d\d+-(node|p\d+)\b")
     left = [line for line in after.splitlines() if demo_names.match(line) and line not in before.splitlines()]
     assert not left
+
+
+def test_kept_demo_says_each_step_once_and_its_status_command_works() -> None:
+    said: list[str] = []
+    explored: dict[str, object] = {}
+
+    def keep(demo: Demo) -> None:
+        commands = demo.explore_commands()
+        (status_line,) = [c for c in commands if " status " in c]
+        explored["status"] = subprocess.run(
+            shlex.split(status_line.split("    #")[0]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        explored["commands"] = commands
+
+    run_demo(6, "auto", said.append, keep=keep)
+    assert all(a != b for a, b in itertools.pairwise(said)), said  # no line repeated while polling
+    assert any("--repair-interval 0" in line for line in said)
+    done = explored["status"]
+    assert isinstance(done, subprocess.CompletedProcess)
+    assert done.returncode == 0 and "Verdict:" in done.stdout, done.stdout + done.stderr

@@ -200,6 +200,9 @@ def test_daemonset_operations(rendered: tuple[str, list[dict]]) -> None:
     annotations = template["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(port)
+    # As Istio's CNI chart: never injected, or its waiter would wait for the capture only this pod installs.
+    assert annotations["sidecar.istio.io/inject"] == "false"
+    assert template["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
     assert f"--listen-address=0.0.0.0:{port}" in container["args"]
     assert container["resources"]["requests"]
     if "resources" not in VALUE_SETS[name]:
@@ -373,6 +376,8 @@ def test_webhook_objects() -> None:
     deployment = one(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert restricted_violations(pod, deployment["spec"]["template"]["metadata"]) == []
+    for where in ("labels", "annotations"):
+        assert deployment["spec"]["template"]["metadata"][where]["sidecar.istio.io/inject"] == "false"
     args = pod["containers"][0]["args"]
     assert args[0] == "webhook"
     assert "--waiter-arg=--inbound-port=15016" in args

@@ -5,12 +5,13 @@ the figures; this test asserts the behaviour.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 
 import pytest
 
 from ipnc_lab.localapi import CORE_EVENTS, RequestRecord
 from ipnc_lab.sim.cluster import CONTROLLER_USER, SimCluster
+from ipnc_lab.sim.controller import wait_for
 from ipnc_lab.sim.node import SimNode, SimPod
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -19,6 +20,19 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 def requests_of(cluster: SimCluster, node: SimNode) -> list[RequestRecord]:
     """Requests made with the controller token bound to `node` (under the chart's node restriction)."""
     return [r for r in cluster.api.requests.records() if r.user == CONTROLLER_USER and r.node == node.name]
+
+
+def writes(cluster: SimCluster, node: SimNode) -> tuple[int, int]:
+    """(pod patches, Event creates) the node's controller has made so far."""
+    records = requests_of(cluster, node)
+    patches = sum(r.verb == "patch" and r.resource == "pods" for r in records)
+    return patches, sum(r.verb == "create" and r.resource == "events" for r in records)
+
+
+def wait_writes(cluster: SimCluster, node: SimNode, pods: int, log: Callable[[], str]) -> None:
+    """Until the node's controller has patched and sent the Initialized Event of `pods` pods (Events are
+    sent after the mark, so a pod can be marked before its Event lands)."""
+    wait_for(lambda: writes(cluster, node) >= (pods, pods), 30, f"{pods} patches and Events\n{log()}")
 
 
 def test_each_controller_touches_only_its_node_and_its_load_ignores_other_nodes() -> None:
@@ -32,13 +46,14 @@ def test_each_controller_touches_only_its_node_and_its_load_ignores_other_nodes(
         for node in nodes:
             controllers[node.name].wait_ready()
             cluster.wait_initialized(pods[node.name], 20, controllers[node.name].log)
+            wait_writes(cluster, node, 3, controllers[node.name].log)
 
         # Node a's load before and after node b gets three times the pods.
         a, b, _ = nodes
         before_a, before_b = len(requests_of(cluster, a)), len(requests_of(cluster, b))
         pods[b.name] += [cluster.add_pod(b, f"{b.name}-more{i}") for i in range(6)]
         cluster.wait_initialized(pods[b.name], 20, controllers[b.name].log)
-        time.sleep(1.5)  # Events and any stray request would have landed by now
+        wait_writes(cluster, b, 9, controllers[b.name].log)  # node b's last requests of the round
         assert len(requests_of(cluster, a)) == before_a, [r.path for r in requests_of(cluster, a)[before_a:]]
         grown = requests_of(cluster, b)[before_b:]
         assert sum(r.verb == "patch" for r in grown) == 6

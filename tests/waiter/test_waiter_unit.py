@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,15 @@ def test_resolve_spec_errors() -> None:
 def test_exit_codes_are_distinct() -> None:
     codes = [code for code, _ in exitcodes.TABLE]
     assert len(codes) == len(set(codes))
+
+
+def test_waiter_md_and_help_list_the_same_codes_and_agree_on_5() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "waiter.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| (.*) \|$", page, re.MULTILINE))
+    assert {int(code) for code in rows} == {code for code, _ in exitcodes.TABLE}
+    helped = dict(exitcodes.TABLE)[exitcodes.PROBE_UNAVAILABLE]
+    for text in (rows["5"], helped):
+        assert "--trust-annotation" in text and "--require-probe" in text, text
 
 
 # --- the loop with fakes -----------------------------------------------------------------------------------

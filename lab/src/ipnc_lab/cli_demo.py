@@ -41,10 +41,11 @@ def demo(pods: int, backend: str, keep: bool) -> None:
             console.print("cleaning up")
 
     try:
-        with console.status("starting") as status:
-            result = run_demo(pods, backend, status.update, keep=None)
+        if keep:  # one run, held open for exploring; its progress is logged line by line
+            result = run_demo(pods, backend, console.log, keep=hold)
+        else:
+            with console.status("starting") as status:
+                result = run_demo(pods, backend, status.update, keep=None)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; everything the demo created was removed") from None
-    if keep:
-        result = run_demo(pods, backend, console.log, keep=hold)
     print_report(console, result)

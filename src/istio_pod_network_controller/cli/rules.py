@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -13,10 +14,10 @@ import click
 
 from ..controller import preflight
 from ..dataplane import apply as dataplane
-from ..dataplane.discovery import ProcIndex, find_pod_netns
-from ..dataplane.netns import PinnedNetns
+from ..dataplane.discovery import PodNetns, ProcIndex, find_pod_netns
+from ..dataplane.netns import NotANetns, PinnedNetns
 from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
-from ..errors import ControllerError
+from ..errors import ControllerError, shown
 from ..rules import iptables, nftables, plan
 from ..settings.downward import read_annotations
 from ..settings.istio import pod_spec
@@ -73,6 +74,10 @@ class Target:
                     # Their resolv.conf narrows DNS capture to the pod's nameservers, as the controller's.
                     options["pod_pids"] = pids
                 return handle.description, action(handle, *args, _backend(self.backend), **options)
+        except NotANetns:
+            flag = f"--netns {self.netns_path}" if self.netns_path is not None else f"--pid {self.pid}"
+            fail(f"{flag}: not a network namespace (give /run/netns/NAME or /proc/PID/ns/net)",
+                 exitcodes.USAGE)  # fmt: skip
         except ControllerError as exc:
             fail_with(exc)
         except OSError as exc:
@@ -328,7 +333,10 @@ def _fetch_pod(
 def clean(target: Target) -> None:
     """Remove every rule and route of ours, and nothing else."""
     where, cleaned = target.run(dataplane.clean)
-    click.echo(f"cleaned {where}: {', '.join(cleaned) or 'no rule tables present'}")
+    if cleaned:
+        click.echo(f"cleaned {where}: removed ours from {', '.join(cleaned)}")
+    else:
+        click.echo(f"{where}: nothing to clean: no rules or routes of ours in this network namespace")
 
 
 @rules.command("find-netns")
@@ -340,6 +348,11 @@ def find_netns(
     pod_uid: str, pod_ips: tuple[str, ...], container_ids: tuple[str, ...], proc_root: str
 ) -> None:
     """Print the network namespace that discovery finds for a pod."""
+    for ip in pod_ips:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            fail(f"--pod-ip {shown(ip)}: not an IP address", exitcodes.USAGE)
     _check_proc_root(proc_root)
     try:
         with find_pod_netns(pod_uid, container_ids, pod_ips, proc_root=proc_root) as found:

@@ -99,7 +99,8 @@ def _spec_options(func: F) -> F:
     "--concurrency",
     type=click.IntRange(min=1),
     default=None,
-    help="pods reconciled at once [default: 2 x cores, min 2]",
+    help="pods reconciled at once [default: 2 x the CPUs the container's CPU limit allows "
+    "(else the node's), 2 to 4]",
 )
 @click.option(
     "--repair-interval",
@@ -233,7 +234,11 @@ def run(ctx: click.Context, /, **options: Any) -> None:
             relist_jitter=options["relist_jitter"],
         ),
     )
-    raise SystemExit(asyncio.run(_serve(config, loaded, options["preflight_retry"])))
+    try:
+        code = asyncio.run(_serve(config, loaded, options["preflight_retry"]))
+    except cfg.ConfigError as exc:  # the status address is taken
+        fail(str(exc), exitcodes.USAGE)
+    raise SystemExit(code)
 
 
 def _given(setting: str, value: str | None) -> Given | None:

@@ -52,8 +52,7 @@ def status(
     from ..diagnose.cluster import Cluster, ClusterError
     from ..diagnose.explain import explain
 
-    if "/" in pod and namespace is None:
-        namespace, pod = pod.split("/", 1)
+    namespace, pod = _pod_argument(pod, namespace)
     try:
         loaded = find(kubeconfig)
     except KubeconfigError as exc:
@@ -65,19 +64,40 @@ def status(
             ns = cluster.namespace(namespace)
             node = str((obj.get("spec") or {}).get("nodeName") or "")
             controllers = cluster.controller_pods(controller_namespace, node) if node else []
-            events = cluster.events(namespace, str(obj["metadata"].get("uid", "")))
+            events_note = ""
+            try:
+                events = cluster.events(namespace, str(obj["metadata"].get("uid", "")))
+            except ClusterError as exc:
+                if exc.kind != "denied":
+                    raise
+                events, events_note = [], f"not shown: this user may not list events in namespace {namespace}"
     except ClusterError as exc:
         _cluster_failure(exc, exc.kind)
     result = explain(obj, ns, controllers, events, controller_namespace, flag_name, env_name)
     if output == "json":
-        click.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        data = dataclasses.asdict(result)
+        data["events_note"] = events_note or None
+        click.echo(json.dumps(data, indent=2))
         return
-    click.echo(render(result))
+    click.echo(render(result, events_note))
 
 
-def render(e: object) -> str:
-    """The one-screen text form of an Explanation."""
+def _pod_argument(pod: str, namespace: str | None) -> tuple[str | None, str]:
+    """POD or NS/POD, checked against -n: a mistake is named, never looked up as a pod called "/"."""
+    given_ns, slash, name = pod.rpartition("/")
+    if not pod.strip():
+        raise click.UsageError("POD: empty pod name; give POD -n NS or NS/POD")
+    if slash and (not given_ns or not name or "/" in given_ns):
+        raise click.UsageError(f"POD {pod!r}: expected POD or NS/POD")
+    if slash and namespace is not None and namespace != given_ns:
+        raise click.UsageError(f"POD {pod} names namespace {given_ns!r} but -n says {namespace!r}: give one")
+    return (given_ns if slash else namespace), name
+
+
+def render(e: object, events_note: str = "") -> str:
+    """The one-screen text form of an Explanation, in the names a user sets (annotations, flags)."""
     from ..diagnose.explain import Explanation
+    from ..settings import annotations as ann
 
     assert isinstance(e, Explanation)  # noqa: S101 - the caller passes explain()'s result
     lines = [
@@ -85,26 +105,33 @@ def render(e: object) -> str:
         f"Selected:   {'yes' if e.selected else 'no'}: {e.why} [{e.reason}]",
     ]
     if e.marked:
-        digest = {True: "matches the spec below", False: "differs from the spec below", None: ""}[
+        digest = {True: ": matches the spec below", False: ": differs from the spec below", None: ""}[
             e.digest_matches
         ]
-        lines.append(f"Mark:       initialized, spec digest {e.digest or '(none)'} {digest}".rstrip())
+        lines.append(f"Mark:       initialized, digest {e.digest or '(none recorded)'}{digest}")
     else:
         lines.append("Mark:       not initialized")
-    if e.spec_error is not None:
+    if not e.selected and not e.marked:
+        lines.append("Spec:       not computed: the pod is not selected")
+    elif e.spec_error is not None:
         lines.append(f"Spec:       INVALID: {e.spec_error}")
     elif e.settings:
-        lines.append(f"Spec:       (expected digest {' or '.join(e.expected_digests)})")
-        width = max(len(s.field) for s in e.settings)
+        lines.append("Spec:       setting (annotation, else controller flag), value, set by")
+        width = max(len(s.label) for s in e.settings)
         for setting in e.settings:
-            lines.append(f"  {setting.field:<{width}}  {setting.value or '(empty)':<24}  {setting.source}")
+            lines.append(f"  {setting.label:<{width}}  {setting.value or '(empty)':<16}  {setting.source}")
+        which = "one per IPv6 outcome: ipv6 auto decides per pod" if len(e.expected_digests) > 1 else ""
+        lines.append(
+            f"Digest:     {' or '.join(e.expected_digests)}: a hash of this spec; the controller records it "
+            f"in {ann.SPEC_DIGEST} when it installs the rules{f' ({which})' if which else ''}"
+        )
     if e.controllers:
         for c in e.controllers:
             state = "Ready" if c.ready else "NOT ready"
             lines.append(f"Controller: {c.name} on {c.node}: {state} ({c.phase}, {c.restarts} restarts)")
     else:
         lines.append(f"Controller: none found in namespace {e.controller_namespace} on node {e.node}")
-    lines.append("Events:" + ("" if e.events else "     none"))
+    lines.append("Events:" + (f"     {events_note}" if events_note else "" if e.events else "     none"))
     for event in e.events:
         count = f" (x{event.count})" if event.count > 1 else ""
         lines.append(f"  {event.type:<8} {event.reason}{count}: {event.message}")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import ssl
 from typing import Any
 
 import click
 
 from ..install.webhook.listener import MAX_CONNECTIONS
+from . import exitcodes
+from .failures import fail
 from .inject_options import ENV, inject_options_from, injection_options
 
 
@@ -82,6 +86,7 @@ def webhook(
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     options = inject_options_from(params)
+    _check_certificate(tls_cert_file, tls_key_file)
 
     limits = Limits(max_connections)
 
@@ -100,4 +105,25 @@ def webhook(
     try:
         asyncio.run(main())
     except OSError as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(
+            f"--listen-address {listen_address}: {os.strerror(exc.errno) if exc.errno else exc}",
+            exitcodes.USAGE,
+        )
+
+
+def _check_certificate(cert_file: str, key_file: str) -> None:
+    """Name the flag and the file before serving: ssl's own errors name neither ("PEM lib")."""
+    for flag, path in (("--tls-cert-file", cert_file), ("--tls-key-file", key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            code = {FileNotFoundError: exitcodes.NOT_FOUND, PermissionError: exitcodes.PERMISSION}
+            fail(f"{flag} {path}: {exc.strerror} (mount the serving certificate's Secret there)",
+                 code.get(type(exc), exitcodes.USAGE))  # fmt: skip
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        why = f" ({exc.reason})" if exc.reason and exc.reason != "PEM lib" else ""
+        fail(f"--tls-cert-file {cert_file} / --tls-key-file {key_file}: not a PEM certificate chain and "
+             f"its matching private key{why}", exitcodes.USAGE)  # fmt: skip

@@ -11,6 +11,7 @@ from ..dataplane.apply import BackendChoice
 from ..errors import ControllerError
 from ..settings.istio import given_cidr_notices
 from ..settings.spec import SETTINGS_BY_NAME, Given, build_spec
+from .cpus import usable_cpus
 from .selection import SelectionOptions
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,15 @@ class ControllerConfig:
     watch: WatchTuning = field(default_factory=WatchTuning)
 
 
-def default_concurrency() -> int:
-    return max(2, 2 * (os.cpu_count() or 1))
+MAX_DEFAULT_CONCURRENCY = 4
+"""The default's cap: the project's sweep (docs/benchmarks.md) shows throughput falling past 2 workers on 2
+cores; the work is mostly waiting on rule tools and the API, so more workers add contention, not speed."""
+
+
+def default_concurrency(cpus: int | None = None) -> int:
+    """2 x the CPUs the container may use (its CPU limit, not the node's cores), between 2 and the cap."""
+    usable = cpus if cpus is not None else usable_cpus()
+    return max(2, min(MAX_DEFAULT_CONCURRENCY, 2 * usable))
 
 
 def parse_listen(address: str, flag: str = "--listen-address") -> tuple[str, int]:

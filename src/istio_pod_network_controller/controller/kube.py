@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx2 as httpx
@@ -167,6 +168,17 @@ class KubeClient:
         _, body = await self._request("GET", path, "list body", params=params)
         self.health.answered(ok=True)
         return parse_list(body, required)
+
+    async def node_exists(self, name: str) -> bool | None:
+        """Whether the Node object is there; None when the answer is not a yes or no (403, outage)."""
+        try:
+            response = await self._http.get(f"/api/v1/nodes/{quote(name, safe='')}")
+        except httpx.HTTPError:
+            self._count(0)
+            return None
+        if response.status_code == 404:
+            return False
+        return True if response.status_code < 400 else None
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, params: dict[str, str]) -> AsyncIterator[AsyncIterator[bytes]]:

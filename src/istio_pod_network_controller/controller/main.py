@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
@@ -20,7 +21,7 @@ from ..dataplane.netns import raise_open_files_limit
 from ..settings import annotations as ann
 from . import events as ev
 from .cache import NamespaceCache, Obj, PodCache, pod_key
-from .config import ControllerConfig
+from .config import ConfigError, ControllerConfig
 from .kube import Informer, KubeClient, load_config
 from .metrics import Metrics, StatusServer
 from .preflight import Report, node_event
@@ -45,6 +46,8 @@ class Controller:
         self.preflight = preflight
         self.preflight_retry = preflight_retry
         self.not_ready = "syncing"
+        self.warning = ""
+        """A problem that does not stop the work but that /readyz and the log name (a missing Node)."""
         self.metrics = Metrics()
         self.pods = PodCache()
         self.namespaces = NamespaceCache()
@@ -278,13 +281,33 @@ class Controller:
                 await asyncio.wait_for(self.stopping.wait(), self.preflight_retry)
         return not self.stopping.is_set()
 
+    async def _check_node(self) -> None:
+        """Warn (log, /readyz body) when no Node has our name: a wrong --node-name finds no pods, silently."""
+        name = self.config.node_name
+        if await self.kube.node_exists(name) is False:
+            self.warning = (
+                f"warning: no Node named {name!r} in the cluster; this controller will find no pods: "
+                "check --node-name / NODE_NAME (the DaemonSet sets it from spec.nodeName)"
+            )
+            log.warning("%s", self.warning)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         log.debug("open files limit: %d (one pinned namespace per initialized pod)", raise_open_files_limit())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        status = StatusServer(self.metrics, self.healthy, self.serving, self.unready_reason)
-        port = await status.start(self.config.listen_host, self.config.listen_port)
+        status = StatusServer(
+            self.metrics, self.healthy, self.serving, self.unready_reason, lambda: self.warning
+        )
+        try:
+            port = await status.start(self.config.listen_host, self.config.listen_port)
+        except OSError as exc:
+            await self.kube.close()
+            self.executor.shutdown(wait=False)
+            address = f"{self.config.listen_host}:{self.config.listen_port}"
+            raise ConfigError(
+                f"--listen-address {address}: {os.strerror(exc.errno) if exc.errno else exc}"
+            ) from None
         log.info(
             "controller for node %s started; status on %s:%d; %d workers",
             self.config.node_name,
@@ -296,6 +319,7 @@ class Controller:
         stop = asyncio.create_task(self.stopping.wait())
         informers: list[asyncio.Task[None]] = []
         if await self._preflight_passed():
+            await self._check_node()
             ns_task = asyncio.create_task(self.ns_informer.run())
             self._background.append(ns_task)
             informers.append(ns_task)

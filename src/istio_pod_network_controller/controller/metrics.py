@@ -127,11 +127,13 @@ class StatusServer:
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
         not_ready: Callable[[], str] = lambda: "syncing",
+        ready_note: Callable[[], str] = lambda: "",
     ) -> None:
         self._metrics = metrics
         self._healthy = healthy
         self._ready = ready
         self._not_ready = not_ready
+        self._ready_note = ready_note
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -150,6 +152,8 @@ class StatusServer:
         if path == "/healthz":
             return _probe(self._healthy(), b"stalled\n")
         if path == "/readyz":
+            if self._ready() and (note := self._ready_note()):
+                return "200 OK", "text/plain", f"ok; {note}\n".encode("utf-8", "replace")
             return _probe(self._ready(), self._not_ready().encode("utf-8", "replace") + b"\n")
         return "404 Not Found", "text/plain", b"not found\n"
 

@@ -220,17 +220,24 @@ def clean(
     *,
     allow_host: bool = False,
     proc_root: str = "/proc",
-) -> list[BackendName]:
-    """Remove every rule and route of ours (from every backend that holds tables, for `auto`)."""
+) -> list[str]:
+    """Remove every rule and route of ours (from every backend that holds tables, for `auto`).
+
+    Returns what held something of ours ("routes" for our policy routes): empty means there was nothing.
+    """
     ns_mod.refuse_host(netns, proc_root, allow_host=allow_host)
 
-    def work() -> list[BackendName]:
+    def work() -> list[str]:
         found = _footprints()
         names = [b for b in BACKENDS if found.holds(b)] if backend == "auto" else [backend]
+        empty = Ruleset((), ())
+        held: list[str] = [name for name in names if make(name).drift(empty)]
+        if route_drift((), all_ours=ALL_ROUTES):
+            held.append("routes")
         for name in names:
             make(name).clean()
         sync_routes((), all_ours=ALL_ROUTES, flush=True)
         _sync_passthrough_v6(False)
-        return names
+        return held
 
     return ns_mod.run_in(netns, work)

@@ -24,6 +24,10 @@ T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+class NotANetns(DataplaneError):
+    """The path opens, but on something other than a network namespace (a user's mistake)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NetnsId:
     """Identity of a network namespace: the (device, inode) of its nsfs file."""
@@ -53,7 +57,7 @@ class PinnedNetns:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode) or not _is_netns(fd):
             os.close(fd)
-            raise DataplaneError(f"{path} is not a network namespace")
+            raise NotANetns(f"{path} is not a network namespace")
         return cls(fd, path)
 
     @classmethod

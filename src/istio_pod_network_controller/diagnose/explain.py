@@ -159,8 +159,24 @@ def controller_settings(
 @dataclass(frozen=True, slots=True)
 class SettingView:
     field: str
+    label: str
+    """What a user sets: the pod annotation, else the controller's flag."""
     value: str
     source: str
+
+
+DNS_SERVERS = ("DNS servers", "(read at apply time)", "the pod's /etc/resolv.conf")
+"""dns_servers has no annotation or flag: the controller reads the pod's nameservers when it applies."""
+
+
+def setting_label(spec_field: str, flag_of: Callable[[str], str]) -> str:
+    """The annotation a user sets for a spec field, else the controller flag (else a readable name)."""
+    settings = [s for s in SETTINGS if spec_field in s.targets]
+    settings.sort(key=lambda s: s.targets != (spec_field,))
+    if not settings:
+        return DNS_SERVERS[0] if spec_field == "dns_servers" else spec_field.replace("_", " ")
+    own = settings[0]
+    return own.annotations[0] if own.annotations else flag_of(own.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +297,12 @@ def explain(
         spec_error = safe(exc)
     else:
         origin = attribute(honoured, ctl.sources, from_pod)
-        settings = tuple(SettingView(k, safe(v), origin[k]) for k, v in spec.describe().items())
+        settings = tuple(
+            SettingView(k, *DNS_SERVERS)
+            if k == "dns_servers" and v == "None"
+            else SettingView(k, setting_label(k, flag_of), safe(v), origin[k])
+            for k, v in spec.describe().items()
+        )
         expected = tuple(sorted(candidate_digests(spec)))
     marked = annotations.get(ann.STATUS) == ann.STATUS_INITIALIZED
     digest = annotations.get(ann.SPEC_DIGEST)

@@ -15,6 +15,8 @@ CLUSTER_ROLE_RULES: Final[tuple[dict[str, list[str]], ...]] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
     # Namespace-level selection: the 2018 `istio-pod-network-controller/initialize` annotation and exclusions.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+    # Its own Node, read once at start: a --node-name that names no Node is warned about, not silently idle.
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
     # Events on pods: "capture installed", "rules repaired", "spec rejected". Create only: a repeated Warning
     # has a deterministic name and is refused as AlreadyExists, never patched.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},

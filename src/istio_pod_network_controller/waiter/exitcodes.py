@@ -15,7 +15,8 @@ BAD_FILE: Final = 3
 BAD_ANNOTATION: Final = 4
 """A pod annotation holds a value the controller refuses, so capture will never be installed."""
 PROBE_UNAVAILABLE: Final = 5
-"""--require-probe was given but no probe can prove capture for this pod's configuration."""
+"""No probe can prove capture for this pod's configuration: it captures traffic (and --trust-annotation is
+not given), or --require-probe was given."""
 TIMEOUT: Final = 124
 """Capture not confirmed within --timeout (the same code as coreutils `timeout`)."""
 INTERRUPTED: Final = 130
@@ -27,7 +28,10 @@ TABLE: Final = (
     (USAGE, "invalid flags or flag/environment values"),
     (BAD_FILE, "annotations file unreadable or not parseable"),
     (BAD_ANNOTATION, "a pod annotation holds an invalid value"),
-    (PROBE_UNAVAILABLE, "--require-probe, but no probe fits this pod"),
+    (
+        PROBE_UNAVAILABLE,
+        "no probe can prove capture for this pod (without --trust-annotation, or with --require-probe)",
+    ),
     (TIMEOUT, "capture not confirmed before --timeout"),
     (INTERRUPTED, "interrupted"),
 )

@@ -29,7 +29,7 @@ from istio_pod_network_controller.settings import annotations as ann
 
 from ..localapi import LocalAPIServer
 from ..localapi.rbac import pod_bound_extra, service_account_groups
-from ..localapi.resources import CORE_EVENTS, NAMESPACES, PODS
+from ..localapi.resources import CORE_EVENTS, NAMESPACES, NODES, PODS
 from ..localapi.server import ThreadedServer
 from ..sim import chart
 from ..sim.cluster import CONTROLLER_USER, host_rules, kubelet_status, set_status
@@ -134,6 +134,7 @@ class Demo:
         self.api.api.install_policies(chart.policies())
         self.say("creating the simulated node")
         self._node = SimNode(self.tag)
+        self.api.store.create(NODES, None, {"metadata": {"name": self.node.name}})
         user = self.api.api.add_user(
             CONTROLLER_USER,
             uuid.uuid4().hex,
@@ -144,7 +145,10 @@ class Demo:
         kubeconfig = self.api.api.write_kubeconfig(self.workdir / "controller.kubeconfig", user)
         self.remote.add(self.node.node, "remote", REMOTE_PORT)
         self.remote.start()
-        self.say("starting the controller")
+        self.say(
+            "starting the controller (--repair-interval 0: no periodic drift repair, so every capture "
+            "shown comes from the pod's own events)"
+        )
         self.controller = ControllerProcess.start(
             kubeconfig,
             self.node.name,
@@ -253,12 +257,16 @@ class Demo:
     def wait_until_settled(self, timeout: float = WAITER_TIMEOUT + 5) -> None:
         """Until every waiter has exited and every mesh pod is marked (or the time is up)."""
         deadline = time.monotonic() + timeout
+        said = ""
         while time.monotonic() < deadline:
             self._poll_marks()
             pending = [o for o in self.outcomes.values() if o.pod.mesh and o.marked_ms is None]
             waiting = [t for t in self._threads if t.is_alive()]
-            self.say(f"waiting for capture: {len(self.cast) - len(pending)}/{len(self.cast)} settled, "
-                     f"{len(waiting)} waiter(s) running")  # fmt: skip
+            progress = (f"waiting for capture: {len(self.cast) - len(pending)}/{len(self.cast)} settled, "
+                        f"{len(waiting)} waiter(s) running")  # fmt: skip
+            if progress != said:  # one line per change, not one per poll
+                self.say(progress)
+                said = progress
             if not pending and not waiting:
                 break
             if self.controller is not None and not self.controller.running():
@@ -313,7 +321,15 @@ class Demo:
             lines.append(
                 f"ip netns exec {self.node.node.name} ip addr    # node side, gateway {self.node.gateway}"
             )
-        lines.append(f"cat {self.controller_log}")
+        lines.append(
+            f"cat {self.controller_log}    # run with --repair-interval 0: flushed rules stay flushed"
+        )
+        example = next(p for p in self.cast if p.name == STATUS_EXAMPLE)
+        lines.append(
+            f"{sys.executable} -m istio_pod_network_controller status {example.namespace}/{example.name} "
+            f"--controller-namespace {CONTROLLER_NAMESPACE} --kubeconfig {self.api.kubeconfig_path}"
+            "    # any pod above; the kubeconfig is the emulator's admin"
+        )
         return lines
 
     # --- teardown ------------------------------------------------------------------------------------------

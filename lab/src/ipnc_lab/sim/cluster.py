@@ -32,6 +32,7 @@ from istio_pod_network_controller.settings.istio import pod_spec
 
 from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
 from ..localapi.rbac import pod_bound_extra, service_account_groups, service_account_username
+from ..localapi.resources import NODES
 from . import chart
 from .controller import ControllerProcess, wait_for
 from .node import SimNode, SimPod
@@ -44,11 +45,19 @@ HOST_RULE_TOOLS = (
     "iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save", "nft",
 )  # fmt: skip
 _names = itertools.count(1)
+_issued: list[str] = []
 
 
 def unique_name(prefix: str) -> str:
     """Short and unique across parallel runs (netns and cgroup names are host-global)."""
-    return f"{prefix}{os.getpid() % 10000}x{next(_names)}"
+    name = f"{prefix}{os.getpid() % 10000}x{next(_names)}"
+    _issued.append(name)
+    return name
+
+
+def issued_names() -> tuple[str, ...]:
+    """Every name unique_name() gave out in this process: what a leftover check looks for."""
+    return tuple(_issued)
 
 
 def pod_manifest(
@@ -149,9 +158,10 @@ class SimCluster:
     # -- nodes and controllers ----------------------------------------------------------------------------
 
     def add_node(self, prefix: str = "ipnc", subnet: int | None = None) -> SimNode:
-        """A new node with a unique name; subnets differ per node unless given."""
+        """A new node with a unique name and its Node object; subnets differ per node unless given."""
         node = SimNode(unique_name(prefix), subnet if subnet is not None else 100 + len(self.nodes))
         self.nodes.append(node)
+        self.store.create(NODES, None, {"metadata": {"name": node.name}})
         return node
 
     def kubeconfig(

@@ -19,6 +19,7 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,12 +187,17 @@ class SimNode:
         env: dict[str, str] | None = None,
         cgroup: Path | None = None,
     ) -> subprocess.Popen[str]:
-        """Start a process in the pod's namespace as uid/gid and put it in the pod's cgroup (or `cgroup`)."""
+        """Start a process in the pod's namespace as uid/gid, inside the pod's cgroup (or `cgroup`).
+
+        The process waits on a pipe until it is in the cgroup, then execs `argv`: whatever it forks is in
+        the cgroup too, so removing the pod finds and stops it.
+        """
+        held, release = os.pipe()
 
         def start() -> subprocess.Popen[str]:
             return subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
+                ["/bin/sh", "-c", 'read _; exec "$@" </dev/null', "sh", *argv],
+                stdin=held,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -202,15 +208,23 @@ class SimNode:
                 cwd="/",
             )
 
-        process = start() if pod.netns is None else pod.netns.run(start)
-        pod.processes.append(process)
-        ((cgroup or pod.cgroup) / "cgroup.procs").write_text(str(process.pid))
+        try:
+            process = start() if pod.netns is None else pod.netns.run(start)
+            pod.processes.append(process)
+            ((cgroup or pod.cgroup) / "cgroup.procs").write_text(str(process.pid))
+            os.write(release, b"\n")
+        finally:
+            os.close(held)
+            os.close(release)
         return process
 
     def _stop_all(self, pod: SimPod) -> None:
         for process in pod.processes:
             _stop(process)
         pod.processes.clear()
+        # What the processes left behind (a shell's child, a tenant's fork) dies with the pod's cgroup, as
+        # on a node where the runtime kills the whole container cgroup: the pod's slice when it has one.
+        kill_cgroup(pod.cgroup.parent if pod.uid else pod.cgroup)
         for scope in pod.cgroup.parent.glob("cri-containerd-*.scope"):
             if scope != pod.cgroup:
                 _remove_tree(scope, stop_at=pod.cgroup.parent)
@@ -232,6 +246,7 @@ class SimNode:
         with contextlib.suppress(Exception):
             self.node.delete()
         if self.cgroup_root.exists():
+            kill_cgroup(self.cgroup_root)
             _remove_tree(self.cgroup_root, stop_at=self.cgroup_root.parent)
 
 
@@ -246,6 +261,37 @@ def _stop(process: subprocess.Popen[str]) -> None:
     for stream in (process.stdout, process.stderr):
         if stream is not None:
             stream.close()
+
+
+KILL_TIMEOUT = 10.0
+
+
+def kill_cgroup(group: Path) -> None:
+    """SIGKILL every process in a cgroup and its children and wait until it is empty (cgroup.events).
+
+    Processes the lab never tracked (a shell's `sleep`, a tenant's fork) are exactly the ones that would
+    keep the cgroup busy and survive the test.
+    """
+    if not group.is_dir():
+        return
+    kill = group / "cgroup.kill"
+    if kill.exists():
+        kill.write_text("1")
+    else:
+        for procs in group.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while "populated 1" in _read(group / "cgroup.events") and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _remove_tree(leaf: Path, *, stop_at: Path) -> None:
