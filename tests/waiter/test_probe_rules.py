@@ -171,4 +171,6 @@ def test_owner_groups_leave_a_probe_or_say_why(defaults: dict[str, str], waiter_
     else:
         assert plan.targets, plan.reason
     for target in plan.targets:
+        if target.path is Path.BLOCKED:  # IPv6 blocked: proven with packets in test_waiter_netns.py
+            continue
         assert redirected_port({}, target, uid, gid, defaults) == target.listen_port, target

@@ -14,7 +14,7 @@ import click
 
 from ..controller import preflight
 from ..dataplane import apply as dataplane
-from ..dataplane.discovery import PodNetns, ProcIndex, find_pod_netns
+from ..dataplane.discovery import ProcIndex, find_pod_netns
 from ..dataplane.netns import NotANetns, PinnedNetns
 from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from ..errors import ControllerError, shown

@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
-from typing import Any, cast
 from urllib.parse import quote
 
 import httpx2 as httpx
