@@ -49,7 +49,7 @@ def test_a_burst_of_pods_in_creation_never_writes_the_nodes_namespace() -> None:
         node = cluster.add_node("ipncsb")
         ctl = start(cluster, node, *SLOW_REPAIR)
         pods = [cluster.start_pod(node, unique_name("burst")) for _ in range(8)]
-        wait_for(lambda: all(looked_at(cluster, ctl, p) for p in pods), 20, "controller acted on every pod")
+        wait_for(lambda: all(looked_at(cluster, ctl, p) for p in pods), 30, "controller acted on every pod")
         assert not holds_capture_rules(node.node), "capture rules in the node's namespace"
         for pod in pods:
             assert not cluster.initialized(pod), f"{pod.name} marked before it had a sandbox"
@@ -64,14 +64,15 @@ def test_a_burst_of_pods_in_creation_never_writes_the_nodes_namespace() -> None:
 
 
 def test_the_first_sandbox_recreation_is_captured_on_the_status_update() -> None:
-    """The sandbox exists before its IP is posted; after the capture the pause process dies and the
-    kubelet posts a new IP while the status still lists the old containers. No repair pass runs: the watch
+    """The sandbox exists, its IP not posted yet, when the controller first sees the pod (the old code
+    captured it then and recorded no IP); after the capture the pause process dies and the kubelet posts
+    a new IP while the status still lists the old containers. No repair pass runs: the watch
     event with the new IP alone must bring capture to the new sandbox."""
     with SimCluster() as cluster:
         node = cluster.add_node("ipncsr")
-        ctl = start(cluster, node, *SLOW_REPAIR)
         pod = cluster.start_pod(node, "recreated")
         cluster.finish_sandbox(node, pod, report=False)
+        ctl = start(cluster, node, *SLOW_REPAIR)
         wait_for(lambda: looked_at(cluster, ctl, pod), 15, "controller acted on the pod without its IP")
         cluster.report(pod)
         cluster.wait_initialized([pod], 15, ctl.log)
