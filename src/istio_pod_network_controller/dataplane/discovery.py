@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DataplaneError
-from .netns import NetnsId, NodeNetns, PinnedNetns, node_netns
+from .netns import NetnsId, NodeNetns, PinnedNetns, node_netns, run_in
 
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
 # One line of /proc/PID/cgroup: "<hierarchy>:<controllers>:<path>" (v2: "0::<path>"). The pod segment is
@@ -392,6 +392,20 @@ def _parse_ips(uid: str, pod_ips: Iterable[str]) -> set[str]:
             raise InvalidPodIP(f"pod {uid}: its status lists a pod or host IP that is not an IP address")
         parsed.add(str(address))
     return parsed
+
+
+def prove_not_node(netns: PinnedNetns, host_ips: Iterable[str]) -> bool:
+    """Mark `netns` proven not the node's (`not_node`) when node IPs are known and it holds none of them."""
+    wanted = _parse_ips("node", host_ips)
+
+    def local() -> set[str]:
+        v4 = _read("/proc/thread-self/net/fib_trie") or b""
+        v6 = _read("/proc/thread-self/net/if_inet6") or b""
+        return parse_fib_trie_local(v4.decode()) | parse_if_inet6(v6.decode())
+
+    if wanted and not wanted & run_in(netns, local):
+        netns.not_node = True
+    return netns.not_node
 
 
 def pin_holding(ips: Iterable[str], proc_root: str = "/proc") -> list[PinnedNetns]:

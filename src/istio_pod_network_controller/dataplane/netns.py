@@ -148,9 +148,9 @@ class NodeNetns:
     """What is known of the node's own network namespace without asking any pod.
 
     `ids`: PID 1's namespace under the proc root (and the host's /proc/1), and this process's (never a
-    pod's), each when readable. When PID 1's cannot be read (EACCES happens on real nodes even for root with CAP_SYS_PTRACE)
-    the node's namespace is not identified by this alone: a namespace reached through a process is then
-    written only when discovery proved it is not the node's (it lacks the node's IP).
+    pod's), each when readable. When PID 1's cannot be read (EACCES happens on real nodes even for root
+    with CAP_SYS_PTRACE) the node's namespace is not identified by this alone: a namespace reached through
+    a process is then written only when discovery proved it is not the node's (it lacks the node's IP).
     """
 
     ids: frozenset[NetnsId]
