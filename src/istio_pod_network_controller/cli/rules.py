@@ -85,7 +85,7 @@ class Target:
             ):  # its host IP proves the PID's namespace is not the node's
                 from ..controller.cache import host_ips
 
-                prove_not_node(handle, host_ips(pod))
+                prove_not_node(handle, host_ips(dict(pod)))
             yield handle
 
 
