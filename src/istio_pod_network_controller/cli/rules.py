@@ -80,12 +80,10 @@ class Target:
         else:
             handle = _discover(dict(pod or {}), self.proc_root).netns
         with handle:
-            if (
-                self.pid is not None and pod is not None
-            ):  # its host IP proves the PID's namespace is not the node's
+            if self.pid is not None and pod is not None:
                 from ..controller.cache import host_ips
 
-                prove_not_node(handle, host_ips(dict(pod)))
+                prove_not_node(handle, host_ips(dict(pod)))  # the pod's host IP: not the node's namespace
             yield handle
 
 
