@@ -511,6 +511,9 @@ def test_the_runtimes_process_in_the_nodes_namespace_never_names_the_sandbox(nod
         assert_is(found, sandbox)
         assert found.netns.not_node
         assert found.others == ()
+    # nor is it one of "the pod's other namespaces" (no ForeignNetworkNamespace for the runtime's process)
+    assert set(ProcIndex.scan().namespaces(uid, host_ips)) == {sandbox.id}
+    assert set(ProcIndex.scan().namespaces(uid)) == {sandbox.id, the_node.id}
     with pytest.raises(PodNetnsNotFound, match="the node's IP"):
         find_pod_netns(uid, pod_ips=[the_node.v4], host_ips=host_ips)
 

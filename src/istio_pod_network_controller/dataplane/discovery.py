@@ -242,13 +242,20 @@ class ProcIndex:
     def processes(self, pod_uid: str) -> tuple[PodProcess, ...]:
         return tuple(self.pods.get(normalize_uid(pod_uid), ()))
 
-    def namespaces(self, pod_uid: str) -> dict[NetnsId, list[PodProcess]]:
-        """The pod's live processes by namespace, read now (not at scan time); the host's are left out."""
+    def namespaces(self, pod_uid: str, host_ips: Iterable[str] = ()) -> dict[NetnsId, list[PodProcess]]:
+        """The pod's live processes by namespace, read now (not at scan time); the node's are left out
+        (PID 1's, ours, and those holding one of `host_ips`: the runtime's process starting a container)."""
         by_netns: dict[NetnsId, list[PodProcess]] = {}
         for proc in self.processes(pod_uid):
             ns = _netns_id(self.proc_root, proc.pid)
             if ns is not None and ns not in self.node.ids:
                 by_netns.setdefault(ns, []).append(proc)
+        node_ips = _parse_ips(normalize_uid(pod_uid), host_ips)
+        if node_ips:
+            for ns in [
+                ns for ns, members in by_netns.items() if (self._local(members, ns) or set()) & node_ips
+            ]:
+                del by_netns[ns]
         return by_netns
 
     def holds(self, pod_uid: str, ns: NetnsId, ips: Iterable[str]) -> bool:
