@@ -514,6 +514,14 @@ def test_the_runtimes_process_in_the_nodes_namespace_never_names_the_sandbox(nod
     # nor is it one of "the pod's other namespaces" (no ForeignNetworkNamespace for the runtime's process)
     assert set(ProcIndex.scan().namespaces(uid, host_ips)) == {sandbox.id}
     assert set(ProcIndex.scan().namespaces(uid)) == {sandbox.id, the_node.id}
+    # the node's namespace is found by its IP (how the alarm looks for our rules there)
+    held = discovery.pin_holding(host_ips)
+    try:
+        assert the_node.id in {h.id for h in held}  # other runs' namespaces may hold the same test address
+        assert sandbox.id not in {h.id for h in held}
+    finally:
+        for handle in held:
+            handle.close()
     with pytest.raises(PodNetnsNotFound, match="the node's IP"):
         find_pod_netns(uid, pod_ips=[the_node.v4], host_ips=host_ips)
 

@@ -427,11 +427,12 @@ def pin_holding(ips: Iterable[str], proc_root: str = "/proc") -> list[PinnedNetn
     checked: set[NetnsId] = set()
     pinned: list[PinnedNetns] = []
     for pid in _pids(proc_root):
-        ns = _netns_id(proc_root, pid)
-        if ns is None or ns in checked:
+        try:
+            ns = _netns_id(proc_root, pid)
+            local = None if ns is None or ns in checked else _local_ips(proc_root, pid, ns)
+        except OSError:  # a process this controller may not inspect: not one it could identify either
             continue
-        local = _local_ips(proc_root, pid, ns)
-        if local is None:
+        if ns is None or local is None:
             continue
         checked.add(ns)
         if local & wanted:
