@@ -382,7 +382,7 @@ def test_cgroupfs_v2_pod_is_found_with_its_ips(node: Node) -> None:
         assert (found.pod_uid, found.pid, found.container_id) == (uid, pid, cid)
         assert_is(found, ns)
         assert found.matched_ips == tuple(sorted([ns.v4, ns.v6]))
-        assert found.netns.id not in netns.host_netns_ids()
+        assert found.netns.id not in netns.node_netns().ids
     assert found.netns.fd == -1  # leaving the block released the namespace
 
 

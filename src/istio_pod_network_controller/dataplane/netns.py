@@ -173,11 +173,6 @@ def node_netns(proc_root: str = "/proc") -> NodeNetns:
     return NodeNetns(frozenset(i for i in ids if i is not None), pid1 is not None)
 
 
-def host_netns_ids(proc_root: str = "/proc") -> set[NetnsId]:
-    """The namespaces known to be the node's own (see node_netns)."""
-    return set(node_netns(proc_root).ids)
-
-
 def refuse_host(netns: PinnedNetns, proc_root: str = "/proc", *, allow_host: bool = False) -> None:
     """Raise HostNetnsRefused when `netns` is, or cannot be told apart from, the node's own namespace.
 
