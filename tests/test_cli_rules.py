@@ -69,7 +69,15 @@ def test_errors_are_one_clear_line_without_traceback(args: list[str], code: int,
     [
         (["apply", "--netns", "/nonexistent"], "cannot open network namespace /nonexistent"),
         (
-            ["find-netns", "--pod-uid", "0e0e0e0e-0000-4000-8000-000000000000"],
+            [
+                "find-netns",
+                "--pod-uid",
+                "0e0e0e0e-0000-4000-8000-000000000000",
+                "--pod-ip",
+                "10.9.0.9",
+                "--host-ip",
+                "10.9.0.254",
+            ],
             "no process in a cgroup of this pod",
         ),
     ],
@@ -138,6 +146,23 @@ def test_host_netns_refused_by_pid() -> None:
 
 
 @pytest.mark.root
+def test_a_pids_namespace_is_refused_where_pid_1_cannot_be_read(netns_name: str, tmp_path: Path) -> None:
+    """A proc root whose PID 1 is unreadable (EACCES on real nodes): --pid cannot be told apart from the
+    node's namespace, so it is refused (one line) unless --allow-host-netns; a named netns file is not."""
+    proc = tmp_path / "proc" / "4242"
+    (proc / "ns").mkdir(parents=True)
+    (proc / "cgroup").write_text("0::/\n")
+    (proc / "ns" / "net").symlink_to(f"/run/netns/{netns_name}")
+    root = ["--proc-root", str(tmp_path / "proc"), "--backend", "legacy"]
+    done = cli("apply", "--pid", "4242", *root)
+    assert done.returncode == exitcodes.USAGE, done.stderr
+    assert "cannot be told apart from the node's own network namespace" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert cli("clean", "--pid", "4242", *root, "--allow-host-netns").returncode == 0
+    assert cli("clean", "--netns", f"/run/netns/{netns_name}", *root).returncode == 0
+
+
+@pytest.mark.root
 def test_find_netns_with_a_proc_root(netns_name: str, tmp_path: Path) -> None:
     uid = "5c1e5a9e-1111-4222-8333-944455556666"
     proc = tmp_path / "proc" / "4242"
@@ -145,7 +170,10 @@ def test_find_netns_with_a_proc_root(netns_name: str, tmp_path: Path) -> None:
     slice_name = f"kubepods-pod{uid.replace('-', '_')}.slice"
     (proc / "cgroup").write_text(f"0::/kubepods.slice/{slice_name}/cri-containerd-{'ab' * 32}.scope\n")
     (proc / "ns" / "net").symlink_to(f"/run/netns/{netns_name}")
-    done = cli("find-netns", "--pod-uid", uid, "--proc-root", str(tmp_path / "proc"))
+    (proc / "net").mkdir()
+    (proc / "net" / "fib_trie").write_text("Local:\n  |-- 10.9.0.9\n     /32 host LOCAL\n")
+    args = ["--pod-ip", "10.9.0.9", "--host-ip", "10.9.0.254", "--proc-root", str(tmp_path / "proc")]
+    done = cli("find-netns", "--pod-uid", uid, *args)
     assert done.returncode == 0, done.stderr
     inode = os.stat(f"/run/netns/{netns_name}").st_ino
     assert f"pod {uid}: net:[{inode}] via pid 4242 (container {'ab' * 32}" in done.stdout

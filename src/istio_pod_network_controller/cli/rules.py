@@ -14,7 +14,7 @@ import click
 
 from ..controller import preflight
 from ..dataplane import apply as dataplane
-from ..dataplane.discovery import ProcIndex, find_pod_netns
+from ..dataplane.discovery import ProcIndex, find_pod_netns, prove_not_node
 from ..dataplane.netns import NotANetns, PinnedNetns
 from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from ..errors import ControllerError, shown
@@ -94,19 +94,28 @@ class Target:
         else:
             handle, pids = _discover(dict(pod or {}), self.proc_root)
         with handle:
+            if self.pid is not None and pod is not None:
+                from ..controller.cache import host_ips
+
+                prove_not_node(handle, host_ips(dict(pod)))  # the pod's host IP: not the node's namespace
             yield handle, pids
 
 
 def _discover(pod: dict[str, Any], proc_root: str) -> tuple[PinnedNetns, tuple[int, ...]]:
-    """The pod's namespace from the node's /proc, as the controller finds it (uid, container ids, IPs), and
-    the pod's processes."""
-    from ..controller.cache import pod_ips, slim_pod
+    """The pod's namespace from the node's /proc, as the controller finds it (uid, container ids, pod and
+    host IPs), and the pod's processes."""
+    from ..controller.cache import host_ips, pod_ips, slim_pod
 
     _check_proc_root(proc_root)
     slim = slim_pod(pod)
     uid = slim["metadata"]["uid"]
     index = ProcIndex.scan(proc_root)
-    found = index.find(uid, container_ids=slim["status"].get("containerIDs") or (), pod_ips=pod_ips(slim))
+    found = index.find(
+        uid,
+        container_ids=slim["status"].get("containerIDs") or (),
+        pod_ips=pod_ips(slim),
+        host_ips=host_ips(slim),
+    )
     return found.netns, tuple(p.pid for p in index.processes(uid))
 
 
@@ -341,25 +350,38 @@ def clean(target: Target) -> None:
 
 @rules.command("find-netns")
 @click.option("--pod-uid", required=True, help="metadata.uid of the pod")
-@click.option("--pod-ip", "pod_ips", multiple=True, help="an IP the pod's namespace must hold (repeatable)")
+@click.option(
+    "--pod-ip", "pod_ips", multiple=True, help="the pod's IP: its namespace holds it (repeatable; required)"
+)
+@click.option(
+    "--host-ip",
+    "host_ips",
+    multiple=True,
+    help="the node's IP: a namespace holding it is the node's (repeatable)",
+)
 @click.option("--container-id", "container_ids", multiple=True, help="prefer this container's processes")
 @click.option("--proc-root", default="/proc", show_default=True, help="the host's /proc")
 def find_netns(
-    pod_uid: str, pod_ips: tuple[str, ...], container_ids: tuple[str, ...], proc_root: str
+    pod_uid: str,
+    pod_ips: tuple[str, ...],
+    host_ips: tuple[str, ...],
+    container_ids: tuple[str, ...],
+    proc_root: str,
 ) -> None:
-    """Print the network namespace that discovery finds for a pod."""
-    for ip in pod_ips:
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            fail(f"--pod-ip {shown(ip)}: not an IP address", exitcodes.USAGE)
+    """Print the network namespace that discovery finds for a pod (the one holding its IP)."""
+    for flag, ips in (("--pod-ip", pod_ips), ("--host-ip", host_ips)):
+        for ip in ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                fail(f"{flag} {shown(ip)}: not an IP address", exitcodes.USAGE)
     _check_proc_root(proc_root)
     try:
-        with find_pod_netns(pod_uid, container_ids, pod_ips, proc_root=proc_root) as found:
+        with find_pod_netns(pod_uid, container_ids, pod_ips, host_ips=host_ips, proc_root=proc_root) as found:
             click.echo(
                 f"pod {found.pod_uid}: {found.netns.id} via pid {found.pid} "
                 f"(container {found.container_id or 'unknown'}; "
-                f"matched IPs: {', '.join(found.matched_ips) or 'none given'})"
+                f"matched IPs: {', '.join(found.matched_ips)})"
             )
     except (ControllerError, ValueError) as exc:
         hint = ""

@@ -38,6 +38,8 @@ CAPTURE_KEPT: Final = "CaptureKept"
 OVERRIDE_IGNORED: Final = "PodOverrideIgnored"
 CAPTURE_BYPASSED: Final = "CaptureBypassed"
 CIDR_MASKED: Final = "CIDRHostBitsMasked"
+CAPTURE_ON_NODE: Final = "CaptureRulesOnNode"
+"""Warning on the Node: our rules were found (and removed) in the node's own network namespace."""
 
 log = logging.getLogger(__name__)
 _seq = itertools.count()
