@@ -749,6 +749,9 @@ def test_interface_names_that_are_not_utf8_do_not_stop_discovery(node: Node) -> 
                     b"nodad"], check=True)  # fmt: skip
     with find_pod_netns(uid, pod_ips=[ns.v6, ns.v4], host_ips=NODE_IPS) as found:
         assert found.netns.id == ns.id
+
+
+@pytest.mark.root
 def test_an_unreadable_pid_1_without_the_node_ip_fails_closed(node: Node, tmp_path: Path) -> None:
     """A proc root whose PID 1 cannot be read (as /proc/1/ns/net on real nodes): without the node's IP
     nothing is proven, so nothing is chosen, and a namespace reached through a PID is refused."""
