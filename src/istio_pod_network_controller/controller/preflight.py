@@ -271,9 +271,9 @@ def decide_access(server: str, answers: Sequence[Access], problem: ApiProblem | 
 # --- all together -------------------------------------------------------------------------------------------
 
 
-def local_checks(proc_root: str, backend: BackendChoice) -> list[Check]:
+def local_checks(proc_root: str, backend: BackendChoice, capeff: int | None = None) -> list[Check]:
     return [
-        decide_capabilities(probe_capeff()),
+        decide_capabilities(probe_capeff() if capeff is None else capeff),
         decide_proc(proc_root, probe_proc(proc_root)),
         decide_tools(backend, host_backend(proc_root), probe_tools()),
     ]

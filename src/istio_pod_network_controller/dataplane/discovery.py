@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DataplaneError
-from .netns import NetnsId, PinnedNetns, host_netns_ids
+from .netns import NetnsId, PinnedNetns, host_netns_ids, pid_netns_id
 
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
 # One line of /proc/PID/cgroup: "<hierarchy>:<controllers>:<path>" (v2: "0::<path>"). The pod segment is
@@ -170,12 +170,11 @@ def _pids(proc_root: str) -> Iterator[int]:
 def _netns_id(proc_root: str, pid: int) -> NetnsId | None:
     """None for vanished processes and zombies (whose ns links are already gone)."""
     try:
-        info = os.stat(os.path.join(proc_root, str(pid), "ns", "net"))
+        return pid_netns_id(proc_root, pid)
     except OSError as exc:
         if exc.errno in (*_VANISHED, errno.EACCES):
             return None
         raise
-    return NetnsId(info.st_dev, info.st_ino)
 
 
 def parse_start_time(stat: str) -> int | None:

@@ -96,7 +96,10 @@ class Ruleset:
             if not os.path.isdir(path):
                 rights &= FILE_RIGHTS
             rule = _PathBeneathAttr(rights & self.fs, fd)
-            if _syscall(_SYS_ADD_RULE, ctypes.c_long(self.fd), _RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
+            if (
+                _syscall(_SYS_ADD_RULE, ctypes.c_long(self.fd), _RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+                != 0
+            ):
                 raise DataplaneError(f"landlock_add_rule {path}: {os.strerror(ctypes.get_errno())}")
         finally:
             os.close(fd)

@@ -1,5 +1,9 @@
 """Pinned network namespaces, entered per call on a short-lived thread.
 
+Another process's namespace file is reached through the active `NetnsSource`: directly (`/proc/PID/ns/net`)
+unless the controller confined itself, which leaves it unable to open other processes' namespace files and
+installs a broker process that opens them (dataplane/nsbroker.py).
+
 A namespace is held as an open fd (plus its device/inode identity), never as a path or PID that could be
 reused by another pod. Work inside it runs on a fresh thread that calls setns(2) and then exits, so the
 controller's own threads never change namespace, and the tools it spawns from that thread (iptables-restore,
@@ -13,11 +17,12 @@ import os
 import resource
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ..errors import DataplaneError, HostNetnsRefused
+from ..settings.spec import IPAddress
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -35,6 +40,47 @@ class NetnsId:
         return f"net:[{self.ino}]"
 
 
+class NetnsSource(Protocol):
+    """Opens the network namespace files of the node's processes under one proc root."""
+
+    proc_root: str
+
+    def open_netns(self, pid: int) -> int:
+        """An O_RDONLY fd of PID's network namespace; raises OSError as open(2) would."""
+
+    def netns_id(self, pid: int) -> NetnsId:
+        """The identity of PID's network namespace; raises OSError as stat(2) would."""
+
+    def nameservers(self, pids: Iterable[int], netns: NetnsId) -> tuple[IPAddress, ...] | None:
+        """resolvconf.pod_nameservers for these PIDs (the source may read the pods' files)."""
+
+
+_SOURCES: dict[str, NetnsSource] = {}
+"""proc root (absolute) -> the source serving it; at most one entry."""
+
+
+def use_source(source: NetnsSource | None) -> None:
+    """Route every later open or stat of a namespace file under `source.proc_root` through `source`
+    (None: open them directly again)."""
+    _SOURCES.clear()
+    if source is not None:
+        _SOURCES[os.path.abspath(source.proc_root)] = source
+
+
+def active_source(proc_root: str) -> NetnsSource | None:
+    """The source serving `proc_root`, or None when files there are opened directly."""
+    return _SOURCES.get(os.path.abspath(proc_root))
+
+
+def pid_netns_id(proc_root: str, pid: int) -> NetnsId:
+    """The identity of PID's network namespace; raises OSError."""
+    source = active_source(proc_root)
+    if source is not None:
+        return source.netns_id(pid)
+    info = os.stat(os.path.join(proc_root, str(pid), "ns", "net"))
+    return NetnsId(info.st_dev, info.st_ino)
+
+
 class PinnedNetns:
     """An open fd to a network namespace; the namespace stays alive and identical while this is open."""
 
@@ -46,8 +92,20 @@ class PinnedNetns:
 
     @classmethod
     def open_path(cls, path: str) -> PinnedNetns:
+        return cls._opened(lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC), path)
+
+    @classmethod
+    def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
+        path = os.path.join(proc_root, str(pid), "ns", "net")
+        source = active_source(proc_root)
+        if source is None:
+            return cls.open_path(path)
+        return cls._opened(lambda: source.open_netns(pid), path)
+
+    @classmethod
+    def _opened(cls, opener: Callable[[], int], path: str) -> PinnedNetns:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = opener()
         except OSError as exc:
             raise DataplaneError(f"cannot open network namespace {path}: {exc.strerror}") from None
         info = os.fstat(fd)
@@ -55,10 +113,6 @@ class PinnedNetns:
             os.close(fd)
             raise DataplaneError(f"{path} is not a network namespace")
         return cls(fd, path)
-
-    @classmethod
-    def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
-        return cls.open_path(os.path.join(proc_root, str(pid), "ns", "net"))
 
     def intact(self) -> bool:
         """Whether the fd is open and still refers to the namespace it was opened on (same inode)."""
@@ -143,13 +197,13 @@ def host_netns_ids(proc_root: str = "/proc") -> set[NetnsId]:
     In a DaemonSet with hostPID, proc_root/1 is the node's init; our own namespace counts too because a
     controller with hostNetwork runs in the node's namespace even where PID 1's cannot be read.
     """
-    ids = set()
-    for path in {os.path.join(proc_root, "1", "ns", "net"), "/proc/1/ns/net", "/proc/self/ns/net"}:
+    own = os.stat("/proc/self/ns/net")
+    ids = {NetnsId(own.st_dev, own.st_ino)}
+    for root in {proc_root, "/proc"}:
         try:
-            info = os.stat(path)
+            ids.add(pid_netns_id(root, 1))
         except OSError:
             continue
-        ids.add(NetnsId(info.st_dev, info.st_ino))
     return ids
 
 

@@ -1,0 +1,135 @@
+"""Confine the controller right after start: it keeps the power to change pods' network rules, nothing more.
+
+What a compromised controller (an RCE, a poisoned dependency) could otherwise do with root and its four
+capabilities: read every container's files and write the node's through `/host/proc/PID/root`, read other
+processes' memory and environment, mount. `confine` takes that away, for good, before any thread starts:
+
+1. it forks the namespace broker (dataplane/nsbroker.py), which keeps CAP_SYS_PTRACE only and hands back
+   pods' namespace fds and resolv.conf nameservers;
+2. it drops CAP_SYS_PTRACE and sets no_new_privs, so no execve brings it back: other processes' /proc/PID
+   files guarded by the ptrace check (mem, environ, maps, root, ns) stay closed;
+3. it applies a Landlock domain to itself: read and execute beneath the image's own trees, read beneath the
+   proc roots and the API credentials, read and write the xtables lock and /dev/null only, no other write
+   anywhere, no mount, no ptrace or signal outside the domain, TCP only to the API server's port and from the
+   metrics port. Landlock checks a file reached through a magic link at its real location, so every other
+   container's files and every host path stay out of reach.
+
+`--no-confine` skips all three, loudly (the log says what a compromise then reaches at every start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from ..dataplane import capabilities, landlock, netns
+from ..dataplane.nsbroker import NsBroker
+from ..errors import ControllerError
+
+log = logging.getLogger(__name__)
+
+IMAGE_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/etc")
+"""The image's own files: programs, libraries, Python, the rule tools' configuration (read, execute)."""
+XTABLES_LOCK = "/run/xtables.lock"
+DEV_FILES = ("/dev/null", "/dev/urandom")
+DROPPED = ("SYS_PTRACE",)
+
+
+class ConfinementError(ControllerError):
+    """The controller cannot confine itself (no Landlock, or a step refused)."""
+
+
+def python_trees() -> tuple[str, ...]:
+    trees = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    trees += [entry for entry in sys.path if entry and os.path.isdir(entry)]
+    return tuple(dict.fromkeys(os.path.realpath(tree) for tree in trees))
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the confined controller may reach besides the image's own trees."""
+
+    proc_root: str
+    read: tuple[str, ...] = ()
+    """Credentials and configuration (kubeconfig, service account directory): read beneath."""
+    connect_ports: tuple[int, ...] = ()
+    bind_ports: tuple[int, ...] = ()
+    code: tuple[str, ...] = field(default_factory=python_trees)
+    """Python's own trees (interpreter, standard library, the product's venv): read and execute."""
+
+
+def api_port(server: str) -> int:
+    """The TCP port of the API server's URL (443 or 80 when it names none)."""
+    parts = urlsplit(server)
+    return parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def confine(policy: Policy) -> NsBroker:
+    """Fork the broker, drop CAP_SYS_PTRACE, apply the Landlock domain; returns the installed broker."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise ConfinementError(f"confinement needs a single-threaded process, this one has {threads} threads")
+    version = landlock.abi()
+    if version < 1:
+        raise ConfinementError(
+            "this kernel has no Landlock (Linux 5.13+ with landlock in the LSM list): the controller "
+            "cannot confine itself; --no-confine runs it unconfined"
+        )
+    _ensure_lock()
+    ruleset = _ruleset(version, policy)
+    broker = NsBroker.start(policy.proc_root)
+    try:
+        capabilities.drop(DROPPED)
+        ruleset.restrictor()()
+    except OSError as exc:
+        broker.close()
+        raise ConfinementError(f"cannot confine the controller: {exc}") from None
+    finally:
+        ruleset.close()
+    netns.use_source(broker)
+    log.info(
+        "confined: Landlock ABI %d (no write outside the xtables lock, no mount, no other container's "
+        "files), CAP_SYS_PTRACE dropped, namespace broker PID %d",
+        version,
+        broker.pid,
+    )
+    return broker
+
+
+def warn_unconfined() -> None:
+    log.warning(
+        "CONFINEMENT OFF (--no-confine): a compromise of this controller can read every container's files "
+        "and write the node's root filesystem through the node's /proc. Remove --no-confine."
+    )
+
+
+def _ensure_lock() -> None:
+    """iptables-legacy creates the lock when missing, which the confined controller may not: create it now."""
+    if not os.path.exists(XTABLES_LOCK):
+        os.close(os.open(XTABLES_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+def _ruleset(version: int, policy: Policy) -> landlock.Ruleset:
+    ruleset = landlock.Ruleset(version, net=True, scoped=True)
+    try:
+        _allow(ruleset, (*IMAGE_TREES, *policy.code), landlock.READ_EXECUTE)
+        _allow(ruleset, (policy.proc_root, "/proc", *policy.read), landlock.READ)
+        _allow(ruleset, (XTABLES_LOCK, *DEV_FILES), landlock.READ_FILE | landlock.WRITE_FILE)
+        for port in policy.connect_ports:
+            ruleset.allow_port(port, landlock.CONNECT_TCP)
+        for port in policy.bind_ports:
+            ruleset.allow_port(port, landlock.BIND_TCP)
+    except BaseException:
+        ruleset.close()
+        raise
+    return ruleset
+
+
+def _allow(ruleset: landlock.Ruleset, paths: Iterable[str], rights: int) -> None:
+    for path in dict.fromkeys(paths):
+        if os.path.exists(path):
+            ruleset.allow_path(path, rights)
