@@ -5,14 +5,15 @@ capabilities: read every container's files and write the node's through `/host/p
 processes' memory and environment, mount. `confine` takes that away, for good, before any thread starts:
 
 1. it forks the namespace broker (dataplane/nsbroker.py), which keeps CAP_SYS_PTRACE only and hands back
-   pods' namespace fds and resolv.conf nameservers;
+   pods' namespace fds, resolv.conf nameservers and the five /proc files discovery reads (procfs.py);
 2. it drops CAP_SYS_PTRACE and sets no_new_privs, so no execve brings it back: other processes' /proc/PID
    files guarded by the ptrace check (mem, environ, maps, root, ns) stay closed;
-3. it applies a Landlock domain to itself: read and execute beneath the image's own trees, read beneath the
-   proc roots and the API credentials, read and write the xtables lock and /dev/null only, no other write
-   anywhere, no mount, no ptrace or signal outside the domain, TCP only to the API server's port and from the
-   metrics port. Landlock checks a file reached through a magic link at its real location, so every other
-   container's files and every host path stay out of reach.
+3. it applies a Landlock domain to itself: read and execute beneath the image's own trees; read beneath the
+   container's own /proc and the API credentials; list, but read no file in, the node's /proc; read and
+   write the xtables lock and /dev/null only; no other write anywhere, no mount, no ptrace or signal
+   outside the domain; TCP only to the API server's port and from the metrics port. Landlock checks a file
+   reached through a magic link at its real location, so every other container's files and every host
+   path stay out of reach.
 
 `--no-confine` skips all three, loudly (the log says what a compromise then reaches at every start).
 """
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..dataplane import capabilities, landlock, netns
+from ..dataplane import capabilities, landlock, procfs
 from ..dataplane.nsbroker import NsBroker
 from ..errors import ControllerError
 
@@ -90,7 +91,7 @@ def confine(policy: Policy) -> NsBroker:
         raise ConfinementError(f"cannot confine the controller: {exc}") from None
     finally:
         ruleset.close()
-    netns.use_source(broker)
+    procfs.use_source(broker)
     log.info(
         "confined: Landlock ABI %d (no write outside the xtables lock, no mount, no other container's "
         "files), CAP_SYS_PTRACE dropped, namespace broker PID %d",
@@ -117,7 +118,12 @@ def _ruleset(version: int, policy: Policy) -> landlock.Ruleset:
     ruleset = landlock.Ruleset(version, net=True, scoped=True)
     try:
         _allow(ruleset, (*IMAGE_TREES, *policy.code), landlock.READ_EXECUTE)
-        _allow(ruleset, (policy.proc_root, "/proc", *policy.read), landlock.READ)
+        _allow(ruleset, policy.read, landlock.READ)
+        # The node's /proc: list it, read no file in it (the broker reads the five discovery needs). The
+        # container's own /proc (its processes only) stays readable for the tools; where both are one
+        # procfs (hostPID, or the lab's node) that means the node's, a weaker domain docs/security.md names.
+        _allow(ruleset, [policy.proc_root], landlock.READ_DIR)
+        _allow(ruleset, ["/proc"], landlock.READ)
         _allow(ruleset, (XTABLES_LOCK, *DEV_FILES), landlock.READ_FILE | landlock.WRITE_FILE)
         for port in policy.connect_ports:
             ruleset.allow_port(port, landlock.CONNECT_TCP)

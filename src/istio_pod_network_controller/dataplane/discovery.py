@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DataplaneError
+from . import procfs
 from .netns import NetnsId, PinnedNetns, host_netns_ids, pid_netns_id
 
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
@@ -37,8 +38,6 @@ _CGROUP_LINE = re.compile(
     re.MULTILINE,
 )
 _CID_SCHEME = re.compile(r"^[a-z0-9-]+://")
-_READ_CHUNK = 65536
-_VANISHED = (errno.ENOENT, errno.ESRCH)
 _UNKNOWN_START = sys.maxsize
 
 
@@ -139,27 +138,6 @@ def parse_if_inet6(text: str) -> set[str]:
     }
 
 
-def _read(path: str) -> bytes | None:
-    """Whole small /proc file, or None when the process is gone (or is a kernel thread without it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in _VANISHED:
-            return None
-        raise
-    try:
-        chunks = [os.read(fd, _READ_CHUNK)]
-        while len(chunks[-1]) == _READ_CHUNK:
-            chunks.append(os.read(fd, _READ_CHUNK))
-    except OSError as exc:
-        if exc.errno in _VANISHED:
-            return None
-        raise
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
 def _pids(proc_root: str) -> Iterator[int]:
     with os.scandir(proc_root) as entries:
         for entry in entries:
@@ -172,7 +150,7 @@ def _netns_id(proc_root: str, pid: int) -> NetnsId | None:
     try:
         return pid_netns_id(proc_root, pid)
     except OSError as exc:
-        if exc.errno in (*_VANISHED, errno.EACCES):
+        if exc.errno in (*procfs.VANISHED, errno.EACCES):
             return None
         raise
 
@@ -184,12 +162,12 @@ def parse_start_time(stat: str) -> int | None:
 
 
 def _start_time(proc_root: str, pid: int) -> int | None:
-    data = _read(os.path.join(proc_root, str(pid), "stat"))
+    data = procfs.read(proc_root, pid, "stat")
     return None if data is None else parse_start_time(data.decode("utf-8", "replace"))
 
 
 def _pod_of(proc_root: str, pid: int) -> tuple[str, str | None] | None:
-    data = _read(os.path.join(proc_root, str(pid), "cgroup"))
+    data = procfs.read(proc_root, pid, "cgroup")
     if data is None or b"kubepods" not in data:
         return None
     return parse_cgroup(data.decode("utf-8", "replace"))
@@ -197,9 +175,8 @@ def _pod_of(proc_root: str, pid: int) -> tuple[str, str | None] | None:
 
 def _local_ips(proc_root: str, pid: int, expected: NetnsId) -> set[str] | None:
     """Addresses in pid's namespace, or None if the pid vanished or moved namespace while being read."""
-    base = os.path.join(proc_root, str(pid), "net")
-    v4 = _read(os.path.join(base, "fib_trie"))
-    v6 = _read(os.path.join(base, "if_inet6"))
+    v4 = procfs.read(proc_root, pid, "net/fib_trie")
+    v6 = procfs.read(proc_root, pid, "net/if_inet6")
     if v4 is None or _netns_id(proc_root, pid) != expected:
         return None
     return parse_fib_trie_local(v4.decode()) | parse_if_inet6((v6 or b"").decode())

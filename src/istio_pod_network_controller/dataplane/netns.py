@@ -1,8 +1,7 @@
 """Pinned network namespaces, entered per call on a short-lived thread.
 
-Another process's namespace file is reached through the active `NetnsSource`: directly (`/proc/PID/ns/net`)
-unless the controller confined itself, which leaves it unable to open other processes' namespace files and
-installs a broker process that opens them (dataplane/nsbroker.py).
+Another process's namespace file is opened directly (`/proc/PID/ns/net`) unless the controller confined
+itself: it may not open other processes' namespace files then, and the broker of procfs.py opens them.
 
 A namespace is held as an open fd (plus its device/inode identity), never as a path or PID that could be
 reused by another pod. Work inside it runs on a fresh thread that calls setns(2) and then exits, so the
@@ -17,12 +16,12 @@ import os
 import resource
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from ..errors import DataplaneError, HostNetnsRefused
-from ..settings.spec import IPAddress
+from . import procfs
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -40,41 +39,9 @@ class NetnsId:
         return f"net:[{self.ino}]"
 
 
-class NetnsSource(Protocol):
-    """Opens the network namespace files of the node's processes under one proc root."""
-
-    proc_root: str
-
-    def open_netns(self, pid: int) -> int:
-        """An O_RDONLY fd of PID's network namespace; raises OSError as open(2) would."""
-
-    def netns_id(self, pid: int) -> NetnsId:
-        """The identity of PID's network namespace; raises OSError as stat(2) would."""
-
-    def nameservers(self, pids: Iterable[int], netns: NetnsId) -> tuple[IPAddress, ...] | None:
-        """resolvconf.pod_nameservers for these PIDs (the source may read the pods' files)."""
-
-
-_SOURCES: dict[str, NetnsSource] = {}
-"""proc root (absolute) -> the source serving it; at most one entry."""
-
-
-def use_source(source: NetnsSource | None) -> None:
-    """Route every later open or stat of a namespace file under `source.proc_root` through `source`
-    (None: open them directly again)."""
-    _SOURCES.clear()
-    if source is not None:
-        _SOURCES[os.path.abspath(source.proc_root)] = source
-
-
-def active_source(proc_root: str) -> NetnsSource | None:
-    """The source serving `proc_root`, or None when files there are opened directly."""
-    return _SOURCES.get(os.path.abspath(proc_root))
-
-
 def pid_netns_id(proc_root: str, pid: int) -> NetnsId:
     """The identity of PID's network namespace; raises OSError."""
-    source = active_source(proc_root)
+    source = procfs.active_source(proc_root)
     if source is not None:
         return source.netns_id(pid)
     info = os.stat(os.path.join(proc_root, str(pid), "ns", "net"))
@@ -97,7 +64,7 @@ class PinnedNetns:
     @classmethod
     def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
         path = os.path.join(proc_root, str(pid), "ns", "net")
-        source = active_source(proc_root)
+        source = procfs.active_source(proc_root)
         if source is None:
             return cls.open_path(path)
         return cls._opened(lambda: source.open_netns(pid), path)

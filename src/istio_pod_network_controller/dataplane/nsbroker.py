@@ -2,15 +2,17 @@
 
 A confined controller (controller/confinement.py) cannot open `/proc/PID/ns/net` or read through
 `/proc/PID/root` of any process outside its Landlock domain, and has no CAP_SYS_PTRACE. Before confining
-itself it forks this broker, which keeps CAP_SYS_PTRACE and nothing else, and answers exactly three
-questions about a PID under the node's /proc, over a socketpair:
+itself it forks this broker, which keeps CAP_SYS_PTRACE and nothing else, and answers four kinds
+of question about a PID under the node's /proc, over a socketpair:
 
+- `F pid index`: the file procfs.FILES[index] of the PID (cgroup, stat, its namespace's addresses);
 - `N pid`: an fd of the PID's network namespace (sent with SCM_RIGHTS); nothing else under /proc is opened;
 - `S pid`: that namespace's (device, inode);
 - `R pid dev ino`: the nameservers of the PID's resolv.conf (read as resolvconf.py does, in the PID's root),
   answered as IP addresses only, when the PID is in that namespace.
 
-A request is a fixed-size struct of integers, so nothing the controller sends names a path. The broker
+A request is a fixed-size struct of integers, so nothing the controller sends names a path; environ, maps,
+cmdline, mem and root are never opened for it. The broker
 cannot be ptraced or read through /proc by the confined controller (Landlock scopes ptrace to its domain),
 dies with it (PDEATHSIG) and exits when the socket closes.
 """
@@ -31,7 +33,7 @@ from typing import Final
 
 from ..errors import DataplaneError
 from ..settings.spec import IPAddress
-from . import capabilities, landlock, resolvconf
+from . import capabilities, landlock, procfs, resolvconf
 from .netns import NetnsId
 
 log = logging.getLogger(__name__)
@@ -39,14 +41,14 @@ log = logging.getLogger(__name__)
 _REQUEST: Final = struct.Struct("!cIQQ")
 _ID: Final = struct.Struct("!QQ")
 _ERRNO: Final = struct.Struct("!H")
-_MAX_ANSWER: Final = 4096
+_MAX_ANSWER: Final = procfs.MAX_BYTES + 1
 TIMEOUT_SECONDS: Final = 10.0
 _PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
 KEPT: Final = ("SYS_PTRACE",)
 
 
 class NsBroker:
-    """The controller's end: a `NetnsSource` for `proc_root` (one request at a time)."""
+    """The controller's end: the `procfs.ProcSource` of `proc_root` (one request at a time)."""
 
     def __init__(self, sock: socket.socket, pid: int, proc_root: str) -> None:
         self._sock = sock
@@ -58,6 +60,9 @@ class NsBroker:
     def start(cls, proc_root: str) -> NsBroker:
         """Fork the broker; call while the process has one thread (fork copies only the caller)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for end in (ours, theirs):  # one answer is one message: room for the largest
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * _MAX_ANSWER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2 * _MAX_ANSWER)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns (covered through its answers)
             ours.close()
@@ -85,6 +90,12 @@ class NsBroker:
             return NetnsId(*_ID.unpack(answer[1:]))
         raise _error(answer, pid)
 
+    def read(self, pid: int, name: str) -> bytes:
+        answer, _ = self._ask(b"F", pid, procfs.FILES.index(name))
+        if answer[:1] == b"K":
+            return answer[1:]
+        raise _error(answer, pid)
+
     def nameservers(self, pids: Iterable[int], netns: NetnsId) -> tuple[IPAddress, ...] | None:
         for pid in pids:
             answer, _ = self._ask(b"R", pid, netns.dev, netns.ino)
@@ -94,7 +105,7 @@ class NsBroker:
         return None
 
     def _ask(self, op: bytes, pid: int, dev: int = 0, ino: int = 0) -> tuple[bytes, list[int]]:
-        if not 0 < pid < 1 << 32:
+        if not 0 <= pid < 1 << 32:
             return b"E" + _ERRNO.pack(errno.ESRCH), []
         with self._lock:
             try:
@@ -142,7 +153,9 @@ def _serve(sock: socket.socket, proc_root: str) -> None:
 def _answer(sock: socket.socket, proc_root: str, op: bytes, pid: int, netns: NetnsId) -> None:
     path = os.path.join(proc_root, str(pid), "ns", "net")
     try:
-        if op == b"N":
+        if op == b"F" and netns.dev < len(procfs.FILES):
+            sock.send(b"K" + procfs.read_direct(proc_root, pid, procfs.FILES[netns.dev]))
+        elif op == b"N":
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 socket.send_fds(sock, [b"K"], [fd])

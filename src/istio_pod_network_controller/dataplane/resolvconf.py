@@ -7,7 +7,7 @@ file of the node; magic links are refused, only a regular file is read (a FIFO c
 still be in the pod's network namespace after the open (a reused PID is not the pod's).
 
 A controller that confined itself cannot open other processes' roots: `pod_nameservers` then asks the
-active namespace source (the broker of dataplane/nsbroker.py), which runs `read_nameservers` for it and
+proc root's source (the broker of dataplane/nsbroker.py), which runs `read_nameservers` for it and
 answers with addresses only.
 
 No pod process with the file yet (only the sandbox runs): the nameservers are unknown and DNS capture takes
@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from typing import Final
 
 from ..settings.spec import IPAddress
-from .netns import NetnsId, active_source
+from . import procfs
+from .netns import NetnsId
 
 SYS_OPENAT2: Final = 437  # the same number on every architecture Linux has had since openat2 (5.6)
 RESOLVE_NO_MAGICLINKS: Final = 0x02
@@ -109,7 +110,7 @@ def pod_nameservers(
     pids: Iterable[int], netns: NetnsId, proc_root: str = "/proc"
 ) -> tuple[IPAddress, ...] | None:
     """The nameservers of the first of `pids` that has a resolv.conf and is in `netns`; None if none has."""
-    source = active_source(proc_root)
+    source = procfs.active_source(proc_root)
     if source is not None:
         return source.nameservers(pids, netns)
     return read_nameservers(pids, netns, proc_root)
