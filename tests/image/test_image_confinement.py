@@ -1,0 +1,152 @@
+"""A compromised controller, from the image with the chart's DaemonSet container (root).
+
+The attacker's shell is started the way an RCE in the controller starts one: by the controller process
+itself (gdb makes it call system(3)), so the shell inherits what the controller holds after start. From that
+shell, reading another container's token file and its environment, and writing a host file reached
+through /host/proc/PID/root, all fail; the controller keeps capturing pods (packets prove it). The same
+script from `podman exec` (a new process in the container, with the container's capabilities but not the
+controller's confinement) succeeds, so the attack is real and the test can fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from image_helpers import (
+    Container,
+    Containers,
+    podman,
+    render_chart,
+    security_flags,
+    volume_flags,
+    with_arg,
+    workload,
+)
+
+from ipnc_lab.sim.cluster import SimCluster, host_rules, unique_name
+from ipnc_lab.sim.controller import free_port
+from ipnc_lab.sim.node import SimNode, SimPod
+from ipnc_lab.sim.traffic import Server, connect
+from proc_status import process_status
+
+pytestmark = pytest.mark.root
+KUBECONFIG = "/etc/ipnc/kubeconfig"
+SYS_PTRACE = 1 << 19
+ATTACK = """
+if cat /host/proc/{victim}/root/tmp/token; then echo ATTACK token=read; else echo ATTACK token=denied; fi
+if tr '\\0' '\\n' < /host/proc/{victim}/environ | grep -q {secret}; then echo ATTACK environ=read
+else echo ATTACK environ=denied; fi
+if echo pwned >> /host/proc/{host}/root{scratch}; then echo ATTACK write=done; else echo ATTACK write=denied; fi
+if mount -t tmpfs none /tmp; then echo ATTACK mount=done; else echo ATTACK mount=denied; fi
+echo ATTACK end
+"""
+
+
+def attack_script(victim: int, host: int, scratch: Path, secret: str) -> str:
+    return ATTACK.format(victim=victim, host=host, scratch=scratch, secret=secret)
+
+
+def verdicts(output: str) -> dict[str, str]:
+    return dict(
+        line.split(" ", 1)[1].split("=", 1)
+        for line in output.splitlines()
+        if line.startswith("ATTACK ") and "=" in line
+    )
+
+
+def shell_from_controller(controller: Container, script: str) -> str:
+    """Make the controller process run `sh` with `script` (system(3) through gdb); returns what it printed."""
+    encoded = base64.b64encode(script.encode()).decode()
+    pid = controller.pid
+    gdb = [
+        "gdb", "-p", str(pid), "-batch", "-nx",
+        "-ex", f"set sysroot /proc/{pid}/root",
+        "-ex", f'call (int)system("echo {encoded} | base64 -d | sh 2>&1")',
+    ]  # fmt: skip
+    done = subprocess.run(gdb, capture_output=True, text=True, timeout=120, check=False)
+    assert "$1 = " in done.stdout, (
+        f"gdb could not make the controller run the shell:\n{done.stdout}{done.stderr}"
+    )
+    controller.wait_for_log("ATTACK end", 30)
+    return controller.logs()
+
+
+def dial(node: SimNode, pod: SimPod, port: int) -> str:
+    assert pod.ip
+    reply = connect(node.node, pod.ip, port)
+    return f"{reply.label} {reply.orig[1] if reply.orig else 0}" if reply.ok else f"error {reply.error}"
+
+
+@pytest.mark.skipif(
+    shutil.which("gdb") is None, reason="gdb starts the attacker's shell inside the controller"
+)
+def test_a_shell_in_the_controller_reads_no_container_file_writes_no_host_file_and_capture_works(
+    image: str, run_container: Containers, tmp_path: Path
+) -> None:
+    pod_spec = workload(render_chart(), "DaemonSet")["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    secret, token = unique_name("secret"), unique_name("token")
+    scratch = tmp_path / unique_name("host-file")
+    scratch.write_text("the node's\n")
+    before = host_rules()
+    victim = run_container.run(
+        ["--network", "none", "-e", f"SECRET={secret}"],
+        ["-c", f"echo {token} > /tmp/token && exec sleep 600"],
+        entrypoint="/bin/sh",
+    )
+    host_process = subprocess.Popen(["sleep", "600"])
+    try:
+        with SimCluster() as cluster, Server() as server:
+            node = cluster.add_node()
+            first = cluster.add_pod(node, unique_name("app"))
+            assert first.netns
+            server.add(first.netns, "app", 8080, bind6=None)
+            server.add(first.netns, "envoy-in", 15006, bind6=None)
+            port = free_port()
+            args = [
+                *with_arg(container["args"], "--listen-address", f"127.0.0.1:{port}"),
+                f"--kubeconfig={KUBECONFIG}",
+            ]
+            flags = [
+                *security_flags(pod_spec, container),
+                *volume_flags(pod_spec, container),
+                "-v", f"{cluster.kubeconfig(node=node.name)}:{KUBECONFIG}:ro",
+                "-e", f"NODE_NAME={node.name}",
+                "--network", "host",
+            ]  # fmt: skip
+            server.start()
+            controller = run_container.run(flags, args)
+            cluster.wait_initialized([first], 90, controller.logs)
+            assert dial(node, first, 8080) == "envoy-in 8080", controller.logs()
+            controller_caps = int(process_status(controller.pid)["CapEff"], 16)
+            assert not controller_caps & SYS_PTRACE, "the confined controller holds no CAP_SYS_PTRACE"
+
+            script = attack_script(victim.pid, host_process.pid, scratch, secret)
+            confined = verdicts(shell_from_controller(controller, script))
+            assert confined == {"token": "denied", "environ": "denied", "write": "denied", "mount": "denied"}
+            assert token not in controller.logs()
+            assert scratch.read_text() == "the node's\n"
+
+            # The controller still captures: a pod created after the attack, proven with packets.
+            second = cluster.add_pod(node, unique_name("app"))
+            assert second.netns
+            server.add(second.netns, "app", 8080, bind6=None)
+            server.add(second.netns, "envoy-in", 15006, bind6=None)
+            cluster.wait_initialized([second], 60, controller.logs)
+            assert dial(node, second, 8080) == "envoy-in 8080", controller.logs()
+            assert cluster.verify(second).in_place
+
+            # The same script unconfined (a new process in the same container) succeeds: the attack is real.
+            exec_shell = podman("exec", controller.name, "/bin/sh", "-c", script, check=False)
+            unconfined = verdicts(exec_shell.stdout)
+            assert unconfined["token"] == "read" and unconfined["write"] == "done", exec_shell.stdout
+            assert token in exec_shell.stdout and scratch.read_text() == "the node's\npwned\n"
+            assert "Traceback" not in controller.logs()
+    finally:
+        host_process.kill()
+        host_process.wait()
+    assert host_rules() == before
