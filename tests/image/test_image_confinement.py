@@ -40,7 +40,8 @@ ATTACK = """
 if cat /host/proc/{victim}/root/tmp/token; then echo ATTACK token=read; else echo ATTACK token=denied; fi
 if tr '\\0' '\\n' < /host/proc/{victim}/environ | grep -q {secret}; then echo ATTACK environ=read
 else echo ATTACK environ=denied; fi
-if echo pwned >> /host/proc/{host}/root{scratch}; then echo ATTACK write=done; else echo ATTACK write=denied; fi
+if echo pwned >> /host/proc/{host}/root{scratch}; then echo ATTACK write=done
+else echo ATTACK write=denied; fi
 if mount -t tmpfs none /tmp; then echo ATTACK mount=done; else echo ATTACK mount=denied; fi
 echo ATTACK end
 """
@@ -143,7 +144,7 @@ def test_a_shell_in_the_controller_reads_no_container_file_writes_no_host_file_a
             # The same script unconfined (a new process in the same container) succeeds: the attack is real.
             exec_shell = podman("exec", controller.name, "/bin/sh", "-c", script, check=False)
             unconfined = verdicts(exec_shell.stdout)
-            assert unconfined["token"] == "read" and unconfined["write"] == "done", exec_shell.stdout
+            assert (unconfined["token"], unconfined["write"]) == ("read", "done"), exec_shell.stdout
             assert token in exec_shell.stdout and scratch.read_text() == "the node's\npwned\n"
             assert "Traceback" not in controller.logs()
     finally:

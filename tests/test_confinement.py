@@ -1,0 +1,213 @@
+"""The controller's confinement (controller/confinement.py) outside the image, in a process of its own.
+
+Confinement is permanent, so each check runs in a fresh interpreter that confines itself exactly as `run`
+does and reports what it could reach as JSON. The neighbour is a process the test starts in a chroot
+holding a resolv.conf; the host file is a scratch file of the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ipnc_lab.sim.cluster import unique_name
+from istio_pod_network_controller.controller import confinement
+from istio_pod_network_controller.controller.kubeconfig import load, resolve
+from istio_pod_network_controller.dataplane import landlock
+
+PROBE = r"""
+import ctypes, errno, json, os, socket, subprocess, sys
+from istio_pod_network_controller.controller import confinement
+from istio_pod_network_controller.dataplane import netns, procfs, resolvconf
+args = json.loads(sys.argv[1])
+target, scratch = args["target"], args["scratch"]
+broker = confinement.confine(confinement.Policy(proc_root="/proc", connect_ports=(args["allowed"],)))
+out = {}
+
+def errno_of(action):
+    try:
+        action()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    return "ok"
+
+def connect(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+
+libc = ctypes.CDLL(None, use_errno=True)
+def mount():
+    if libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+
+out["ns_direct"] = errno_of(lambda: os.close(os.open(f"/proc/{target}/ns/net", os.O_RDONLY)))
+out["root_read"] = errno_of(lambda: open(f"/proc/{target}/root/etc/resolv.conf").read())
+out["scratch_read"] = errno_of(lambda: open(scratch).read())
+out["scratch_write"] = errno_of(lambda: open(scratch, "a").write("pwned"))
+out["mount"] = errno_of(mount)
+out["signal"] = errno_of(lambda: os.kill(target, 0))
+out["connect_allowed"] = errno_of(lambda: connect(args["allowed"]))
+out["connect_other"] = errno_of(lambda: connect(args["other"]))
+with netns.PinnedNetns.open_pid(target) as pinned:
+    out["netns"] = [pinned.id.dev, pinned.id.ino]
+    out["nameservers"] = [str(a) for a in resolvconf.pod_nameservers([target], pinned.id)]
+out["cgroup"] = procfs.read("/proc", target, "cgroup").decode()
+child = subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"],
+                       capture_output=True, text=True, check=True).stdout
+out["child_capeff"] = int(child.split("CapEff:")[1].split()[0], 16)
+out["broker_capeff"] = int(open(f"/proc/{broker.pid}/status").read().split("CapEff:")[1].split()[0], 16)
+broker.close()
+print(json.dumps(out))
+"""
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def neighbour(tmp_path: Path) -> Iterator[int]:
+    """A process chrooted into a root of its own that holds etc/resolv.conf; killed and reaped after."""
+    rootfs = tmp_path / unique_name("rootfs")
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "resolv.conf").write_text("search svc.cluster.local\nnameserver 10.96.0.10\n")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only sleeps in its chroot
+        try:
+            os.chroot(rootfs)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.fixture
+def listeners() -> Iterator[tuple[int, int]]:
+    """Two loopback TCP listeners (accept in a thread): the one the policy allows, and another."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    stop = threading.Event()
+
+    def accept(sock: socket.socket) -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                sock.accept()[0].close()
+            except TimeoutError:
+                continue
+
+    threads = [threading.Thread(target=accept, args=(s,), daemon=True) for s in socks]
+    for thread in threads:
+        thread.start()
+    try:
+        yield socks[0].getsockname()[1], socks[1].getsockname()[1]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        for sock in socks:
+            sock.close()
+
+
+def test_the_confined_controller_keeps_its_namespaces_and_loses_the_rest(
+    neighbour: int, listeners: tuple[int, int], tmp_path: Path
+) -> None:
+    assert landlock.abi() >= 6, "this kernel lacks Landlock scopes (ABI 6): the test would prove less"
+    scratch = tmp_path / unique_name("host-file")
+    scratch.write_text("the node's\n")
+    allowed, other = listeners
+    args = {"target": neighbour, "scratch": str(scratch), "allowed": allowed, "other": other}
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    info = os.stat(f"/proc/{neighbour}/ns/net")
+    denied = ("ns_direct", "root_read", "scratch_read", "scratch_write", "mount", "signal", "connect_other")
+    assert {key: seen[key] for key in denied} == {
+        "ns_direct": "EACCES",
+        "root_read": "EACCES",
+        "scratch_read": "EACCES",
+        "scratch_write": "EACCES",
+        "mount": "EPERM",
+        "signal": "EPERM",
+        "connect_other": "EACCES",
+    }
+    assert seen["connect_allowed"] == "ok"
+    assert scratch.read_text() == "the node's\n"
+    # What the controller needs, through the broker: the namespace, the nameservers, the cgroup file.
+    assert seen["netns"] == [info.st_dev, info.st_ino]
+    assert seen["nameservers"] == ["10.96.0.10"]
+    assert seen["cgroup"] == Path(f"/proc/{neighbour}/cgroup").read_text()
+    # CAP_SYS_PTRACE: gone from the controller and from what it executes, the broker's alone.
+    ptrace = 1 << 19
+    assert not seen["child_capeff"] & ptrace
+    assert seen["broker_capeff"] == ptrace
+
+
+def test_confinement_refuses_a_process_that_already_has_threads() -> None:
+    started = threading.Event()
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: (started.set(), stop.wait()), daemon=True)
+    thread.start()
+    started.wait()
+    try:
+        with pytest.raises(confinement.ConfinementError, match="single-threaded"):
+            confinement.confine(confinement.Policy(proc_root="/proc"))
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_no_confine_says_loudly_what_a_compromise_then_reaches(tmp_path: Path) -> None:
+    missing = tmp_path / "missing-kubeconfig"
+    argv = [sys.executable, "-m", "istio_pod_network_controller", "run", "--no-confine", "--node-name", "n"]
+    done = subprocess.run(
+        [*argv, "--kubeconfig", str(missing)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 3, done.stderr  # the kubeconfig is missing: after the warning
+    assert "CONFINEMENT OFF (--no-confine)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("server", "port"), [("https://10.0.0.1", 443), ("https://api:6443", 6443), ("http://h", 80)]
+)
+def test_api_port(server: str, port: int) -> None:
+    assert confinement.api_port(server) == port
+
+
+def test_the_client_s_files_are_in_the_policy(tmp_path: Path) -> None:
+    """The kubeconfig's directory and every directory it names a file in (read again on rotation)."""
+    token_dir = tmp_path / "tokens"
+    token_dir.mkdir()
+    (token_dir / "token").write_text("t")
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        json.dumps(
+            {
+                "current-context": "c",
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+                "clusters": [{"name": "k", "cluster": {"server": "http://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {"tokenFile": str(token_dir / "token")}}],
+            }
+        )
+    )
+    loaded = load(resolve(str(path), {}, str(tmp_path), str(tmp_path / "none")))
+    assert loaded.files == (str(tmp_path), str(token_dir))
