@@ -23,12 +23,12 @@ import pytest
 from ipnc_lab.sim.cluster import unique_name
 from istio_pod_network_controller.controller import confinement
 from istio_pod_network_controller.controller.kubeconfig import load, resolve
-from istio_pod_network_controller.dataplane import landlock
+from istio_pod_network_controller.dataplane import landlock, seccomp
 
 PROBE = r"""
 import ctypes, errno, json, os, socket, subprocess, sys
 from istio_pod_network_controller.controller import confinement
-from istio_pod_network_controller.dataplane import netns, procfs, resolvconf
+from istio_pod_network_controller.dataplane import netns, procfs, resolvconf, seccomp
 args = json.loads(sys.argv[1])
 target, scratch = args["target"], args["scratch"]
 broker = confinement.confine(confinement.Policy(proc_root="/proc", connect_ports=(args["allowed"],)))
@@ -50,6 +50,19 @@ def mount():
     if libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) != 0:
         raise OSError(ctypes.get_errno(), "mount")
 
+libc.syscall.restype = ctypes.c_long
+def syscall(name, *args):
+    def call():
+        number = seccomp.syscall_number(name)
+        if libc.syscall(ctypes.c_long(number), *[ctypes.c_long(a) for a in args]) < 0:
+            raise OSError(ctypes.get_errno(), name)
+    return call
+
+bpf_attr = (ctypes.c_uint32 * 18)(2, 4, 4, 1)  # BPF_MAP_CREATE: an array of one 4-byte value
+perf_attr = (ctypes.c_uint32 * 32)(1, 128)  # PERF_TYPE_SOFTWARE, size 128, CPU clock
+out["bpf"] = errno_of(syscall("bpf", 0, ctypes.addressof(bpf_attr), 72))
+out["perf_event_open"] = errno_of(syscall("perf_event_open", ctypes.addressof(perf_attr), 0, -1, -1, 0))
+out["keyctl"] = errno_of(syscall("keyctl", 0, -3, 0))  # KEYCTL_GET_KEYRING_ID of the session keyring
 out["ns_direct"] = errno_of(lambda: os.close(os.open(f"/proc/{target}/ns/net", os.O_RDONLY)))
 out["root_read"] = errno_of(lambda: open(f"/proc/{target}/root/etc/resolv.conf").read())
 out["scratch_read"] = errno_of(lambda: open(scratch).read())
@@ -140,6 +153,9 @@ def test_the_confined_controller_keeps_its_namespaces_and_loses_the_rest(
     seen = json.loads(done.stdout)
     info = os.stat(f"/proc/{neighbour}/ns/net")
     denied = ("ns_direct", "root_read", "scratch_read", "scratch_write", "mount", "signal", "connect_other")
+    assert {key: seen[key] for key in ("bpf", "perf_event_open", "keyctl")} == dict.fromkeys(
+        ("bpf", "perf_event_open", "keyctl"), "EPERM"
+    )
     assert {key: seen[key] for key in denied} == {
         "ns_direct": "EACCES",
         "root_read": "EACCES",
@@ -159,6 +175,15 @@ def test_the_confined_controller_keeps_its_namespaces_and_loses_the_rest(
     ptrace = 1 << 19
     assert not seen["child_capeff"] & ptrace
     assert seen["broker_capeff"] == ptrace
+
+
+def test_the_seccomp_filter_knows_every_denied_call_on_each_architecture() -> None:
+    for machine in ("x86_64", "aarch64"):
+        numbers = [seccomp.syscall_number(name, machine) for name in seccomp.DENIED]
+        assert len(set(numbers)) == len(seccomp.DENIED), machine
+        code = seccomp.program(machine)
+        assert code[-1] == (0x06, 0, 0, 0x7FFF0000)  # allow what is not denied
+        assert {k for op, _, _, k in code if op == 0x15} >= set(numbers)
 
 
 def test_confinement_refuses_a_process_that_already_has_threads() -> None:

@@ -13,21 +13,25 @@ processes' memory and environment, mount. `confine` takes that away, for good, b
    write the xtables lock and /dev/null only; no other write anywhere, no mount, no ptrace or signal
    outside the domain; TCP only to the API server's port and from the metrics port. Landlock checks a file
    reached through a magic link at its real location, so every other container's files and every host
-   path stay out of reach.
+   path stay out of reach;
+4. it adds a seccomp filter of its own (dataplane/seccomp.py): no bpf, perf_event_open, keyctl, ptrace
+   and the like, which the runtime's default profile grants a holder of CAP_SYS_ADMIN.
 
-`--no-confine` skips all three, loudly (the log says what a compromise then reaches at every start).
+`--no-confine` skips all four, loudly (the log says what a compromise then reaches at every start).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import platform
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..dataplane import capabilities, landlock, procfs
+from ..dataplane import capabilities, landlock, procfs, seccomp
 from ..dataplane.nsbroker import NsBroker
 from ..errors import ControllerError
 
@@ -86,6 +90,9 @@ def confine(policy: Policy) -> NsBroker:
     try:
         capabilities.drop(DROPPED)
         ruleset.restrictor()()
+        filtered = seccomp.supported()
+        if filtered:
+            seccomp.install()
     except OSError as exc:
         broker.close()
         raise ConfinementError(f"cannot confine the controller: {exc}") from None
@@ -94,9 +101,10 @@ def confine(policy: Policy) -> NsBroker:
     procfs.use_source(broker)
     log.info(
         "confined: Landlock ABI %d (no write outside the xtables lock, no mount, no other container's "
-        "files), CAP_SYS_PTRACE dropped, namespace broker PID %d",
+        "files), CAP_SYS_PTRACE dropped, namespace broker PID %d, seccomp filter %s",
         version,
         broker.pid,
+        "on" if filtered else f"unavailable on {platform.machine()} (the runtime's profile only)",
     )
     return broker
 
@@ -109,9 +117,11 @@ def warn_unconfined() -> None:
 
 
 def _ensure_lock() -> None:
-    """iptables-legacy creates the lock when missing, which the confined controller may not: create it now."""
+    """iptables-legacy creates the lock when missing, which the confined controller may not: create it now
+    (where it can: on a read-only root without the chart's mount, iptables-legacy could not either)."""
     if not os.path.exists(XTABLES_LOCK):
-        os.close(os.open(XTABLES_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        with contextlib.suppress(OSError):
+            os.close(os.open(XTABLES_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
 def _ruleset(version: int, policy: Policy) -> landlock.Ruleset:

@@ -33,7 +33,7 @@ from typing import Final
 
 from ..errors import DataplaneError
 from ..settings.spec import IPAddress
-from . import capabilities, landlock, procfs, resolvconf
+from . import capabilities, landlock, procfs, resolvconf, seccomp
 from .netns import NetnsId
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ def _serve(sock: socket.socket, proc_root: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     capabilities.keep_only(KEPT)
     landlock.set_no_new_privs()
+    if seccomp.supported():
+        seccomp.install()
     keep = sock.fileno()
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
