@@ -7,6 +7,7 @@ holding a resolv.conf; the host file is a scratch file of the test.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -75,6 +76,7 @@ with netns.PinnedNetns.open_pid(target) as pinned:
     out["netns"] = [pinned.id.dev, pinned.id.ino]
     out["nameservers"] = [str(a) for a in resolvconf.pod_nameservers([target], pinned.id)]
 out["cgroup"] = procfs.read("/proc", target, "cgroup").decode()
+out["host_netns"] = errno_of(lambda: os.close(broker.open_netns(os.getpid())))  # the lab runs in the host's
 child = subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"],
                        capture_output=True, text=True, check=True).stdout
 out["child_capeff"] = int(child.split("CapEff:")[1].split()[0], 16)
@@ -84,23 +86,33 @@ print(json.dumps(out))
 """
 
 pytestmark = pytest.mark.root
+CLONE_NEWNET = 0x40000000
 
 
 @pytest.fixture
 def neighbour(tmp_path: Path) -> Iterator[int]:
-    """A process chrooted into a root of its own that holds etc/resolv.conf; killed and reaped after."""
+    """A process in a network namespace of its own, chrooted into a root holding etc/resolv.conf (a pod, as
+    the broker sees one); killed and reaped after (its namespace goes with it)."""
     rootfs = tmp_path / unique_name("rootfs")
     (rootfs / "etc").mkdir(parents=True)
     (rootfs / "etc" / "resolv.conf").write_text("search svc.cluster.local\nnameserver 10.96.0.10\n")
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child only sleeps in its chroot
         try:
+            if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+                os._exit(1)
             os.chroot(rootfs)
+            os.write(ready_write, b"1")
             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
             time.sleep(600)
         finally:
             os._exit(0)
+    os.close(ready_write)
+    ready = os.read(ready_read, 1)  # blocks until the child is in place (or has exited: b"")
+    os.close(ready_read)
     try:
+        assert ready == b"1", "the neighbour could not make its namespace and root"
         yield pid
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -166,6 +178,7 @@ def test_the_confined_controller_keeps_its_namespaces_and_loses_the_rest(
         "connect_other": "EACCES",
     }
     assert seen["connect_allowed"] == "ok"
+    assert seen["host_netns"] == "EPERM", "the broker hands out no fd of the node's own namespace"
     assert scratch.read_text() == "the node's\n"
     # What the controller needs, through the broker: the namespace, the nameservers, the cgroup file.
     assert seen["netns"] == [info.st_dev, info.st_ino]

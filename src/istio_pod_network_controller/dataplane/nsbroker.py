@@ -6,7 +6,8 @@ itself it forks this broker, which keeps CAP_SYS_PTRACE and nothing else, and an
 of question about a PID under the node's /proc, over a socketpair:
 
 - `F pid index`: the file procfs.FILES[index] of the PID (cgroup, stat, its namespace's addresses);
-- `N pid`: an fd of the PID's network namespace (sent with SCM_RIGHTS); nothing else under /proc is opened;
+- `N pid`: an fd of the PID's network namespace (sent with SCM_RIGHTS), refused (EPERM) for the node's own
+  namespaces (netns.host_netns_ids, read when the broker starts): the host guard is a process boundary;
 - `S pid`: that namespace's (device, inode);
 - `R pid dev ino`: the nameservers of the PID's resolv.conf (read as resolvconf.py does, in the PID's root),
   answered as IP addresses only, when the PID is in that namespace.
@@ -34,7 +35,7 @@ from typing import Final
 from ..errors import DataplaneError
 from ..settings.spec import IPAddress
 from . import capabilities, landlock, procfs, resolvconf, seccomp
-from .netns import NetnsId
+from .netns import NetnsId, host_netns_ids
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,18 @@ def _serve(sock: socket.socket, proc_root: str) -> None:
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 65536)
     sock.settimeout(None)
+    host = frozenset(host_netns_ids(proc_root))
     while True:
         request = sock.recv(_REQUEST.size + 1)
         if len(request) != _REQUEST.size:
             return
         op, pid, dev, ino = _REQUEST.unpack(request)
-        _answer(sock, proc_root, op, pid, NetnsId(dev, ino))
+        _answer(sock, proc_root, host, op, pid, NetnsId(dev, ino))
 
 
-def _answer(sock: socket.socket, proc_root: str, op: bytes, pid: int, netns: NetnsId) -> None:
+def _answer(
+    sock: socket.socket, proc_root: str, host: frozenset[NetnsId], op: bytes, pid: int, netns: NetnsId
+) -> None:
     path = os.path.join(proc_root, str(pid), "ns", "net")
     try:
         if op == b"F" and netns.dev < len(procfs.FILES):
@@ -160,6 +164,9 @@ def _answer(sock: socket.socket, proc_root: str, op: bytes, pid: int, netns: Net
         elif op == b"N":
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                info = os.fstat(fd)
+                if NetnsId(info.st_dev, info.st_ino) in host:
+                    raise OSError(errno.EPERM, "the node's own network namespace")
                 socket.send_fds(sock, [b"K"], [fd])
             finally:
                 os.close(fd)
