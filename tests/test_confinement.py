@@ -231,6 +231,12 @@ def test_api_port(server: str, port: int) -> None:
     assert confinement.api_port(server) == port
 
 
+def test_a_proxy_from_the_environment_is_reachable_too() -> None:
+    env = {"HTTPS_PROXY": "http://proxy:3128", "http_proxy": "proxy2:8080", "ALL_PROXY": "http://[bad"}
+    assert confinement.api_ports("https://api:6443", env) == (6443, 3128, 8080)
+    assert confinement.api_ports("https://api", {}) == (443,)
+
+
 def test_the_client_s_files_are_in_the_policy(tmp_path: Path) -> None:
     """The kubeconfig's directory and every directory it names a file in (read again on rotation)."""
     token_dir = tmp_path / "tokens"

@@ -248,7 +248,7 @@ def _confine(config: ControllerConfig, loaded: Loaded) -> int | None:
     policy = confinement.Policy(
         proc_root=config.proc_root,
         read=loaded.files,
-        connect_ports=(confinement.api_port(loaded.server),),
+        connect_ports=confinement.api_ports(loaded.server, os.environ),
         bind_ports=(config.listen_port,),
     )
     try:

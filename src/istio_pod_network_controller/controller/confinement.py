@@ -27,7 +27,7 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -71,6 +71,22 @@ def api_port(server: str) -> int:
     """The TCP port of the API server's URL (443 or 80 when it names none)."""
     parts = urlsplit(server)
     return parts.port or (80 if parts.scheme == "http" else 443)
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def api_ports(server: str, env: Mapping[str, str]) -> tuple[int, ...]:
+    """The TCP ports the API client connects to: the server's, and a proxy's from the environment (the
+    client honours them)."""
+    ports = [api_port(server)]
+    for name in PROXY_VARIABLES:
+        value = env.get(name, "")
+        try:
+            ports += [api_port(value if "://" in value else f"http://{value}")] if value else []
+        except ValueError:
+            continue
+    return tuple(dict.fromkeys(ports))
 
 
 def confine(policy: Policy) -> NsBroker:
