@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ipnc_lab.sim.cluster import unique_name
+from ipnc_lab.sim.cluster import SimCluster, unique_name
+from ipnc_lab.sim.controller import wait_for
 from istio_pod_network_controller.controller import confinement
 from istio_pod_network_controller.controller.kubeconfig import load, resolve
 from istio_pod_network_controller.dataplane import landlock, seccomp
@@ -255,3 +256,25 @@ def test_the_client_s_files_are_in_the_policy(tmp_path: Path) -> None:
     )
     loaded = load(resolve(str(path), {}, str(tmp_path), str(tmp_path / "none")))
     assert loaded.files == (str(tmp_path), str(token_dir))
+
+
+def test_a_controller_whose_broker_died_is_unhealthy_and_a_restart_captures_again() -> None:
+    """Killing the broker (a crash, or a compromise denying service) fails /healthz, so the kubelet restarts
+    the controller; the restarted one initializes pods again."""
+    with SimCluster() as cluster:
+        node = cluster.add_node()
+        first = cluster.add_pod(node, unique_name("app"))
+        ctl = cluster.start_controller(node)
+        ctl.wait_ready()
+        cluster.wait_initialized([first], 30, ctl.log)
+        assert "confined: Landlock ABI" in ctl.log()
+        (broker,) = Path(f"/proc/{ctl.pid}/task/{ctl.pid}/children").read_text().split()
+        assert ctl.http("/healthz")[0] == 200
+        os.kill(int(broker), signal.SIGKILL)
+        wait_for(lambda: ctl.http("/healthz")[0] == 503, 30, f"/healthz 503\n{ctl.log()}")
+        assert ctl.terminate() == 0
+        second = cluster.add_pod(node, unique_name("app"))
+        restarted = cluster.start_controller(node)
+        restarted.wait_ready()
+        cluster.wait_initialized([second], 30, restarted.log)
+        assert restarted.terminate() == 0

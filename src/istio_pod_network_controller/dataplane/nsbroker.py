@@ -56,6 +56,8 @@ class NsBroker:
         self.pid = pid
         self.proc_root = proc_root
         self._lock = threading.Lock()
+        self._exited = False
+        self._reaping = threading.Lock()  # not the request lock: /healthz must not wait for an answer
 
     @classmethod
     def start(cls, proc_root: str) -> NsBroker:
@@ -118,11 +120,23 @@ class NsBroker:
             raise DataplaneError("the namespace broker exited")
         return answer, fds
 
+    def alive(self) -> bool:
+        """False once the broker has exited (reaped here)."""
+        with self._reaping:
+            if not self._exited:
+                try:
+                    self._exited = os.waitpid(self.pid, os.WNOHANG) != (0, 0)
+                except ChildProcessError:
+                    self._exited = True
+            return not self._exited
+
     def close(self) -> None:
         """Close the socket (the broker exits on it) and reap the broker."""
         self._sock.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        with self._reaping, contextlib.suppress(ChildProcessError):
+            if not self._exited:
+                os.waitpid(self.pid, 0)
+                self._exited = True
 
 
 def _error(answer: bytes, pid: int) -> OSError:

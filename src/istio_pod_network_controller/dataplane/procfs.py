@@ -45,6 +45,9 @@ class ProcSource(Protocol):
     def nameservers(self, pids: Iterable[int], netns: NetnsId) -> tuple[IPAddress, ...] | None:
         """resolvconf.pod_nameservers for these PIDs (the source may read the pods' files)."""
 
+    def alive(self) -> bool:
+        """Whether the source can still answer (a broker that died cannot: the controller is unhealthy)."""
+
 
 _SOURCES: dict[str, ProcSource] = {}
 """proc root (absolute) -> the source serving it; at most one entry."""
@@ -60,6 +63,10 @@ def use_source(source: ProcSource | None) -> None:
 def active_source(proc_root: str) -> ProcSource | None:
     """The source serving `proc_root`, or None when files there are read directly."""
     return _SOURCES.get(os.path.abspath(proc_root))
+
+
+def sources_alive() -> bool:
+    return all(source.alive() for source in _SOURCES.values())
 
 
 def read(proc_root: str, pid: int, name: str) -> bytes | None:
