@@ -214,6 +214,12 @@ def test_confinement_refuses_a_process_that_already_has_threads() -> None:
         thread.join()
 
 
+def test_without_landlock_the_controller_refuses_to_start_confined(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(landlock, "abi", lambda: 0)
+    with pytest.raises(confinement.ConfinementError, match=r"no Landlock .*--no-confine runs it unconfined"):
+        confinement.confine(confinement.Policy(proc_root="/proc"))
+
+
 def test_no_confine_says_loudly_what_a_compromise_then_reaches(tmp_path: Path) -> None:
     missing = tmp_path / "missing-kubeconfig"
     argv = [sys.executable, "-m", "istio_pod_network_controller", "run", "--no-confine", "--node-name", "n"]

@@ -91,15 +91,15 @@ def api_ports(server: str, env: Mapping[str, str]) -> tuple[int, ...]:
 
 def confine(policy: Policy) -> NsBroker:
     """Fork the broker, drop CAP_SYS_PTRACE, apply the Landlock domain; returns the installed broker."""
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        raise ConfinementError(f"confinement needs a single-threaded process, this one has {threads} threads")
     version = landlock.abi()
     if version < 1:
         raise ConfinementError(
             "this kernel has no Landlock (Linux 5.13+ with landlock in the LSM list): the controller "
             "cannot confine itself; --no-confine runs it unconfined"
         )
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise ConfinementError(f"confinement needs a single-threaded process, this one has {threads} threads")
     _ensure_lock()
     ruleset = _ruleset(version, policy)
     broker = NsBroker.start(policy.proc_root)
