@@ -61,7 +61,7 @@ clean:
 # tools, cached in build/image/ (delete the tar to refresh it). `make image BASE_IMAGE=docker.io/library/
 # python:3.11-slim-bookworm` uses a public base instead. The build fetches nothing from PyPI: the host's pip
 # downloads the dependencies' wheels, mounted into the build. docs/install.md has the user's side.
-TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus
+TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus gdb
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= ghcr.io/istio-pod-network-controller/istio-pod-network-controller:$(VERSION)
 LOCAL_BASE := localhost/ipnc-base:bookworm
