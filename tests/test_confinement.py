@@ -216,7 +216,9 @@ def test_confinement_refuses_a_process_that_already_has_threads() -> None:
 
 def test_without_landlock_the_controller_refuses_to_start_confined(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(landlock, "abi", lambda: 0)
-    with pytest.raises(confinement.ConfinementError, match=r"no Landlock .*--no-confine runs it unconfined"):
+    with pytest.raises(
+        confinement.ConfinementError, match=r"Landlock is unavailable .*--no-confine runs it unconfined"
+    ):
         confinement.confine(confinement.Policy(proc_root="/proc"))
 
 

@@ -94,8 +94,9 @@ def confine(policy: Policy) -> NsBroker:
     version = landlock.abi()
     if version < 1:
         raise ConfinementError(
-            "this kernel has no Landlock (Linux 5.13+ with landlock in the LSM list): the controller "
-            "cannot confine itself; --no-confine runs it unconfined"
+            "Landlock is unavailable (it needs Linux 5.13+ with landlock in the LSM list, and a seccomp "
+            "profile that allows its system calls): the controller cannot confine itself; --no-confine "
+            "runs it unconfined"
         )
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
