@@ -27,7 +27,7 @@ from image_helpers import (
     workload,
 )
 
-from ipnc_lab.sim.cluster import SimCluster, host_rules, unique_name
+from ipnc_lab.sim.cluster import CONTROLLER_USER, SimCluster, host_rules, unique_name
 from ipnc_lab.sim.controller import free_port
 from ipnc_lab.sim.node import SimNode, SimPod
 from ipnc_lab.sim.traffic import Server, connect
@@ -151,3 +151,63 @@ def test_a_shell_in_the_controller_reads_no_container_file_writes_no_host_file_a
         host_process.kill()
         host_process.wait()
     assert host_rules() == before
+
+
+def project_token(account: Path, generation: int, token: str, ca: bytes) -> None:
+    """The kubelet's projected-volume layout: files in a timestamped directory, `..data` swapped atomically
+    to the new one, the visible names linking through `..data`."""
+    data = account / f"..2026_12_07_00_00_0{generation}.000000000"
+    data.mkdir()
+    (data / "token").write_text(token)
+    (data / "ca.crt").write_bytes(ca)
+    (data / "namespace").write_text("istio-pod-network-controller")
+    swap = account / "..data_tmp"
+    swap.symlink_to(data.name)
+    swap.rename(account / "..data")
+    for name in ("token", "ca.crt", "namespace"):
+        if not (account / name).is_symlink():
+            (account / name).symlink_to(f"..data/{name}")
+
+
+def test_in_cluster_token_rotation_is_followed_by_the_confined_controller(
+    image: str, run_container: Containers, tmp_path: Path
+) -> None:
+    """The service-account token, rotated as the kubelet does it (new directory, `..data` swapped, the old
+    token revoked), is re-read by the confined controller: the next pod is marked with the new token."""
+    pod_spec = workload(render_chart(), "DaemonSet")["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    with SimCluster(tls=True) as cluster:
+        node = cluster.add_node()
+        old, new = unique_name("old"), unique_name("new")
+        cluster.add_token(old, node=node.name)
+        ca = cluster.api.api.ca_pem
+        assert ca is not None
+        account = tmp_path / "serviceaccount"
+        account.mkdir()
+        project_token(account, 1, old, ca)
+        host, port = cluster.api.url.removeprefix("https://").rsplit(":", 1)
+        first = cluster.add_pod(node, unique_name("app"))
+        flags = [
+            *security_flags(pod_spec, container),
+            *volume_flags(pod_spec, container),
+            "-v", f"{account}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
+            "-e", f"KUBERNETES_SERVICE_HOST={host}", "-e", f"KUBERNETES_SERVICE_PORT={port}",
+            "-e", f"NODE_NAME={node.name}",
+            "--network", "host",
+        ]  # fmt: skip
+        args = with_arg(container["args"], "--listen-address", f"127.0.0.1:{free_port()}")
+        controller = run_container.run(flags, args)
+        cluster.wait_initialized([first], 90, controller.logs)
+        assert "confined: Landlock ABI" in controller.logs()
+
+        cluster.add_token(new, node=node.name)
+        project_token(account, 2, new, ca)
+        cluster.api.api.revoke_token(old)
+        cluster.api.requests.clear()
+        second = cluster.add_pod(node, unique_name("app"))
+        cluster.wait_initialized([second], 60, controller.logs)
+        # The old token was revoked before this pod existed: its mark was written with the new token, which
+        # the client can only have read from the rotated files (whether it re-read on a 401 or before).
+        patches = [(r.status, r.user) for r in cluster.api.requests.records() if r.verb == "patch"]
+        assert patches and patches[-1] == (200, CONTROLLER_USER), patches
+        assert "Traceback" not in controller.logs()
