@@ -25,7 +25,9 @@ from ipnc_lab.sim.cluster import SimCluster, unique_name
 from ipnc_lab.sim.controller import wait_for
 from istio_pod_network_controller.controller import confinement
 from istio_pod_network_controller.controller.kubeconfig import load, resolve
-from istio_pod_network_controller.dataplane import landlock, seccomp
+from istio_pod_network_controller.dataplane import landlock, netns, seccomp
+from istio_pod_network_controller.dataplane.nsbroker import NsBroker
+from istio_pod_network_controller.errors import DataplaneError
 
 PROBE = r"""
 import ctypes, errno, json, os, socket, subprocess, sys
@@ -286,3 +288,23 @@ def test_a_controller_whose_broker_died_is_unhealthy_and_a_restart_captures_agai
         restarted.wait_ready()
         cluster.wait_initialized([second], 30, restarted.log)
         assert restarted.terminate() == 0
+
+
+def test_a_broker_that_does_not_answer_in_time_is_given_up_never_read_late() -> None:
+    """A late answer would be taken for the next request's: after a timeout the channel is closed, the broker
+    exits on it, and every later request fails (the controller then fails /healthz)."""
+    broker = NsBroker.start("/proc")
+    try:
+        assert broker.netns_id(os.getpid()) == netns.pid_netns_id("/proc", os.getpid())
+        os.kill(broker.pid, signal.SIGSTOP)
+        broker._sock.settimeout(0.2)  # instead of TIMEOUT_SECONDS
+        with pytest.raises(DataplaneError, match="does not answer"):
+            broker.netns_id(os.getpid())
+        os.kill(broker.pid, signal.SIGCONT)
+        with pytest.raises(DataplaneError):
+            broker.netns_id(os.getpid())
+        wait_for(lambda: not broker.alive(), 10, "the broker exits once its channel is closed")
+    finally:
+        if broker.alive():  # our unreaped child: its PID cannot have been reused
+            os.kill(broker.pid, signal.SIGKILL)
+        broker.close()

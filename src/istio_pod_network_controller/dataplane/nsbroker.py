@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import signal
 import socket
@@ -36,8 +35,6 @@ from ..errors import DataplaneError
 from ..settings.spec import IPAddress
 from . import capabilities, landlock, procfs, resolvconf, seccomp
 from .netns import NetnsId, host_netns_ids
-
-log = logging.getLogger(__name__)
 
 _REQUEST: Final = struct.Struct("!cIQQ")
 _ID: Final = struct.Struct("!QQ")
@@ -115,6 +112,9 @@ class NsBroker:
                 self._sock.send(_REQUEST.pack(op, pid, dev, ino))
                 answer, fds, _, _ = socket.recv_fds(self._sock, _MAX_ANSWER, 1)
             except OSError as exc:
+                # A late answer would be read as the next request's: end the channel (the broker exits on
+                # it, /healthz fails and the controller is restarted with a fresh one).
+                self._sock.close()
                 raise DataplaneError(f"the namespace broker does not answer: {exc}") from None
         if not answer:
             raise DataplaneError("the namespace broker exited")
