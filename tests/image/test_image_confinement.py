@@ -37,18 +37,20 @@ pytestmark = pytest.mark.root
 KUBECONFIG = "/etc/ipnc/kubeconfig"
 SYS_PTRACE = 1 << 19
 ATTACK = """
-if cat /host/proc/{victim}/root/tmp/token; then echo ATTACK token=read; else echo ATTACK token=denied; fi
-if tr '\\0' '\\n' < /host/proc/{victim}/environ | grep -q {secret}; then echo ATTACK environ=read
+if cat {proc}/{victim}/root/tmp/token; then echo ATTACK token=read; else echo ATTACK token=denied; fi
+if tr '\\0' '\\n' < {proc}/{victim}/environ | grep -q {secret}; then echo ATTACK environ=read
 else echo ATTACK environ=denied; fi
-if echo pwned >> /host/proc/{host}/root{scratch}; then echo ATTACK write=done
+if echo pwned >> {proc}/{host}/root{scratch}; then echo ATTACK write=done
 else echo ATTACK write=denied; fi
+if grep -q sleep {proc}/{victim}/cmdline; then echo ATTACK cmdline=read; else echo ATTACK cmdline=denied; fi
+if grep -q sleep {proc}/{victim}/maps; then echo ATTACK maps=read; else echo ATTACK maps=denied; fi
 if mount -t tmpfs none /tmp; then echo ATTACK mount=done; else echo ATTACK mount=denied; fi
 echo ATTACK end
 """
 
 
-def attack_script(victim: int, host: int, scratch: Path, secret: str) -> str:
-    return ATTACK.format(victim=victim, host=host, scratch=scratch, secret=secret)
+def attack_script(proc: str, victim: int, host: int, scratch: Path, secret: str) -> str:
+    return ATTACK.format(proc=proc, victim=victim, host=host, scratch=scratch, secret=secret)
 
 
 def verdicts(output: str) -> dict[str, str]:
@@ -85,10 +87,15 @@ def dial(node: SimNode, pod: SimPod, port: int) -> str:
 @pytest.mark.skipif(
     shutil.which("gdb") is None, reason="gdb starts the attacker's shell inside the controller"
 )
+@pytest.mark.parametrize("host_pid", [False, True], ids=["host-proc-mount", "host-pid"])
 def test_a_shell_in_the_controller_reads_no_container_file_writes_no_host_file_and_capture_works(
-    image: str, run_container: Containers, tmp_path: Path
+    image: str, run_container: Containers, tmp_path: Path, host_pid: bool
 ) -> None:
-    pod_spec = workload(render_chart(), "DaemonSet")["spec"]["template"]["spec"]
+    """With hostPID the node's /proc is the container's own, which the controller may read: other
+    processes' cmdline and maps are readable then (docs/security.md), their environment is not."""
+    pod_spec = workload(render_chart({"controller": {"hostPID": host_pid}}), "DaemonSet")["spec"]["template"][
+        "spec"
+    ]
     (container,) = pod_spec["containers"]
     secret, token = unique_name("secret"), unique_name("token")
     scratch = tmp_path / unique_name("host-file")
@@ -126,9 +133,20 @@ def test_a_shell_in_the_controller_reads_no_container_file_writes_no_host_file_a
             controller_caps = int(process_status(controller.pid)["CapEff"], 16)
             assert not controller_caps & SYS_PTRACE, "the confined controller holds no CAP_SYS_PTRACE"
 
-            script = attack_script(victim.pid, host_process.pid, scratch, secret)
+            script = attack_script(
+                "/proc" if host_pid else "/host/proc", victim.pid, host_process.pid, scratch, secret
+            )
             confined = verdicts(shell_from_controller(controller, script))
-            assert confined == {"token": "denied", "environ": "denied", "write": "denied", "mount": "denied"}
+            # with hostPID the node's /proc is the container's own, which the tools need to read
+            seen = "read" if host_pid else "denied"
+            assert confined == {
+                "token": "denied",
+                "environ": "denied",
+                "write": "denied",
+                "cmdline": seen,
+                "maps": seen,
+                "mount": "denied",
+            }
             assert token not in controller.logs()
             assert scratch.read_text() == "the node's\n"
 
