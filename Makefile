@@ -62,7 +62,7 @@ clean:
 # uses (tools/debian_mirror.py; or DEBIAN_MIRROR=URL). `make image BASE_IMAGE=python:3.11-slim-bookworm`
 # uses a public base instead. The build fetches nothing from PyPI: the host's pip downloads the dependencies'
 # wheels, mounted into the build. docs/install.md has the user's side.
-TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus
+TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus gdb
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= ghcr.io/istio-pod-network-controller/istio-pod-network-controller:$(VERSION)
 LOCAL_BASE := localhost/ipnc-base:bookworm

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_pod_network_controller.dataplane import discovery, netns
+from istio_pod_network_controller.dataplane import discovery, netns, procfs
 from istio_pod_network_controller.dataplane.discovery import (
     InvalidPodIP,
     PodNetnsNotFound,
@@ -593,19 +593,19 @@ def test_burst_of_twenty_pods_from_one_scan(node: Node, monkeypatch: pytest.Monk
 
     listings: list[str] = []
     cgroup_reads: list[str] = []
-    real_pids, real_read = discovery._pids, discovery._read
+    real_pids, real_read = discovery._pids, procfs.read
 
     def counting_pids(root: str) -> Iterator[int]:
         listings.append(root)
         return real_pids(root)
 
-    def counting_read(path: str) -> bytes | None:
-        if path.endswith("/cgroup"):
-            cgroup_reads.append(path)
-        return real_read(path)
+    def counting_read(proc_root: str, pid: int, name: str) -> bytes | None:
+        if name == "cgroup":
+            cgroup_reads.append(f"{proc_root}/{pid}/cgroup")
+        return real_read(proc_root, pid, name)
 
     monkeypatch.setattr(discovery, "_pids", counting_pids)
-    monkeypatch.setattr(discovery, "_read", counting_read)
+    monkeypatch.setattr(procfs, "read", counting_read)
 
     index = ProcIndex.scan()
     scanned_reads = len(cgroup_reads)

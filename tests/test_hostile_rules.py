@@ -32,7 +32,7 @@ from hostile_values import (
 )
 from istio_pod_network_controller.cli.rules import rules as rules_cli
 from istio_pod_network_controller.cli.spec_options import env_name, flag_name, source_name
-from istio_pod_network_controller.dataplane import netns, tools
+from istio_pod_network_controller.dataplane import landlock, netns, tools
 from istio_pod_network_controller.errors import (
     DETAIL_LENGTH,
     RenderInvariantError,
@@ -258,7 +258,7 @@ def test_an_include_forced_past_every_check_cannot_read_a_file(secret_file: tupl
     """Landlock: the include resolves to EACCES under confinement, and the same call unconfined would have
     quoted the file (the control that shows this test can fail)."""
     path, secret = secret_file
-    assert tools.landlock_abi() >= 1, "this kernel has no Landlock: nft would run unconfined"
+    assert landlock.abi() >= 1, "this kernel has no Landlock: nft would run unconfined"
     confine = tools.nft_confinement()
     assert confine is not None
     forced = f'include "{path}"\n'

@@ -266,6 +266,12 @@ def test_modern_values_map_to_controller_flags_and_release_namespace() -> None:
     assert {o["metadata"]["namespace"] for o in objects if "namespace" in o["metadata"]} == {"mesh-system"}
 
 
+@pytest.mark.parametrize(("values", "flagged"), [({}, False), ({"controller": {"confine": False}}, True)])
+def test_confinement_is_on_unless_the_values_turn_it_off(values: dict, flagged: bool) -> None:
+    args = controller_container(render(values))["args"]
+    assert ("--no-confine" in args) is flagged
+
+
 def test_default_namespace_is_the_2018_one_whatever_helm_is_told() -> None:
     objects = render({}, namespace="istio-pod-network-controller")
     assert {o["metadata"]["namespace"] for o in objects if "namespace" in o["metadata"]} == {"istio-system"}

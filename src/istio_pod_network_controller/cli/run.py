@@ -166,8 +166,14 @@ def _spec_options(func: F) -> F:
 @click.option(
     "--ignore-pod-overrides/--no-ignore-pod-overrides",
     default=False,
-    help="ignore the pods' envoy-userid, envoy-groupid and ipv6 annotations (Warning Event "
-    "PodOverrideIgnored); the controller-wide values apply",
+    help="ignore the pods' envoy-userid, envoy-groupid, ipv6 and outbound-owner-groups(-exclude) "
+    "annotations (Warning Event PodOverrideIgnored); the controller-wide values apply",
+)
+@click.option(
+    "--confine/--no-confine",
+    default=True,
+    help="confine the controller at start (Landlock, namespace broker, no CAP_SYS_PTRACE; "
+    "docs/security.md); --no-confine leaves a compromise the node's files",
 )
 @_spec_options
 @click.pass_context
@@ -207,6 +213,10 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     except (SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
     excluded = frozenset(n.strip() for n in options["excluded_namespaces"].split(",") if n.strip())
+    if not options["confine"]:
+        from ..controller.confinement import warn_unconfined
+
+        warn_unconfined()
     try:
         loaded = find(options["kubeconfig"])
     except KubeconfigError as exc:
@@ -234,11 +244,30 @@ def run(ctx: click.Context, /, **options: Any) -> None:
             relist_jitter=options["relist_jitter"],
         ),
     )
+    capeff = _confine(config, loaded) if options["confine"] else None
     try:
-        code = asyncio.run(_serve(config, loaded, options["preflight_retry"]))
+        code = asyncio.run(_serve(config, loaded, options["preflight_retry"], capeff))
     except cfg.ConfigError as exc:  # the status address is taken
         fail(str(exc), exitcodes.USAGE)
     raise SystemExit(code)
+
+
+def _confine(config: ControllerConfig, loaded: Loaded) -> int | None:
+    """Confine this process (before any thread starts); returns the capabilities it started with."""
+    from ..controller import confinement, preflight
+
+    capeff = preflight.probe_capeff()
+    policy = confinement.Policy(
+        proc_root=config.proc_root,
+        read=loaded.files,
+        connect_ports=confinement.api_ports(loaded.server, os.environ),
+        bind_ports=(config.listen_port,),
+    )
+    try:
+        confinement.confine(policy)
+    except confinement.ConfinementError as exc:
+        fail(str(exc), exitcodes.PERMISSION)
+    return capeff
 
 
 def _given(setting: str, value: str | None) -> Given | None:
@@ -252,7 +281,7 @@ def _given(setting: str, value: str | None) -> Given | None:
     return Given(value, next((n for n in names if n in os.environ), names[0]))
 
 
-async def _serve(config: ControllerConfig, loaded: Loaded, retry: float) -> int:
+async def _serve(config: ControllerConfig, loaded: Loaded, retry: float, capeff: int | None) -> int:
     """The controller behind its preflight: capabilities, /proc, tools, the API access of the ClusterRole."""
     from ..controller import preflight
     from ..controller.access import run_checks
@@ -262,6 +291,8 @@ async def _serve(config: ControllerConfig, loaded: Loaded, retry: float) -> int:
     needed = preflight.required_access(rbac.CLUSTER_ROLE_RULES)
 
     async def check() -> preflight.Report:
-        return await run_checks(config.proc_root, config.backend, loaded.config, loaded.server, needed)
+        return await run_checks(
+            config.proc_root, config.backend, loaded.config, loaded.server, needed, capeff
+        )
 
     return await run_controller(config, check, retry)

@@ -81,7 +81,13 @@ async def api_check(config: SingleConfig, server: str, needed: Sequence[Access])
 
 
 async def run_checks(
-    proc_root: str, backend: BackendChoice, config: SingleConfig, server: str, needed: Sequence[Access]
+    proc_root: str,
+    backend: BackendChoice,
+    config: SingleConfig,
+    server: str,
+    needed: Sequence[Access],
+    capeff: int | None = None,
 ) -> Report:
-    local = await asyncio.get_running_loop().run_in_executor(None, local_checks, proc_root, backend)
+    """`capeff`: the capabilities the process started with (a confined controller has dropped one since)."""
+    local = await asyncio.get_running_loop().run_in_executor(None, local_checks, proc_root, backend, capeff)
     return Report((*local, await api_check(config, server, needed)))

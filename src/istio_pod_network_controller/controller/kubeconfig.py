@@ -143,6 +143,8 @@ class Loaded:
     source: Source
     config: SingleConfig
     server: str
+    files: tuple[str, ...] = ()
+    """The directories the client reads (again: tokens rotate), for the controller's confinement."""
 
 
 def load(source: Source, service_account_dir: str = SERVICE_ACCOUNT_DIR) -> Loaded:
@@ -150,9 +152,12 @@ def load(source: Source, service_account_dir: str = SERVICE_ACCOUNT_DIR) -> Load
     try:
         if source.path is None:
             single = KubeConfig.from_service_account(service_account=service_account_dir).get()
+            files: tuple[str, ...] = (service_account_dir,)
         else:
             data = _read(source.path)
-            validate(data, source.describe(), os.path.dirname(os.path.abspath(source.path)))
+            base_dir = os.path.dirname(os.path.abspath(source.path))
+            validate(data, source.describe(), base_dir)
+            files = (base_dir, *_referenced_dirs(data, base_dir))
             single = KubeConfig.from_dict(data, fname=source.path).get()  # type: ignore[arg-type]
         if single is not None:
             # Build (and drop) a client as lightkube will: TLS material that does not load fails here, once.
@@ -163,7 +168,28 @@ def load(source: Source, service_account_dir: str = SERVICE_ACCOUNT_DIR) -> Load
         raise KubeconfigError(f"{source.describe()}: invalid cluster configuration: {exc}") from None
     if single is None:
         raise KubeconfigError(f"{source.describe()}: no usable context")
-    return Loaded(source, single, str(single.cluster.server))
+    return Loaded(source, single, str(single.cluster.server), tuple(dict.fromkeys(files)))
+
+
+def _referenced_dirs(data: object, base_dir: str) -> list[str]:
+    """The directories of every file a kubeconfig names (any context: a client may switch)."""
+    found: list[str] = []
+    for section, entries in (("cluster", _entries(data, "clusters")), ("user", _entries(data, "users"))):
+        for entry in entries:
+            for kind, key in FILE_FIELDS:
+                named = entry.get(key) if kind == section else None
+                if isinstance(named, str) and named:
+                    found.append(os.path.dirname(os.path.join(base_dir, os.path.expanduser(named))))
+    return found
+
+
+def _entries(data: object, section: str) -> list[Mapping[str, Any]]:
+    listed = data.get(section) if isinstance(data, Mapping) else None
+    return [
+        entry[section[:-1]]
+        for entry in listed or ()
+        if isinstance(entry, Mapping) and isinstance(entry.get(section[:-1]), Mapping)
+    ]
 
 
 def find(flag: str | None, service_account_dir: str = SERVICE_ACCOUNT_DIR) -> Loaded:

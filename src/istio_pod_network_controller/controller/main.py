@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from ..dataplane import procfs
 from ..dataplane.netns import raise_open_files_limit
 from ..settings import annotations as ann
 from . import events as ev
@@ -305,7 +306,8 @@ class Controller:
         if now - self.beat > 10 * HEARTBEAT:
             return False
         stuck = self.in_flight > 0 and now - self.last_progress > STALL_LIMIT + self.config.netns_deadline
-        return not stuck and not any(t.done() for t in self._background)
+        # a confined controller whose namespace broker died can initialize nothing: restart it
+        return not stuck and not any(t.done() for t in self._background) and procfs.sources_alive()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ..dataplane import procfs
 from ..dataplane.apply import BackendChoice, host_backend
 from .events import build_node_warning
 
@@ -155,10 +156,18 @@ def probe_proc(proc_root: str, limit: int = 4096) -> ProcView:
         return ProcView(error="not a directory")
     except PermissionError:
         return ProcView(error="permission denied")
-    cgroups = {_read_text(os.path.join(proc_root, pid, "cgroup")) for pid in entries[:limit]}
+    cgroups = {_read_cgroup(proc_root, int(pid)) for pid in entries[:limit]}
     cgroups.discard(None)
     only_own = own is not None and cgroups == {own}
     return ProcView(processes=len(entries), cgroups=len(cgroups), own_cgroup_only=only_own)
+
+
+def _read_cgroup(proc_root: str, pid: int) -> str | None:
+    try:
+        data = procfs.read(proc_root, pid, "cgroup")
+    except OSError:
+        return None
+    return None if data is None else data.decode("utf-8", "replace")
 
 
 def _read_text(path: str) -> str | None:
@@ -271,9 +280,9 @@ def decide_access(server: str, answers: Sequence[Access], problem: ApiProblem | 
 # --- all together -------------------------------------------------------------------------------------------
 
 
-def local_checks(proc_root: str, backend: BackendChoice) -> list[Check]:
+def local_checks(proc_root: str, backend: BackendChoice, capeff: int | None = None) -> list[Check]:
     return [
-        decide_capabilities(probe_capeff()),
+        decide_capabilities(probe_capeff() if capeff is None else capeff),
         decide_proc(proc_root, probe_proc(proc_root)),
         decide_tools(backend, host_backend(proc_root), probe_tools()),
     ]

@@ -7,7 +7,6 @@ namespace: resolve the IPv6 policy from the pod's addresses, choose the backend,
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from ..rules.foreign import Bypass
 from ..rules.model import Ruleset
 from ..settings.addresses import PASSTHROUGH, has_global_ipv6, has_passthrough_v6
 from ..settings.spec import InterceptSpec, IPv6Policy
-from . import bypass, resolvconf
+from . import bypass, procfs, resolvconf
 from . import netns as ns_mod
 from .backends import BACKENDS, BackendName, make, route_drift, sync_routes
 from .netns import NetnsId, PinnedNetns
@@ -94,9 +93,12 @@ def _footprints() -> Footprints:
 @functools.lru_cache(maxsize=4)
 def host_backend(proc_root: str = "/proc") -> BackendName:
     """The node's choice, as Istio makes it: legacy when the host already has legacy tables, else nft."""
-    for pid in ("1", "self"):
-        if _read(os.path.join(proc_root, pid, "net", "ip_tables_names")).strip():
-            return "legacy"
+    for pid in (1, procfs.SELF):
+        try:
+            if (procfs.read(proc_root, pid, "net/ip_tables_names") or b"").strip():
+                return "legacy"
+        except OSError:
+            continue
     return "nft"
 
 

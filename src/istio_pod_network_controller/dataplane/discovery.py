@@ -33,7 +33,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DataplaneError
-from .netns import NetnsId, NodeNetns, PinnedNetns, node_netns, run_in
+from . import procfs
+from .netns import NetnsId, NodeNetns, PinnedNetns, node_netns, pid_netns_id, run_in
 
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
 # One line of /proc/PID/cgroup: "<hierarchy>:<controllers>:<path>" (v2: "0::<path>"). The pod segment is
@@ -46,8 +47,6 @@ _CGROUP_LINE = re.compile(
     re.MULTILINE,
 )
 _CID_SCHEME = re.compile(r"^[a-z0-9-]+://")
-_READ_CHUNK = 65536
-_VANISHED = (errno.ENOENT, errno.ESRCH)
 _UNKNOWN_START = sys.maxsize
 
 
@@ -148,27 +147,6 @@ def parse_if_inet6(text: str) -> set[str]:
     }
 
 
-def _read(path: str) -> bytes | None:
-    """Whole small /proc file, or None when the process is gone (or is a kernel thread without it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in _VANISHED:
-            return None
-        raise
-    try:
-        chunks = [os.read(fd, _READ_CHUNK)]
-        while len(chunks[-1]) == _READ_CHUNK:
-            chunks.append(os.read(fd, _READ_CHUNK))
-    except OSError as exc:
-        if exc.errno in _VANISHED:
-            return None
-        raise
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
 def _pids(proc_root: str) -> Iterator[int]:
     with os.scandir(proc_root) as entries:
         for entry in entries:
@@ -179,12 +157,11 @@ def _pids(proc_root: str) -> Iterator[int]:
 def _netns_id(proc_root: str, pid: int) -> NetnsId | None:
     """None for vanished processes and zombies (whose ns links are already gone)."""
     try:
-        info = os.stat(os.path.join(proc_root, str(pid), "ns", "net"))
+        return pid_netns_id(proc_root, pid)
     except OSError as exc:
-        if exc.errno in (*_VANISHED, errno.EACCES):
+        if exc.errno in (*procfs.VANISHED, errno.EACCES):
             return None
         raise
-    return NetnsId(info.st_dev, info.st_ino)
 
 
 def parse_start_time(stat: str) -> int | None:
@@ -194,12 +171,12 @@ def parse_start_time(stat: str) -> int | None:
 
 
 def _start_time(proc_root: str, pid: int) -> int | None:
-    data = _read(os.path.join(proc_root, str(pid), "stat"))
+    data = procfs.read(proc_root, pid, "stat")
     return None if data is None else parse_start_time(data.decode("utf-8", "replace"))
 
 
 def _pod_of(proc_root: str, pid: int) -> tuple[str, str | None] | None:
-    data = _read(os.path.join(proc_root, str(pid), "cgroup"))
+    data = procfs.read(proc_root, pid, "cgroup")
     if data is None or b"kubepods" not in data:
         return None
     return parse_cgroup(data.decode("utf-8", "replace"))
@@ -207,9 +184,8 @@ def _pod_of(proc_root: str, pid: int) -> tuple[str, str | None] | None:
 
 def _local_ips(proc_root: str, pid: int, expected: NetnsId) -> set[str] | None:
     """Addresses in pid's namespace, or None if the pid vanished or moved namespace while being read."""
-    base = os.path.join(proc_root, str(pid), "net")
-    v4 = _read(os.path.join(base, "fib_trie"))
-    v6 = _read(os.path.join(base, "if_inet6"))
+    v4 = procfs.read(proc_root, pid, "net/fib_trie")
+    v6 = procfs.read(proc_root, pid, "net/if_inet6")
     if v4 is None or _netns_id(proc_root, pid) != expected:
         return None
     # interface names in both files are the pod's to choose (any bytes); only the addresses are used
@@ -407,10 +383,10 @@ def prove_not_node(netns: PinnedNetns, host_ips: Iterable[str]) -> bool:
     """Mark `netns` proven not the node's (`not_node`) when node IPs are known and it holds none of them."""
     wanted = _parse_ips("node", host_ips)
 
-    def local() -> set[str]:
-        v4 = _read("/proc/thread-self/net/fib_trie") or b""
-        v6 = _read("/proc/thread-self/net/if_inet6") or b""
-        return parse_fib_trie_local(v4.decode()) | parse_if_inet6(v6.decode())
+    def local() -> set[str]:  # on a thread inside `netns`: this thread's own /proc view of it
+        v4 = procfs.read_thread_self("net/fib_trie").decode(errors="surrogateescape")
+        v6 = procfs.read_thread_self("net/if_inet6").decode(errors="surrogateescape")
+        return parse_fib_trie_local(v4) | parse_if_inet6(v6)
 
     if wanted and not wanted & run_in(netns, local):
         netns.not_node = True

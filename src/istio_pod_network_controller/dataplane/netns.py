@@ -1,5 +1,8 @@
 """Pinned network namespaces, entered per call on a short-lived thread.
 
+Another process's namespace file is opened directly (`/proc/PID/ns/net`) unless the controller confined
+itself: it may not open other processes' namespace files then, and the broker of procfs.py opens them.
+
 A namespace is held as an open fd (plus its device/inode identity), never as a path or PID that could be
 reused by another pod. Work inside it runs on a fresh thread that calls setns(2) and then exits, so the
 controller's own threads never change namespace, and the tools it spawns from that thread (iptables-restore,
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import DataplaneError, HostNetnsRefused
+from . import procfs
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -39,6 +43,15 @@ class NetnsId:
         return f"net:[{self.ino}]"
 
 
+def pid_netns_id(proc_root: str, pid: int) -> NetnsId:
+    """The identity of PID's network namespace; raises OSError."""
+    source = procfs.active_source(proc_root)
+    if source is not None:
+        return source.netns_id(pid)
+    info = os.stat(os.path.join(proc_root, str(pid), "ns", "net"))
+    return NetnsId(info.st_dev, info.st_ino)
+
+
 class PinnedNetns:
     """An open fd to a network namespace; the namespace stays alive and identical while this is open."""
 
@@ -54,8 +67,20 @@ class PinnedNetns:
 
     @classmethod
     def open_path(cls, path: str) -> PinnedNetns:
+        return cls._opened(lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC), path)
+
+    @classmethod
+    def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
+        path = os.path.join(proc_root, str(pid), "ns", "net")
+        source = procfs.active_source(proc_root)
+        pinned = cls.open_path(path) if source is None else cls._opened(lambda: source.open_netns(pid), path)
+        pinned.via_pid = True
+        return pinned
+
+    @classmethod
+    def _opened(cls, opener: Callable[[], int], path: str) -> PinnedNetns:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = opener()
         except OSError as exc:
             raise DataplaneError(f"cannot open network namespace {path}: {exc.strerror}") from None
         info = os.fstat(fd)
@@ -63,12 +88,6 @@ class PinnedNetns:
             os.close(fd)
             raise NotANetns(f"{path} is not a network namespace")
         return cls(fd, path)
-
-    @classmethod
-    def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
-        pinned = cls.open_path(os.path.join(proc_root, str(pid), "ns", "net"))
-        pinned.via_pid = True
-        return pinned
 
     def intact(self) -> bool:
         """Whether the fd is open and still refers to the namespace it was opened on (same inode)."""
@@ -170,9 +189,16 @@ def _stat_id(path: str) -> NetnsId | None:
     return NetnsId(info.st_dev, info.st_ino)
 
 
+def _pid1_id(proc_root: str) -> NetnsId | None:
+    try:
+        return pid_netns_id(proc_root, 1)  # through the broker when the controller is confined
+    except OSError:
+        return None
+
+
 def node_netns(proc_root: str = "/proc") -> NodeNetns:
     """The node's namespace as far as PID 1 and this process can tell (see NodeNetns)."""
-    pid1 = _stat_id(os.path.join(proc_root, "1", "ns", "net"))
+    pid1 = _pid1_id(proc_root)
     ids = {pid1, _stat_id("/proc/1/ns/net"), _stat_id("/proc/self/ns/net")} - {None}
     return NodeNetns(frozenset(i for i in ids if i is not None), pid1 is not None)
 

@@ -6,6 +6,10 @@ file of the node; magic links are refused, only a regular file is read (a FIFO c
 64 KiB, and only `nameserver` values that parse as an IP address without a scope are kept. The process must
 still be in the pod's network namespace after the open (a reused PID is not the pod's).
 
+A controller that confined itself cannot open other processes' roots: `pod_nameservers` then asks the
+proc root's source (the broker of dataplane/nsbroker.py), which runs `read_nameservers` for it and
+answers with addresses only.
+
 No pod process with the file yet (only the sandbox runs): the nameservers are unknown and DNS capture takes
 Istio CNI's capture-all form until a later apply or verify finds them (see docs/rules.md).
 """
@@ -20,6 +24,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from ..settings.spec import IPAddress
+from . import procfs
 from .netns import NetnsId
 
 SYS_OPENAT2: Final = 437  # the same number on every architecture Linux has had since openat2 (5.6)
@@ -105,6 +110,14 @@ def pod_nameservers(
     pids: Iterable[int], netns: NetnsId, proc_root: str = "/proc"
 ) -> tuple[IPAddress, ...] | None:
     """The nameservers of the first of `pids` that has a resolv.conf and is in `netns`; None if none has."""
+    source = procfs.active_source(proc_root)
+    if source is not None:
+        return source.nameservers(pids, netns)
+    return read_nameservers(pids, netns, proc_root)
+
+
+def read_nameservers(pids: Iterable[int], netns: NetnsId, proc_root: str) -> tuple[IPAddress, ...] | None:
+    """`pod_nameservers` by reading the files directly (through each process's root)."""
     for pid in pids:
         data = read_in_root(os.path.join(proc_root, str(pid), "root"))
         if data is not None and _in_netns(proc_root, pid, netns):

@@ -17,7 +17,6 @@ Two guarantees hold for every real run, whatever a renderer does:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -29,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 from ..errors import DETAIL_LENGTH, DataplaneError, ToolError, UnsafeRuleText, escaped
+from . import landlock
 
 log = logging.getLogger(__name__)
 
@@ -148,37 +148,7 @@ run: Final[Runner] = SubprocessRunner()
 """The runner every backend uses unless given another."""
 
 
-# --- Landlock ------------------------------------------------------------------------------------------
-
-_SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
-_CREATE_RULESET_VERSION = 1
-_RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS = 38
-_ACCESS_EXECUTE, _ACCESS_READ_FILE = 1 << 0, 1 << 2
-_HANDLED_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
-"""Every filesystem right each Landlock ABI knows (REFER from 2, TRUNCATE from 3, IOCTL_DEV from 5)."""
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_prctl = _libc.prctl
-_prctl.restype = ctypes.c_int
-
-
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version, 0 when it has none (not built in, or not in the LSM list)."""
-    version = _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION)
-    return max(int(version), 0)
+# --- Landlock for nft ----------------------------------------------------------------------------------
 
 
 def _nft_files(nft: str) -> list[str]:
@@ -193,7 +163,7 @@ def nft_confinement() -> Callable[[], None] | None:
     """A hook that confines the calling thread (and so the nft it starts) to executing and reading nft's
     own files, or None. The ruleset is built once here; the hook makes two system calls, both of which
     affect only the calling thread (no_new_privs and the Landlock domain are per task)."""
-    abi = landlock_abi()
+    abi = landlock.abi()
     nft = shutil.which("nft")
     if abi < 1 or nft is None:
         log.warning("Landlock unavailable (ABI %d): nft runs unconfined, guarded by input checks only", abi)
@@ -203,27 +173,7 @@ def nft_confinement() -> Callable[[], None] | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("cannot list nft's libraries (%s): nft runs unconfined, guarded by input checks", exc)
         return None
-    handled = _HANDLED_BY_ABI[max(v for v in _HANDLED_BY_ABI if v <= abi)]
-    attr = _RulesetAttr(handled)
-    ruleset = int(_syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), 0))
-    if ruleset < 0:
-        raise DataplaneError(f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
-    os.set_inheritable(ruleset, False)
+    ruleset = landlock.Ruleset(abi)
     for path in files:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        try:
-            rule = _PathBeneathAttr(_ACCESS_EXECUTE | _ACCESS_READ_FILE, fd)
-            added = _syscall(_SYS_ADD_RULE, ctypes.c_long(ruleset), _RULE_PATH_BENEATH, ctypes.byref(rule), 0)
-            if added != 0:
-                raise DataplaneError(f"landlock_add_rule {path}: {os.strerror(ctypes.get_errno())}")
-        finally:
-            os.close(fd)
-    one, zero, fd_arg = ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_long(ruleset)
-
-    def confine() -> None:
-        if _prctl(_PR_SET_NO_NEW_PRIVS, one, zero, zero, zero) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-        if _syscall(_SYS_RESTRICT_SELF, fd_arg, 0) != 0:
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
-
-    return confine
+        ruleset.allow_path(path, landlock.EXECUTE | landlock.READ_FILE)
+    return ruleset.restrictor()

@@ -31,7 +31,7 @@ from istio_pod_network_controller.settings import annotations as ann
 from istio_pod_network_controller.settings.istio import pod_spec
 
 from ..localapi import CORE_EVENTS, NAMESPACES, PODS, LocalAPIServer, Store, ThreadedServer
-from ..localapi.rbac import pod_bound_extra, service_account_groups, service_account_username
+from ..localapi.rbac import User, pod_bound_extra, service_account_groups, service_account_username
 from ..localapi.resources import NODES
 from . import chart
 from .controller import ControllerProcess, wait_for
@@ -133,14 +133,19 @@ class SimCluster:
     """One emulator, any number of SimNodes and controllers; use as a context manager."""
 
     def __init__(
-        self, *, history_size: int = 1000, bookmark_interval: float = 60.0, node_restriction: bool = True
+        self,
+        *,
+        history_size: int = 1000,
+        bookmark_interval: float = 60.0,
+        node_restriction: bool = True,
+        tls: bool = False,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="ipnc-cluster-"))
         self.nodes: list[SimNode] = []
         self.controllers: list[ControllerProcess] = []
         self._kubeconfigs: dict[tuple[str, str | None], Path] = {}
         try:
-            server = LocalAPIServer(history_size=history_size, bookmark_interval=bookmark_interval)
+            server = LocalAPIServer(history_size=history_size, bookmark_interval=bookmark_interval, tls=tls)
             if node_restriction:
                 server.install_policies(chart.policies())
             self.api: ThreadedServer = server.start_in_thread()
@@ -181,14 +186,7 @@ class SimCluster:
         """
         key = (user, node)
         if key not in self._kubeconfigs:
-            extra = pod_bound_extra(node, f"istio-pod-network-controller-{node}") if node else None
-            created = self.api.api.add_user(
-                user,
-                secrets.token_hex(16),
-                rules or rbac.cluster_role_rules(),
-                groups=service_account_groups(chart.NAMESPACE) if user == CONTROLLER_USER else (),
-                extra=extra,
-            )
+            created = self.add_token(secrets.token_hex(16), user, rules, node=node)
             path = self.workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', user)}-{node or 'unbound'}.kubeconfig"
             self._kubeconfigs[key] = self.api.api.write_kubeconfig(path, created)
         return self._kubeconfigs[key]
@@ -202,6 +200,24 @@ class SimCluster:
         controller = ControllerProcess.start(self.kubeconfig(user, node=name), name, log, extra)
         self.controllers.append(controller)
         return controller
+
+    def add_token(
+        self,
+        token: str,
+        user: str = CONTROLLER_USER,
+        rules: Iterable[Mapping[str, Any]] | None = None,
+        *,
+        node: str | None = None,
+    ) -> User:
+        """A token for `user` (with `node`: bound to a pod on that node, as a projected token is)."""
+        extra = pod_bound_extra(node, f"istio-pod-network-controller-{node}") if node else None
+        return self.api.api.add_user(
+            user,
+            token,
+            rules or rbac.cluster_role_rules(),
+            groups=service_account_groups(chart.NAMESPACE) if user == CONTROLLER_USER else (),
+            extra=extra,
+        )
 
     # -- API objects --------------------------------------------------------------------------------------
 
