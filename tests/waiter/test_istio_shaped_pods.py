@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from ipnc_lab.sim.cluster import SimCluster
+from ipnc_lab.sim.controller import wait_for
 from ipnc_lab.sim.node import SimPod
 from ipnc_lab.sim.runtime import SYSTEM_PYTHON
 from ipnc_lab.sim.traffic import Server, connect
@@ -165,3 +166,60 @@ def test_istio_shaped_pods_get_istios_capture(workdir: Path) -> None:
         assert outbound(overridden, node.gateway, 3000, 2001) == "remote"  # the proxy's gid alone exempts
         assert outbound(overridden, node.gateway, 2000, 3000) == "remote"  # so does its uid
         assert outbound(overridden, node.gateway, 1337, 1337) == "envoy-out"  # 1337 is an app uid here
+
+
+def posing_as_proxy(path: Path, uid: int) -> dict[str, Any]:
+    """A CNI-mode pod whose tenant set istio-proxy's (and istio-validation's) runAsUser/runAsGroup to the
+    app's own uid: the bypass `run --ignore-pod-overrides` closes."""
+    pod = fixture(path)
+    for item in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
+        if item["name"] in ("istio-proxy", "istio-validation"):
+            item["securityContext"].update(runAsUser=uid, runAsGroup=uid)
+    return pod
+
+
+def test_gated_controller_admits_only_the_injectors_proxy_identity(workdir: Path) -> None:
+    """With --ignore-pod-overrides, istio-proxy's runAsUser counts only as Istio's injector picks it: the top
+    of an OpenShift namespace's range (exempt; istio-validation passes), never the app's own uid."""
+    validator = workdir / "istio_validation.py"
+    shutil.copyfile(HERE / "istio_validation.py", validator)
+    validator.chmod(0o644)
+    stock = HERE / "fixtures" / "istio-cni-mode-pod.yaml"
+    with SimCluster() as cluster, Server() as server:
+        node = cluster.add_node("ipncg")
+        cluster.add_namespace("bookinfo", OPENSHIFT_NS)
+        native = cluster.add_pod(
+            node, "native", "bookinfo", shaped=fixture(FIXTURES / "cni-native-sidecar-openshift.yaml")
+        )
+        sidecar = cluster.add_pod(node, "sidecar", "bookinfo", shaped=sidecar_pod_after_inject())
+        in_range = cluster.add_pod(node, "in-range", "bookinfo", shaped=posing_as_proxy(stock, APP_ID))
+        posing = cluster.add_pod(node, "posing", shaped=posing_as_proxy(stock, 2000))
+        controller = cluster.start_controller(node, ["--ignore-pod-overrides"])
+        controller.wait_ready()
+        cluster.wait_initialized([native, sidecar, in_range, posing], 30, controller.log)
+
+        for pod in (native, sidecar):
+            passed = validate(pod, validator, OPENSHIFT_ID, OPENSHIFT_ID, 5.0)
+            assert passed.returncode == 0, (pod.name, passed.stdout, passed.stderr)
+
+        server.add(node.node, "remote", REMOTE_PORT, bind6=None)
+        for pod in (native, sidecar, in_range, posing):
+            server.add(pod.netns, "envoy-out", 15001, bind6=None)
+        server.start()
+        for pod in (native, sidecar):
+            assert outbound(pod, node.gateway, OPENSHIFT_ID, OPENSHIFT_ID) == "remote", pod.name
+            assert outbound(pod, node.gateway, APP_ID, APP_ID) == "envoy-out", pod.name
+        assert outbound(in_range, node.gateway, APP_ID, APP_ID) == "envoy-out"  # in the range, not its top
+        assert outbound(posing, node.gateway, 2000, 2000) == "envoy-out"  # the app posing as the proxy
+        assert outbound(posing, node.gateway, 1337, 1337) == "remote"  # the controller-wide proxy id applies
+
+        for pod, uid in ((in_range, APP_ID), (posing, 2000)):
+            wait_for(lambda p=pod: "PodOverrideIgnored" in cluster.reasons(p), 5, "override warning")
+            (warning,) = [e for e in cluster.events(pod) if e["reason"] == "PodOverrideIgnored"]
+            message = warning["message"]
+            assert "container istio-proxy securityContext.runAsUser" in message, message
+            assert "container istio-proxy securityContext.runAsGroup" in message, message
+            assert str(uid) not in message  # our names of the fields, never the pod's values
+        for pod in (native, sidecar):
+            assert "PodOverrideIgnored" not in cluster.reasons(pod)
+        assert controller.terminate() == 0

@@ -21,6 +21,7 @@ from ..errors import ControllerError, shown
 from ..rules import iptables, nftables, plan
 from ..settings.downward import read_annotations
 from ..settings.istio import pod_spec
+from ..settings.proxyids import ProxyIdGate
 from ..settings.spec import InterceptionMode, InterceptSpec, IPv6Policy, build_spec
 from . import exitcodes
 from .failures import fail, fail_with
@@ -278,9 +279,9 @@ def verify(
         )
     pod: dict[str, Any] | None = None
     if pod_ref is not None:
-        pod, controller_defaults = _fetch_pod(pod_ref, kubeconfig, controller_namespace)
+        pod, controller_defaults, gate = _fetch_pod(pod_ref, kubeconfig, controller_namespace)
         given = {name: value for name, value in settings.items() if value is not None}
-        spec = _spec_from(pod, {**controller_defaults, **given})
+        spec = _spec_from(pod, {**controller_defaults, **given}, gate)
     else:
         spec = _parsed_spec(annotations_file, settings)
     where, drift = target.run(dataplane.verify, spec, pod=pod)
@@ -295,20 +296,22 @@ def verify(
     raise SystemExit(exitcodes.DRIFT)
 
 
-def _spec_from(pod: Mapping[str, Any], settings: Mapping[str, str | None]) -> InterceptSpec:
-    """The pod's spec as the controller builds it (settings.istio), over these defaults."""
+def _spec_from(
+    pod: Mapping[str, Any], settings: Mapping[str, str | None], gate: ProxyIdGate | None = None
+) -> InterceptSpec:
+    """The pod's spec as the controller builds it (settings.istio), over these defaults, with its gate."""
     defaults = {name: value for name, value in settings.items() if value is not None}
     try:
-        return pod_spec(pod, defaults, default_source=source_name)
+        return pod_spec(pod, defaults, default_source=source_name, gate=gate)
     except ControllerError as exc:
         fail_with(exc)
 
 
 def _fetch_pod(
     ref: str, kubeconfig: str | None, controller_namespace: str
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The pod (with only the annotations that controller honours), and the spec defaults of the controller
-    pod on its node (none found: no defaults)."""
+) -> tuple[dict[str, Any], dict[str, str], ProxyIdGate | None]:
+    """The pod, the spec defaults of the controller pod on its node (none found: no defaults), and the gate
+    that controller reads the pod with (--ignore-pod-overrides; None: it honours every override)."""
     from ..controller.kubeconfig import KubeconfigError, find
     from ..diagnose.cluster import Cluster, ClusterError
     from ..diagnose.explain import controller_settings
@@ -327,14 +330,13 @@ def _fetch_pod(
             pod = cluster.pod(namespace, name)
             node = str((pod.get("spec") or {}).get("nodeName") or "")
             controllers = cluster.controller_pods(controller_namespace, node) if node else []
+            ctl = controller_settings(controllers[0], flag_name, env_name) if controllers else None
+            ns = cluster.namespace(namespace) if ctl is not None and ctl.ignore_pod_overrides else None
     except ClusterError as exc:
         fail(str(exc), KIND_CODES.get(exc.kind, exitcodes.UNREACHABLE))
-    if not controllers:
-        return pod, {}
-    ctl = controller_settings(controllers[0], flag_name, env_name)
-    meta = pod.get("metadata") or {}
-    honoured = ctl.pod_annotations({str(k): str(v) for k, v in (meta.get("annotations") or {}).items()})
-    return {**pod, "metadata": {**meta, "annotations": honoured}}, ctl.defaults
+    if ctl is None:
+        return pod, {}, None
+    return pod, ctl.defaults, ctl.gate(ns)
 
 
 @rules.command()

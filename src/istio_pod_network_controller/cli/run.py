@@ -166,8 +166,10 @@ def _spec_options(func: F) -> F:
 @click.option(
     "--ignore-pod-overrides/--no-ignore-pod-overrides",
     default=False,
-    help="ignore the pods' envoy-userid, envoy-groupid, ipv6 and outbound-owner-groups(-exclude) "
-    "annotations (Warning Event PodOverrideIgnored); the controller-wide values apply",
+    help="ignore the pods' ipv6 and owner-group annotations, and a proxy uid/gid from the pod (envoy-userid, "
+    "envoy-groupid, istio-proxy's runAsUser/runAsGroup, istio-init's -u/-g) unless Istio's injector would "
+    "pick it for the namespace or it is --proxy-uid/--proxy-gid (Warning Event PodOverrideIgnored); the "
+    "controller-wide values apply",
 )
 @click.option(
     "--confine/--no-confine",

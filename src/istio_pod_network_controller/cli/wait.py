@@ -95,8 +95,9 @@ def _common(delay_default: float) -> Callable[[F], F]:
                 "--ignore-pod-overrides",
                 is_flag=True,
                 envvar=env_name("ignore_pod_overrides"),
-                help="Ignore the pod's envoy-userid, envoy-groupid and ipv6 annotations, as a controller run "
-                "with the same flag does.",
+                help="Ignore the pod's ipv6 and owner-group annotations, and its envoy-userid/envoy-groupid "
+                "unless they are the waiter's own uid/gid or --proxy-uid/--proxy-gid, to agree with a "
+                "controller run with the same flag.",
             ),
             click.option("-v", "--verbose", is_flag=True, help="Debug lines (first probe timestamp...)."),
         ]

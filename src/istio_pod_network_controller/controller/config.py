@@ -53,7 +53,8 @@ class ControllerConfig:
     spec_defaults: Mapping[str, Given] = field(default_factory=dict)
     """Controller-wide settings, each with the flag or variable it came from (named in every refusal)."""
     ignore_pod_overrides: bool = False
-    """Drop the pods' annotations.GATEABLE_OVERRIDES: the controller-wide values apply to every pod."""
+    """Drop the pods' annotations.GATEABLE_OVERRIDES and every proxy id settings.proxyids does not admit:
+    the controller-wide values apply instead."""
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 25.0

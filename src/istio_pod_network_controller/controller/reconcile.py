@@ -29,7 +29,8 @@ from ..dataplane.netns import NetnsId, PinnedNetns
 from ..errors import DataplaneError, SpecError
 from ..rules.foreign import Bypass
 from ..settings import annotations as ann
-from ..settings.istio import cidr_notices, pod_spec, with_annotations
+from ..settings.istio import cidr_notices, ignored_overrides, pod_spec
+from ..settings.proxyids import ProxyIdGate, controller_gate
 from ..settings.spec import InterceptSpec
 from . import events as ev
 from . import selection
@@ -192,20 +193,21 @@ class Reconciler:
 
     # -- the pass ------------------------------------------------------------------------------------------
 
-    def ignored_overrides(self, view: PodView) -> tuple[str, ...]:
-        """The pod's gateable overrides this controller was told to ignore (--ignore-pod-overrides)."""
+    def gate(self, view: PodView) -> ProxyIdGate | None:
+        """--ignore-pod-overrides for this pod: the proxy ids Istio's injector picks for its namespace (from
+        the namespace cache, which start-up fills before any pod is judged) or the controller's."""
         if not self.config.ignore_pod_overrides:
-            return ()
-        return tuple(key for key in ann.GATEABLE_OVERRIDES if key in view.annotations)
+            return None
+        ns = self.namespaces.get(view.namespace) or {}
+        notes = (ns.get("metadata") or {}).get("annotations")
+        return controller_gate(notes if isinstance(notes, dict) else None, self.config.spec_defaults)
 
     def plan(self, view: PodView, state: PodState, flags: frozenset[str]) -> Action:
         """The pure decision, fed from the cache and this process's memory of the pod."""
         verdict = self.select(view.raw)
-        ignored = self.ignored_overrides(view)
-        annotations = {k: v for k, v in view.annotations.items() if k not in ignored}
         spec: InterceptSpec | SpecError
         try:
-            spec = pod_spec(with_annotations(view.raw, annotations), self.config.spec_defaults)
+            spec = pod_spec(view.raw, self.config.spec_defaults, gate=self.gate(view))
         except SpecError as exc:
             spec = exc
         wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
@@ -226,13 +228,14 @@ class Reconciler:
         view = PodView.of(pod)
         plog = PodLogger(log, view, self.recorder)
         action = self.plan(view, state, flags)
-        ignored = self.ignored_overrides(view)
+        ignored = ignored_overrides(view.raw, self.gate(view))
         if ignored and not isinstance(action, Skip | Warn):
-            # Only our own key names reach the Event, never the pod's values.
+            # Only our own names of the fields reach the Event, never the pod's values.
             plog.warn_event(
                 ev.OVERRIDE_IGNORED,
-                f"annotations {', '.join(ignored)} ignored (controller flag --ignore-pod-overrides); "
-                "the controller-wide proxy identity and IPv6 policy apply",
+                f"{', '.join(ignored)} ignored (controller flag --ignore-pod-overrides): a pod's proxy "
+                "uid/gid counts only as Istio's injector picks it for the namespace or as the "
+                "controller's; the controller-wide proxy identity, IPv6 policy and owner groups apply",
             )
         if isinstance(action, Verify | Apply):
             for notice in cidr_notices(view.annotations):

@@ -17,7 +17,8 @@ from ..controller.config import LEGACY_SPEC_FLAGS
 from ..controller.decision import candidate_digests
 from ..errors import SpecError
 from ..settings import annotations as ann
-from ..settings.istio import istio_defaults, istio_values, pod_spec, with_annotations
+from ..settings.istio import honoured_annotations, istio_defaults, istio_values, pod_spec
+from ..settings.proxyids import ProxyIdGate, controller_gate
 from ..settings.spec import SETTINGS, Given, InterceptSpec
 from . import DEFAULT_CONTROLLER_NAMESPACE
 
@@ -72,12 +73,15 @@ class ControllerSettings:
     """Spec setting name -> "flag --x" / "env IPNC_X"."""
     selection: selection.SelectionOptions = field(default_factory=selection.SelectionOptions)
     ignore_pod_overrides: bool = False
-    """`run --ignore-pod-overrides`: the pods' annotations.GATEABLE_OVERRIDES do not count."""
+    """`run --ignore-pod-overrides`: the pods' annotations.GATEABLE_OVERRIDES and proxy ids count only as
+    settings.proxyids admits them."""
 
-    def pod_annotations(self, annotations: Mapping[str, str]) -> dict[str, str]:
-        """The annotations this controller reads from a pod."""
-        ignored = ann.GATEABLE_OVERRIDES if self.ignore_pod_overrides else ()
-        return {k: v for k, v in annotations.items() if k not in ignored}
+    def gate(self, namespace: Obj | None) -> ProxyIdGate | None:
+        """The gate this controller reads a pod of that namespace with (None: it honours every override)."""
+        if not self.ignore_pod_overrides:
+            return None
+        notes = ((namespace or {}).get("metadata") or {}).get("annotations")
+        return controller_gate(notes if isinstance(notes, Mapping) else None, self.defaults)
 
 
 def _args(container: Obj) -> dict[str, str | None]:
@@ -287,12 +291,12 @@ def explain(
     spec_error: str | None = None
     settings: tuple[SettingView, ...] = ()
     expected: tuple[str, ...] = ()
-    honoured = ctl.pod_annotations(annotations)
+    gate = ctl.gate(namespace)
+    honoured = honoured_annotations(pod, gate)
     try:
-        gated = with_annotations(pod, honoured)
-        below_flags = {k: v for k, v in istio_defaults(gated).items() if k not in ctl.sources}
-        from_pod = {**below_flags, **istio_values(gated)}
-        spec = pod_spec(gated, ctl.defaults, default_source=lambda n: ctl.sources.get(n, n))
+        below_flags = {k: v for k, v in istio_defaults(pod).items() if k not in ctl.sources}
+        from_pod = {**below_flags, **istio_values(pod, gate)}
+        spec = pod_spec(pod, ctl.defaults, default_source=lambda n: ctl.sources.get(n, n), gate=gate)
     except SpecError as exc:
         spec_error = safe(exc)
     else:

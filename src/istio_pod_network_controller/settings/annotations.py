@@ -49,8 +49,7 @@ GATEABLE_OVERRIDES: Final = (
 )
 """Per-pod overrides outside Istio's `traffic.sidecar.istio.io/*` prefix that switch capture off for the app
 (its own uid or gid as the proxy's, IPv6 blocked instead of captured, its gid left out of the owner
-groups); `run --ignore-pod-overrides` drops
-them."""
+groups); `run --ignore-pod-overrides` drops them, but for a proxy id settings.proxyids admits."""
 SPEC_DIGEST: Final = "pod-network-controller.istio.io/spec-digest"
 """Written with STATUS: InterceptSpec.fingerprint() of the rules applied, so a changed spec is noticed."""
 

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from ..errors import SpecError, shown
 from . import annotations as ann
+from .proxyids import ProxyIdGate, gate_annotations
 from .spec import (
     HBONE_PORT,
     SETTINGS_BY_NAME,
@@ -355,8 +356,9 @@ def cni_mode(pod: Obj) -> bool:
     )
 
 
-def istio_values(pod: Obj) -> dict[str, Given]:
-    """{setting: Given}: what Istio's own tools would read from this pod outside its annotations."""
+def istio_values(pod: Obj, gate: ProxyIdGate | None = None) -> dict[str, Given]:
+    """{setting: Given}: what Istio's own tools would read from this pod outside its annotations; with a
+    gate (--ignore-pod-overrides), without the proxy ids it does not admit."""
     istio_init = _named(pod, ann.ISTIO_INIT_CONTAINER)
     proxy = _named(pod, ISTIO_PROXY)
     if istio_init is not None:
@@ -366,6 +368,8 @@ def istio_values(pod: Obj) -> dict[str, Given]:
     notes = annotations_of(pod)
     if ann.STATUS_PORT in notes and not cni_mode(pod):
         values["status_port"] = Given(notes[ann.STATUS_PORT], f"annotation {ann.STATUS_PORT}")
+    if gate is not None:
+        values = {name: given for name, given in values.items() if gate.admits(name, given.value)}
     return values
 
 
@@ -382,25 +386,40 @@ def annotations_of(pod: Obj) -> dict[str, str]:
     return {str(k): str(v) for k, v in (notes or {}).items()} if isinstance(notes, Mapping) else {}
 
 
-def with_annotations(pod: Obj, annotations: Mapping[str, str]) -> Obj:
-    """The pod as read with these annotations instead of its own (a controller that ignores some keys)."""
-    meta = pod.get("metadata")
-    return {
-        **pod,
-        "metadata": {**(meta if isinstance(meta, Mapping) else {}), "annotations": dict(annotations)},
-    }
+def honoured_annotations(pod: Obj, gate: ProxyIdGate | None) -> dict[str, str]:
+    """The pod's annotations a reader with this gate counts (all of them without one)."""
+    notes = annotations_of(pod)
+    return notes if gate is None else gate_annotations(notes, gate)[0]
+
+
+def ignored_overrides(pod: Obj, gate: ProxyIdGate | None) -> tuple[str, ...]:
+    """What the gate made a reader ignore, in our words (the annotation key, the container field, the
+    istio-init flag), never the pod's values. A pod Istio's reading refuses names only annotations here: it
+    is refused as a whole anyway."""
+    if gate is None:
+        return ()
+    ignored = [f"annotation {key}" for key in gate_annotations(annotations_of(pod), gate)[1]]
+    try:
+        read = istio_values(pod)
+    except SpecError:
+        read = {}
+    ignored += [given.source for name, given in read.items() if not gate.admits(name, given.value)]
+    return tuple(ignored)
 
 
 def pod_spec(
     pod: Obj,
     defaults: Mapping[str, str | Given] | None = None,
     default_source: Callable[[str], str] | None = None,
+    gate: ProxyIdGate | None = None,
 ) -> InterceptSpec:
-    """The pod's spec: its annotations over what Istio reads from it, over the controller's defaults."""
-    layered: dict[str, str | Given] = {**istio_defaults(pod), **(defaults or {}), **istio_values(pod)}
+    """The pod's spec: its annotations over what Istio reads from it, over the controller's defaults; a
+    gate (--ignore-pod-overrides) drops what the pod says that it does not admit, so the defaults apply."""
+    layered: dict[str, str | Given] = {**istio_defaults(pod), **(defaults or {}), **istio_values(pod, gate)}
+    notes = honoured_annotations(pod, gate)
     if default_source is None:
-        return build_spec(annotations_of(pod), layered)
-    return build_spec(annotations_of(pod), layered, default_source)
+        return build_spec(notes, layered)
+    return build_spec(notes, layered, default_source)
 
 
 def cidr_notices(annotations: Mapping[str, str]) -> tuple[str, ...]:

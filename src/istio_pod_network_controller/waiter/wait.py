@@ -25,6 +25,7 @@ from ..errors import ControllerError, DownwardAPIError, SpecError
 from ..settings import annotations as ann
 from ..settings.addresses import has_global_ipv6
 from ..settings.downward import MAX_FILE_BYTES, parse_annotations
+from ..settings.proxyids import gate_annotations, waiter_gate
 from ..settings.spec import InterceptSpec, build_spec
 from . import exitcodes
 from .blockprobe import BlockedProbe
@@ -70,7 +71,8 @@ class Config:
     defaults: Mapping[str, str] = field(default_factory=dict)
     """Controller-default settings (Setting.name -> raw text) from flags/environment."""
     ignore_pod_overrides: bool = False
-    """As the controller's flag: the pod's annotations.GATEABLE_OVERRIDES do not count."""
+    """As the controller's flag: the pod's annotations.GATEABLE_OVERRIDES do not count, but for proxy ids
+    settings.proxyids.waiter_gate admits (the ids injection runs the waiter as; on OpenShift, the range's)."""
     default_source: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")
 
 
@@ -108,14 +110,19 @@ def read_file(path: str) -> FileState:
         raise Failure(exitcodes.BAD_FILE, f"annotations file {path}: {exc}") from None
 
 
-def resolve_spec(config: Config, annotations: Mapping[str, str]) -> InterceptSpec:
-    """Flags first on their own (a bad flag is a usage error), then the pod's annotations on top."""
+def resolve_spec(
+    config: Config, annotations: Mapping[str, str], euid: int | None = None, egid: int | None = None
+) -> InterceptSpec:
+    """Flags first on their own (a bad flag is a usage error), then the pod's annotations on top; under
+    --ignore-pod-overrides the proxy ids the waiter's own uid/gid or the flags name (settings.proxyids)."""
     try:
         build_spec({}, config.defaults, config.default_source)
     except SpecError as exc:
         raise Failure(exitcodes.USAGE, f"invalid setting: {exc}") from None
     if config.ignore_pod_overrides:
-        annotations = {k: v for k, v in annotations.items() if k not in ann.GATEABLE_OVERRIDES}
+        euid = os.geteuid() if euid is None else euid
+        egid = os.getegid() if egid is None else egid
+        annotations = gate_annotations(annotations, waiter_gate(euid, egid, config.defaults))[0]
     try:
         return build_spec(annotations, config.defaults, config.default_source)
     except SpecError as exc:
@@ -279,7 +286,7 @@ class Waiter:
         self.state = read_file(cfg.file)
         if not self.state.present:
             self.log(f"annotations file {cfg.file} is missing: using flag and built-in defaults")
-        spec = resolve_spec(cfg, self.state.annotations)
+        spec = resolve_spec(cfg, self.state.annotations, self.euid, self.egid)
         plan = plan_probe(spec, self.euid, self.egid, self.global_ipv6())
         self.plan = plan
         self.debug(f"spec {spec.describe()}")
