@@ -190,7 +190,16 @@ def test_apply_by_pid_narrows_dns_capture_to_that_process_nameservers(netns_name
         (etc / "resolv.conf").write_text("nameserver 192.0.2.53\n")
         sleeper = subprocess.Popen(["ip", "netns", "exec", netns_name, "sleep", "120"])
         wait_for_netns(sleeper.pid, netns_name)
-        target = ["--pid", str(sleeper.pid), "--backend", "legacy", "--capture-dns", "true"]
+        # --allow-host-netns: PID 1's namespace cannot be read here, so a bare --pid is refused (fail closed)
+        target = [
+            "--pid",
+            str(sleeper.pid),
+            "--allow-host-netns",
+            "--backend",
+            "legacy",
+            "--capture-dns",
+            "true",
+        ]
         applied = cli("apply", *target)
         assert applied.returncode == 0, applied.stderr
         saved = subprocess.run(

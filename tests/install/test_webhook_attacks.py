@@ -65,8 +65,13 @@ class Replica:
 
     def sockets(self) -> int:
         """Open sockets of the replica (its connections and a few of its own)."""
-        fds = Path(f"/proc/{self.process.pid}/fd")
-        return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+        count = 0
+        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
+            try:
+                count += os.readlink(fd).startswith("socket:")
+            except FileNotFoundError:  # closed between the listing and the read
+                continue
+        return count
 
     def alive(self) -> bool:
         return self.process.poll() is None and self.group.oom_kills() == 0

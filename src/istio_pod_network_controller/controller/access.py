@@ -13,6 +13,7 @@ from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import SingleConfig
 
 from ..dataplane.apply import BackendChoice
+from ..errors import ControllerError
 from .preflight import Access, ApiProblem, Check, Report, decide_access, local_checks
 from .wire import BadResponse, bounded_body, parse_access_review, show
 
@@ -40,7 +41,9 @@ async def probe_access(
         await client.aclose()
 
 
-class _Refused(Exception):
+class _Refused(ControllerError):
+    """An access review the API server answered with an error: carries the problem to report."""
+
     def __init__(self, problem: ApiProblem) -> None:
         super().__init__(problem.message)
         self.problem = problem
