@@ -28,6 +28,7 @@ SCRIPTS = [
     "recovery_bench.py",
     "localapi_bench.py",
     "many_nodes_bench.py",
+    "realnode_bench.py",
     "soak_report.py",
 ]
 

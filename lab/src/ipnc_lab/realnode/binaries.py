@@ -35,7 +35,8 @@ def requested() -> bool:
 
 
 def locate(workdir: Path) -> Binaries:
-    """The binaries from $IPNC_REALNODE_BIN (a directory), else $IPNC_REALNODE_ARCHIVE unpacked into `workdir`."""
+    """The binaries from $IPNC_REALNODE_BIN (a directory), else from $IPNC_REALNODE_ARCHIVE unpacked into
+    `workdir`."""
     directory = os.environ.get(BIN_VARIABLE)
     archive = os.environ.get(ARCHIVE_VARIABLE)
     if directory:
@@ -49,8 +50,8 @@ def locate(workdir: Path) -> Binaries:
             tar.extractall(source, filter="data")
     else:
         raise RealNodeUnavailable(
-            f"set {BIN_VARIABLE}=DIR or {ARCHIVE_VARIABLE}=FILE.tar.xz (kube-apiserver, kube-controller-manager,"
-            " kubelet and etcd of 1.30 or newer, and a pause image archive *pause*.tar)"
+            f"set {BIN_VARIABLE}=DIR or {ARCHIVE_VARIABLE}=FILE.tar.xz (kube-apiserver, "
+            "kube-controller-manager, kubelet and etcd of 1.30 or newer, and a pause image *pause*.tar)"
         )
     missing = [n for n in NAMES if not os.access(source / n, os.X_OK)]
     if missing:

@@ -87,7 +87,9 @@ class KubeAPI:
 
     def watch_pods(self, namespace: str, deadline: float, **params: str) -> Iterator[tuple[float, Obj]]:
         """(arrival time.monotonic(), event) for the pods of `namespace` until `deadline` (monotonic)."""
-        query = urlencode({**params, "watch": "1", "timeoutSeconds": str(max(1, int(deadline - time.monotonic())))})
+        query = urlencode(
+            {**params, "watch": "1", "timeoutSeconds": str(max(1, int(deadline - time.monotonic())))}
+        )
         conn = self._connection(max(1.0, deadline - time.monotonic()) + 5)
         try:
             conn.request("GET", f"/api/v1/namespaces/{quote(namespace)}/pods?{query}")

@@ -1,5 +1,5 @@
-"""The node's pod network: a bridge of its own with a pod subnet and a service subnet nobody else routes, and a
-TCP relay standing in for kube-proxy for the `kubernetes` Service (pods reach the API server through it).
+"""The node's pod network: a bridge of its own with a pod subnet and a service subnet nobody else
+routes, and a TCP relay standing in for kube-proxy for the `kubernetes` Service (the pods' way to the API).
 
 Only the bridge gets addresses; pods get no default route (only the service subnet, via the bridge), there is
 no NAT and no forwarding change: everything stays on this machine.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import random
+import secrets
 import socket
 import subprocess
 import threading
@@ -56,9 +56,9 @@ def choose_subnets() -> Subnets:
     parallel runs pick different ones)."""
     used = _used_networks()
     for _ in range(200):
-        base = ipaddress.ip_network(f"10.{random.randint(64, 127)}.{random.randrange(0, 256, 2)}.0/23")
+        base = ipaddress.ip_network(f"10.{64 + secrets.randbelow(64)}.{2 * secrets.randbelow(128)}.0/23")
         if not any(base.overlaps(n) for n in used):
-            pods, services = base.subnets(new_prefix=24)
+            pods, services = (ipaddress.IPv4Network(n) for n in base.subnets(new_prefix=24))
             return Subnets(pods, services)
     raise RuntimeError("no free /23 in 10.64.0.0/10 for the node's pods and services")
 
@@ -72,8 +72,14 @@ def free_port() -> int:
 
 
 def add_bridge(name: str, subnets: Subnets) -> None:
-    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
-    subprocess.run(["ip", "addr", "add", f"{subnets.gateway}/{subnets.pods.prefixlen}", "dev", name], check=True)
+    """The bridge with a MAC address of its own: left unset, a bridge takes the lowest MAC of its ports, so it
+    changes as pods come and go and the pods' neighbour entries for their gateway go stale (their traffic to
+    the node, the API relay included, is then dropped until they resolve it again)."""
+    mac = "02:" + ":".join(f"{secrets.randbelow(256):02x}" for _ in range(5))
+    subprocess.run(["ip", "link", "add", name, "address", mac, "type", "bridge"], check=True)
+    subprocess.run(
+        ["ip", "addr", "add", f"{subnets.gateway}/{subnets.pods.prefixlen}", "dev", name], check=True
+    )
     subprocess.run(["ip", "addr", "add", f"{subnets.api_service_ip}/32", "dev", name], check=True)
     subprocess.run(["ip", "link", "set", name, "up"], check=True)
 

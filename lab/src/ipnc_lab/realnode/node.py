@@ -9,6 +9,7 @@ kernel settings the kubelet changed. `leftovers()` says what, if anything, survi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import yaml
 
@@ -25,11 +27,13 @@ from .binaries import Binaries, locate
 from .kubeapi import KubeAPI, wait_for
 from .pki import PKI
 from .processes import Managed, kill_pids, pids_with_argument
+from .workloads import netns_rules
 
 CGROUP_BASE = Path("/sys/fs/cgroup")
 CNI_CACHE = Path("/var/lib/cni/results")
 #: what the kubelet sets when protectKernelDefaults is false; put back as they were
 KERNEL_SETTINGS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops")
+_T = TypeVar("_T")
 KUBE_CONTROLLERS = "daemonset,serviceaccount,root-ca-cert-publisher,namespace,garbagecollector,podgc"
 
 
@@ -49,9 +53,22 @@ class RealNode:
         self._kernel: dict[str, str] = {}
         self._netns: set[str] = set()
         self._bridge_made = False
-        self.binaries: Binaries | None = None
-        self.pki: PKI | None = None
-        self.api: KubeAPI | None = None
+        self._binaries: Binaries | None = None
+        self._pki: PKI | None = None
+        self._api: KubeAPI | None = None
+
+    @property
+    def binaries(self) -> Binaries:
+        return _started(self._binaries)
+
+    @property
+    def pki(self) -> PKI:
+        return _started(self._pki)
+
+    @property
+    def api(self) -> KubeAPI:
+        """The admin's client."""
+        return _started(self._api)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -70,7 +87,7 @@ class RealNode:
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.binaries = locate(self.workdir)
+        self._binaries = locate(self.workdir)
         self._write_pki()
         self._start_control_plane()
         self._configure_node()
@@ -86,7 +103,7 @@ class RealNode:
 
     def close(self) -> None:
         """Remove everything this node made; safe to call twice and after a partial start."""
-        if self.api is not None and self._procs.get("kubelet") and self._procs["kubelet"].running():
+        if self._api is not None and self._procs.get("kubelet") and self._procs["kubelet"].running():
             self._drain()
         for name in ("kubelet",):
             self._stop(name)
@@ -127,7 +144,7 @@ class RealNode:
     # -- control plane ------------------------------------------------------------------------------------
 
     def _write_pki(self) -> None:
-        pki = self.pki = PKI(self.workdir / "pki")
+        pki = self._pki = PKI(self.workdir / "pki")
         gateway, service = self.subnets.gateway, self.subnets.api_service_ip
         api_names = ("127.0.0.1", service, "localhost", "kubernetes", "kubernetes.default",
                      "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")  # fmt: skip
@@ -136,12 +153,13 @@ class RealNode:
         pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", organization="system:masters")
         pki.issue("kubelet-client", f"system:node:{self.name}", organization="system:nodes")
         pki.issue("kubelet-server", self.name, server_names=(gateway, self.name))
-        self.api = KubeAPI(self.ports["api"], pki.ca, pki.directory / "admin.crt", pki.directory / "admin.key")
+        self._api = KubeAPI(
+            self.ports["api"], pki.ca, pki.directory / "admin.crt", pki.directory / "admin.key"
+        )
         for user, cert in (("admin", "admin"), ("kubelet", "kubelet-client")):
             self._kubeconfig(self.workdir / f"{user}.kubeconfig", cert)
 
     def _kubeconfig(self, path: Path, cert: str) -> None:
-        assert self.pki is not None
         d = self.pki.directory
         config = {
             "apiVersion": "v1",
@@ -166,7 +184,6 @@ class RealNode:
             proc.stop()
 
     def _start_control_plane(self) -> None:
-        assert self.binaries is not None and self.pki is not None and self.api is not None
         b, d, p = self.binaries, self.pki.directory, self.ports
         etcd = self._launch("etcd", [str(b["etcd"]), "--data-dir", str(self.workdir / "etcd"),
                                      "--client-url", f"http://127.0.0.1:{p['etcd']}",
@@ -187,7 +204,7 @@ class RealNode:
             f"--kubelet-certificate-authority={self.pki.ca}",
             "--kubelet-preferred-address-types=InternalIP,Hostname", "--profiling=false",
         ])  # fmt: skip
-        wait_for("kube-apiserver ready", lambda: self._alive(apiserver) and self.api and self.api.ready(), 90)
+        wait_for("kube-apiserver ready", lambda: self._alive(apiserver) and self.api.ready(), 90)
         self._launch("kcm", [
             str(b["kube-controller-manager"]), f"--kubeconfig={self.workdir / 'admin.kubeconfig'}",
             "--bind-address=127.0.0.1", f"--secure-port={p['kcm']}", "--leader-elect=false",
@@ -204,7 +221,6 @@ class RealNode:
     # -- the node -----------------------------------------------------------------------------------------
 
     def _configure_node(self) -> None:
-        assert self.binaries is not None and self.pki is not None
         w, d = self.workdir, self.pki.directory
         for sub in ("containerd/root", "containerd/state", "cni/net.d", "cni/ipam", "kubelet/root", "podlogs",
                     "volume-plugins"):  # fmt: skip
@@ -291,11 +307,14 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
                 (own / "cpuset.mems").write_text((hierarchy / "cpuset.mems").read_text())
 
     def start_containerd(self) -> None:
-        self._launch("containerd", ["containerd", "--config", str(self.workdir / "containerd" / "config.toml")])
-        wait_for("containerd's socket", lambda: self._alive(self._procs["containerd"]) and self.socket.exists(), 30)
+        self._launch(
+            "containerd", ["containerd", "--config", str(self.workdir / "containerd" / "config.toml")]
+        )
+        wait_for(
+            "containerd's socket", lambda: self._alive(self._procs["containerd"]) and self.socket.exists(), 30
+        )
 
     def start_kubelet(self) -> None:
-        assert self.binaries is not None
         w = self.workdir
         self._launch("kubelet", [
             str(self.binaries["kubelet"]), f"--config={w / 'kubelet' / 'config.yaml'}",
@@ -308,20 +327,25 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
         self._stop("kubelet")
 
     def reboot(self) -> None:
-        """What a node reboot does to pods: kubelet and containerd stop, every container dies; both start again."""
+        """What a node reboot does to pods: kubelet and containerd stop, every container dies; both start
+        again."""
         self.stop_kubelet()
         self._stop_runtime()
         self.start_containerd()
         self.start_kubelet()
 
     def node_ready(self) -> bool:
-        assert self.api is not None
         try:
             node = self.api.get(f"/api/v1/nodes/{self.name}")
         except Exception:
             return False
         conditions = node.get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def host_rules(self) -> str:
+        """The node's own netfilter rules, read (never written) through the namespace of this run's etcd: a
+        process known to be the node's, never restarted by any scenario."""
+        return netns_rules(self._procs["etcd"].pid)
 
     def ctr(self, *args: str) -> str:
         done = subprocess.run(["ctr", "--address", str(self.socket), "-n", "k8s.io", *args],
@@ -335,15 +359,16 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
 
     def _drain(self) -> None:
         """Delete every pod through the API so that the kubelet tears the sandboxes down the normal way."""
-        assert self.api is not None
         try:
             for ns in self.api.get("/api/v1/namespaces")["items"]:
                 name = ns["metadata"]["name"]
                 self.api.request("DELETE", f"/apis/apps/v1/namespaces/{name}/daemonsets", timeout=10)
                 for pod in self.api.pods(name):
                     self.api.delete(f"/api/v1/namespaces/{name}/pods/{pod['metadata']['name']}", grace=0)
-            wait_for("the kubelet to remove every sandbox", lambda: not self._sandboxes(), timeout=60, interval=0.5)
-        except Exception:  # noqa: BLE001 - the forceful path below removes whatever is left
+            wait_for(
+                "the kubelet to remove every sandbox", lambda: not self._sandboxes(), timeout=60, interval=0.5
+            )
+        except Exception:
             return
 
     def _sandboxes(self) -> list[str]:
@@ -363,11 +388,10 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
         """Kill every container of this node, then containerd and its shims (by this run's socket path)."""
         containerd = self._procs.get("containerd")
         if containerd is not None and containerd.running():
-            try:
-                self._netns.update(p for p in self._sandboxes() if p.startswith("/var/run/netns/") or
-                                   p.startswith("/run/netns/"))  # fmt: skip
-            except (subprocess.SubprocessError, OSError):
-                pass
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self._netns.update(
+                    p for p in self._sandboxes() if p.startswith(("/var/run/netns/", "/run/netns/"))
+                )
         kill_pids(self._cgroup_pids())
         self._stop("containerd")
         kill_pids(pids_with_argument(str(self.socket)))
@@ -377,7 +401,9 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
 
     def _cgroup_pids(self) -> list[int]:
         pids: set[int] = set()
-        for procs in (p for own in CGROUP_BASE.glob(f"*/{self.cgroup_root}") for p in own.rglob("cgroup.procs")):
+        for procs in (
+            p for own in CGROUP_BASE.glob(f"*/{self.cgroup_root}") for p in own.rglob("cgroup.procs")
+        ):
             try:
                 pids.update(int(p) for p in procs.read_text().split())
             except OSError:
@@ -399,9 +425,17 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
 
     def _remove_cgroups(self) -> None:
         for own in CGROUP_BASE.glob(f"*/{self.cgroup_root}"):
-            children = sorted((p for p in own.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+            children = sorted(
+                (p for p in own.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            )
             for directory in [*children, own]:
                 try:
                     directory.rmdir()
                 except OSError:
                     continue  # still busy: leftovers() reports it
+
+
+def _started(value: _T | None) -> _T:
+    if value is None:
+        raise RuntimeError("the real node is not started")
+    return value

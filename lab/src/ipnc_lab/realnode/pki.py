@@ -72,7 +72,8 @@ class PKI:
         organization: str | None = None,
         server_names: tuple[str, ...] = (),
     ) -> tuple[Path, Path]:
-        """A leaf certificate: a server's when `server_names` (IPs or DNS names) are given, else a client's."""
+        """A leaf certificate: a server's when `server_names` (IPs or DNS names) are given, else a
+        client's."""
         attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
         if organization:
             attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))

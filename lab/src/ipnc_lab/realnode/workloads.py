@@ -67,11 +67,13 @@ def deploy_controller(api: KubeAPI, node: str, service_ca: str, values: dict[str
 
 
 def set_controller_label(api: KubeAPI, node: str, *, on: bool) -> None:
-    api.merge_patch(f"/api/v1/nodes/{node}", {"metadata": {"labels": {CONTROLLER_LABEL: "on" if on else None}}})
+    api.merge_patch(
+        f"/api/v1/nodes/{node}", {"metadata": {"labels": {CONTROLLER_LABEL: "on" if on else None}}}
+    )
 
 
 class Binder:
-    """Stand-in for kube-scheduler: binds the controller's pending DaemonSet pods to the node (pods/binding)."""
+    """Stand-in for kube-scheduler: binds the controller's pending DaemonSet pods to the node."""
 
     def __init__(self, api: KubeAPI, node: str) -> None:
         self._api, self._node = api, node
@@ -86,9 +88,16 @@ class Binder:
                     if pod["spec"].get("nodeName"):
                         continue
                     name = pod["metadata"]["name"]
-                    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                               "target": {"apiVersion": "v1", "kind": "Node", "name": self._node}}  # fmt: skip
-                    self._api.create(f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods/{name}/binding", binding)
+                    target = {"apiVersion": "v1", "kind": "Node", "name": self._node}
+                    binding = {
+                        "apiVersion": "v1",
+                        "kind": "Binding",
+                        "metadata": {"name": name},
+                        "target": target,
+                    }
+                    self._api.create(
+                        f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods/{name}/binding", binding
+                    )
             except (APIError, OSError):
                 continue
 
@@ -110,9 +119,11 @@ def pod_ready(pod: Obj) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def mesh_pod(name: str, namespace: str, node: str, *, native_sidecar: bool = False, image: str = DEFAULT_IMAGE) -> Obj:
-    """A pod as istiod's injector leaves it (istio-init, istio-proxy), then rewritten by the project's `inject`:
-    the waiter first, istio-init gone. The project's image stands in for the app and for Envoy."""
+def mesh_pod(
+    name: str, namespace: str, node: str, *, native_sidecar: bool = False, image: str = DEFAULT_IMAGE
+) -> Obj:
+    """A pod as istiod's injector leaves it (istio-init, istio-proxy), then rewritten by the project's
+    `inject`: the waiter first, istio-init gone. The project's image stands in for the app and for Envoy."""
     proxy: Obj = {"name": "istio-proxy", "image": image, "command": SLEEP,
                   "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}}  # fmt: skip
     init: Obj = {"name": ann.ISTIO_INIT_CONTAINER, "image": image, "args": ISTIO_INIT_ARGS,
@@ -131,9 +142,14 @@ def mesh_pod(name: str, namespace: str, node: str, *, native_sidecar: bool = Fal
     else:
         spec["containers"].append(proxy)
     metadata = {"name": name, "namespace": namespace, "annotations": {ann.SIDECAR_STATUS: INJECTED_STATUS}}
-    rewritten = rewrite_pod(metadata, spec, InjectOptions(image=image, controller_namespace=CONTROLLER_NAMESPACE,
-                                                            timeout=600))  # fmt: skip
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": rewritten.metadata, "spec": copy.deepcopy(rewritten.spec)}
+    options = InjectOptions(image=image, controller_namespace=CONTROLLER_NAMESPACE, timeout=600)
+    rewritten = rewrite_pod(metadata, spec, options)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": rewritten.metadata,
+        "spec": copy.deepcopy(rewritten.spec),
+    }
 
 
 def create_pod(api: KubeAPI, pod: Obj) -> Obj:
@@ -149,7 +165,7 @@ def app_running(pod: Obj) -> bool:
 
 
 def marked(pod: Obj) -> bool:
-    return pod["metadata"].get("annotations", {}).get(ann.STATUS) == ann.STATUS_INITIALIZED
+    return bool(pod["metadata"].get("annotations", {}).get(ann.STATUS) == ann.STATUS_INITIALIZED)
 
 
 # -- the kernel's side --------------------------------------------------------------------------------------
@@ -163,7 +179,9 @@ def sandbox_pid(pod_uid: str) -> int | None:
         if not entry.name.isdigit():
             continue
         try:
-            if (entry / "comm").read_text().strip() != "pause" or marker not in (entry / "cgroup").read_text():
+            if (entry / "comm").read_text().strip() != "pause" or marker not in (
+                entry / "cgroup"
+            ).read_text():
                 continue
             found.append((entry.stat().st_mtime, int(entry.name)))
         except OSError:
@@ -191,19 +209,25 @@ def istio_lines(rules: str) -> list[str]:
     return [line for line in rules.splitlines() if "ISTIO" in line or "istio_pod_network" in line]
 
 
+def captured_now(api: KubeAPI, namespace: str, names: list[str]) -> dict[str, Obj] | None:
+    """The pods by name when every named pod is marked, its app runs and Istio's rules are in its current
+    sandbox; None otherwise."""
+    pods = {p["metadata"]["name"]: p for p in api.pods(namespace)}
+    for name in names:
+        pod = pods.get(name)
+        if pod is None or not (marked(pod) and app_running(pod)):
+            return None
+        pid = sandbox_pid(pod["metadata"]["uid"])
+        if pid is None or not captured(netns_rules(pid)):
+            return None
+    return pods
+
+
 def wait_captured(api: KubeAPI, namespace: str, names: list[str], timeout: float) -> dict[str, Obj]:
-    """Every named pod marked, its app running and Istio's rules in its current sandbox; the pods by name."""
-
-    def done() -> dict[str, Obj] | None:
-        pods = {p["metadata"]["name"]: p for p in api.pods(namespace)}
-        for name in names:
-            pod = pods.get(name)
-            if pod is None or not (marked(pod) and app_running(pod)):
-                return None
-            pid = sandbox_pid(pod["metadata"]["uid"])
-            if pid is None or not captured(netns_rules(pid)):
-                return None
-        return pods
-
-    result: dict[str, Obj] = wait_for(f"{len(names)} pods captured in {namespace}", done, timeout, interval=0.5)
+    result: dict[str, Obj] = wait_for(
+        f"{len(names)} pods captured in {namespace}",
+        lambda: captured_now(api, namespace, names),
+        timeout,
+        0.5,
+    )
     return result
