@@ -68,7 +68,15 @@ def test_errors_are_one_clear_line_without_traceback(args: list[str], code: int,
     [
         (["apply", "--netns", "/nonexistent"], "cannot open network namespace /nonexistent"),
         (
-            ["find-netns", "--pod-uid", "0e0e0e0e-0000-4000-8000-000000000000"],
+            [
+                "find-netns",
+                "--pod-uid",
+                "0e0e0e0e-0000-4000-8000-000000000000",
+                "--pod-ip",
+                "10.9.0.9",
+                "--host-ip",
+                "10.9.0.254",
+            ],
             "no process in a cgroup of this pod",
         ),
     ],
@@ -127,7 +135,10 @@ def test_find_netns_with_a_proc_root(netns_name: str, tmp_path: Path) -> None:
     slice_name = f"kubepods-pod{uid.replace('-', '_')}.slice"
     (proc / "cgroup").write_text(f"0::/kubepods.slice/{slice_name}/cri-containerd-{'ab' * 32}.scope\n")
     (proc / "ns" / "net").symlink_to(f"/run/netns/{netns_name}")
-    done = cli("find-netns", "--pod-uid", uid, "--proc-root", str(tmp_path / "proc"))
+    (proc / "net").mkdir()
+    (proc / "net" / "fib_trie").write_text("Local:\n  |-- 10.9.0.9\n     /32 host LOCAL\n")
+    args = ["--pod-ip", "10.9.0.9", "--host-ip", "10.9.0.254", "--proc-root", str(tmp_path / "proc")]
+    done = cli("find-netns", "--pod-uid", uid, *args)
     assert done.returncode == 0, done.stderr
     inode = os.stat(f"/run/netns/{netns_name}").st_ino
     assert f"pod {uid}: net:[{inode}] via pid 4242 (container {'ab' * 32}" in done.stdout

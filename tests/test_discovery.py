@@ -39,6 +39,8 @@ UID_ = UID.replace("-", "_")
 CID = "a" * 63 + "1"
 CID2 = "b" * 63 + "2"
 STATIC_UID = "2d1b6a6c0c8f4cd2a3f8e7a1b6c9d0e1"
+NODE_IPS = ("10.250.255.254",)
+"""The node's IP as pods' status.hostIPs report it: a namespace holding it is the node's."""
 
 
 # --- pure parsers -----------------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ def test_cgroupfs_v2_pod_is_found_with_its_ips(node: Node) -> None:
     uid, cid, ns = new_uid(), new_cid(), node.netns()
     pid = node.spawn(ns, node.pod_cgroupfs(uid, cid))
 
-    with find_pod_netns(uid, pod_ips=[ns.v4, ns.v6.upper(), "10.99.99.99"]) as found:
+    with find_pod_netns(uid, pod_ips=[ns.v4, ns.v6.upper(), "10.99.99.99"], host_ips=NODE_IPS) as found:
         assert (found.pod_uid, found.pid, found.container_id) == (uid, pid, cid)
         assert_is(found, ns)
         assert found.matched_ips == tuple(sorted([ns.v4, ns.v6]))
@@ -388,9 +390,9 @@ def test_cgroupfs_v2_pod_is_found_with_its_ips(node: Node) -> None:
 def test_systemd_v2_pod_is_found_by_container_id_with_runtime_scheme(node: Node) -> None:
     uid, cid, ns = new_uid(), new_cid(), node.netns()
     pid = node.spawn(ns, node.pod_systemd(uid, cid))
-    found = find_pod_netns(uid.replace("-", "_").upper(), container_ids=[f"containerd://{cid}"])
+    found = find_pod_netns(uid.replace("-", "_").upper(), [f"containerd://{cid}"], [ns.v4], host_ips=NODE_IPS)
     try:
-        assert (found.pod_uid, found.pid, found.container_id, found.matched_ips) == (uid, pid, cid, ())
+        assert (found.pod_uid, found.pid, found.container_id, found.matched_ips) == (uid, pid, cid, (ns.v4,))
         assert_is(found, ns)
     finally:
         found.netns.close()
@@ -401,7 +403,7 @@ def test_cgroup_v1_hierarchy_pod_is_found(node: Node) -> None:
     uid, cid, ns = new_uid(), new_cid(), node.netns()
     pid = node.spawn(ns, node.cgroup(PIDS_V1, f"kubepods/besteffort/pod{uid}/crio-{cid}.scope"))
     assert f"pids:/{node.prefix}/kubepods/besteffort/pod{uid}/" in Path(f"/proc/{pid}/cgroup").read_text()
-    found = find_pod_netns(uid, pod_ips=[ns.v6])
+    found = find_pod_netns(uid, pod_ips=[ns.v6], host_ips=NODE_IPS)
     try:
         assert (found.pid, found.container_id, found.matched_ips) == (pid, cid, (ns.v6,))
         assert_is(found, ns)
@@ -414,7 +416,7 @@ def test_wrong_ip_is_refused_and_the_message_lists_what_is_there(node: Node) -> 
     uid, ns = new_uid(), node.netns()
     node.spawn(ns, node.pod_cgroupfs(uid, new_cid()))
     with pytest.raises(PodNetnsNotFound, match="none of its IPs") as info:
-        find_pod_netns(uid, pod_ips=["10.251.0.1", "fd00:251::1"])
+        find_pod_netns(uid, pod_ips=["10.251.0.1", "fd00:251::1"], host_ips=NODE_IPS)
     message = str(info.value)
     assert ns.v4 in message
     assert ns.v6 in message
@@ -424,7 +426,7 @@ def test_wrong_ip_is_refused_and_the_message_lists_what_is_there(node: Node) -> 
 @pytest.mark.root
 def test_unknown_pod_is_refused(node: Node) -> None:
     with pytest.raises(PodNetnsNotFound, match="no process in a cgroup of this pod"):
-        find_pod_netns(new_uid())
+        find_pod_netns(new_uid(), pod_ips=["10.250.255.1"], host_ips=NODE_IPS)
 
 
 @pytest.mark.root
@@ -433,12 +435,12 @@ def test_pod_process_in_host_netns_is_never_returned(node: Node) -> None:
     host_cid, pod_cid = new_cid(), new_cid()
     host_pid = node.spawn(None, node.pod_cgroupfs(uid, host_cid))
 
-    with pytest.raises(PodNetnsNotFound, match=rf"host's.*\[{host_pid}\]"):
-        find_pod_netns(uid)
+    with pytest.raises(PodNetnsNotFound, match=rf"node's: \[{host_pid}\]"):
+        find_pod_netns(uid, pod_ips=[ns.v4], host_ips=NODE_IPS)
 
     pod_pid = node.spawn(ns, node.pod_cgroupfs(uid, pod_cid))
     # even when the host-netns process's container is the one asked for
-    found = find_pod_netns(uid, container_ids=[host_cid])
+    found = find_pod_netns(uid, [host_cid], [ns.v4], host_ips=NODE_IPS)
     try:
         assert (found.pid, found.container_id) == (pod_pid, pod_cid)
         assert_is(found, ns)
@@ -455,7 +457,7 @@ def test_listed_containers_are_preferred(node: Node) -> None:
     index = ProcIndex.scan()
     assert len(index.processes(uid)) == 2
     for wanted in ([app], [f"cri-o://{app}", "c" * 64]):
-        with index.find(uid, container_ids=wanted) as found:
+        with index.find(uid, container_ids=wanted, pod_ips=[ns.v4], host_ips=NODE_IPS) as found:
             assert (found.pid, found.container_id) == (app_pid, app)
             assert_is(found, ns)
 
@@ -467,15 +469,62 @@ def test_the_earliest_process_names_the_sandbox_and_other_namespaces_are_reporte
     node.spawn(later, node.pod_cgroupfs(uid, new_cid()))
     index = ProcIndex.scan()
 
-    for ips in ([], [sandbox.v4], [sandbox.v4, later.v4]):
-        with index.find(uid, pod_ips=ips) as found:
+    for ips in ([sandbox.v4], [sandbox.v4, later.v4]):
+        with index.find(uid, pod_ips=ips, host_ips=NODE_IPS) as found:
             assert found.pid == first
             assert_is(found, sandbox)
             assert found.others == (later.id,)
     # an IP only the later namespace holds does not move the choice: the sandbox is not the one described
     with pytest.raises(PodNetnsNotFound, match=r"none of its IPs.*sandbox"):
-        index.find(uid, pod_ips=[later.v4])
+        index.find(uid, pod_ips=[later.v4], host_ips=NODE_IPS)
     assert set(index.namespaces(uid)) == {sandbox.id, later.id}
+
+
+@pytest.mark.root
+def test_no_pod_ip_in_the_status_means_not_yet(node: Node) -> None:
+    uid, ns = new_uid(), node.netns()
+    node.spawn(ns, node.pod_cgroupfs(uid, new_cid()))
+    with pytest.raises(PodNetnsNotFound, match="no pod IP given yet"):
+        find_pod_netns(uid, host_ips=NODE_IPS)
+
+
+@pytest.mark.root
+def test_the_runtimes_process_in_the_nodes_namespace_never_names_the_sandbox(node: Node) -> None:
+    """While the runtime creates the sandbox a process of the pod's cgroup (runc's init) is still in the
+    node's namespace, and it started first: the namespace holding the node's IP is never chosen."""
+    uid, the_node = (
+        new_uid(),
+        node.netns(),
+    )  # a scratch namespace stands for the node's; its v4 is the node IP
+    host_ips = [the_node.v4]
+    node.spawn(the_node, node.pod_cgroupfs(uid, new_cid()))
+    with pytest.raises(PodNetnsNotFound, match="no pod IP"):
+        find_pod_netns(uid, host_ips=host_ips)
+    sandbox = node.netns()
+    with pytest.raises(PodNetnsNotFound, match=r"none of its IPs.*node's: \[\d+\]"):
+        find_pod_netns(uid, pod_ips=[sandbox.v4], host_ips=host_ips)  # IP posted, sandbox not seen yet
+    pause = node.spawn(sandbox, node.pod_cgroupfs(uid, new_cid()))
+    # even a node namespace that also holds the pod's IP is not the pod's
+    _run("ip", "-n", the_node.name, "addr", "add", f"{sandbox.v4}/32", "dev", "pod0")
+    with find_pod_netns(uid, pod_ips=[sandbox.v4], host_ips=host_ips) as found:
+        assert found.pid == pause
+        assert_is(found, sandbox)
+        assert found.netns.not_node
+        assert found.others == ()
+    with pytest.raises(PodNetnsNotFound, match="the node's IP"):
+        find_pod_netns(uid, pod_ips=[the_node.v4], host_ips=host_ips)
+
+
+@pytest.mark.root
+def test_a_tenants_namespace_holding_the_pod_ip_is_reported_never_chosen(node: Node) -> None:
+    uid, sandbox, tenant = new_uid(), node.netns(), node.netns()
+    pause = node.spawn(sandbox, node.pod_cgroupfs(uid, new_cid()))
+    node.spawn(tenant, node.pod_cgroupfs(uid, new_cid()))
+    _run("ip", "-n", tenant.name, "addr", "add", f"{sandbox.v4}/32", "dev", "pod0")
+    with find_pod_netns(uid, pod_ips=[sandbox.v4], host_ips=NODE_IPS) as found:
+        assert found.pid == pause
+        assert_is(found, sandbox)
+        assert found.others == (tenant.id,)
 
 
 @pytest.mark.root
@@ -505,10 +554,10 @@ def test_zombies_and_vanished_processes_do_not_raise(node: Node, monkeypatch: py
     real_pids = discovery._pids
     monkeypatch.setattr(discovery, "_pids", lambda root: itertools.chain(real_pids(root), [gone]))
     with pytest.raises(PodNetnsNotFound, match=r"this pod|exited"):
-        ProcIndex.scan().find(uid)
+        ProcIndex.scan().find(uid, pod_ips=[ns.v4], host_ips=NODE_IPS)
 
     live = node.spawn(ns, cgroup)
-    with ProcIndex.scan().find(uid, pod_ips=[ns.v4]) as found:
+    with ProcIndex.scan().find(uid, pod_ips=[ns.v4], host_ips=NODE_IPS) as found:
         assert found.pid == live
         assert_is(found, ns)
 
@@ -520,7 +569,7 @@ def test_process_exiting_between_scan_and_find_is_reported(node: Node) -> None:
     index = ProcIndex.scan()
     node.kill(pid)
     with pytest.raises(PodNetnsNotFound, match=rf"exited: \[{pid}\]"):
-        index.find(uid)
+        index.find(uid, pod_ips=[ns.v4], host_ips=NODE_IPS)
 
 
 @pytest.mark.root
@@ -551,7 +600,7 @@ def test_burst_of_twenty_pods_from_one_scan(node: Node, monkeypatch: pytest.Monk
     scanned_reads = len(cgroup_reads)
     assert scanned_reads == index.scanned >= 20
     for uid, cid, ns, pid in pods:
-        with find_pod_netns(uid, container_ids=[cid], pod_ips=[ns.v4], index=index) as found:
+        with find_pod_netns(uid, [cid], [ns.v4], host_ips=NODE_IPS, index=index) as found:
             assert (found.pid, found.container_id, found.matched_ips) == (pid, cid, (ns.v4,))
             assert_is(found, ns)
     assert listings == ["/proc"]
@@ -564,7 +613,7 @@ def test_handle_survives_pid_reuse_and_netns_deletion(node: Node) -> None:
     uid, ns = new_uid(), node.netns()
     pid = node.spawn(ns, node.pod_cgroupfs(uid, new_cid()))
     original = ns.id
-    found = find_pod_netns(uid, pod_ips=[ns.v4])
+    found = find_pod_netns(uid, pod_ips=[ns.v4], host_ips=NODE_IPS)
     try:
         node.kill(pid)
         node.delete_netns(ns.name)
@@ -616,13 +665,13 @@ def test_proc_root_is_honoured(node: Node, tmp_path: Path) -> None:
     (tmp_path / "1").mkdir()  # an "init" without readable files: vanished-like, not an error
 
     with pytest.raises(PodNetnsNotFound, match="no process"):
-        find_pod_netns(uid)  # the real /proc knows nothing of this pod
+        find_pod_netns(uid, pod_ips=[ns.v4], host_ips=NODE_IPS)  # the real /proc knows nothing of it
     index = ProcIndex.scan(str(tmp_path))
     assert index.scanned == 2
-    with find_pod_netns(uid, pod_ips=[ns.v4], index=index) as found:
+    with find_pod_netns(uid, pod_ips=[ns.v4], host_ips=NODE_IPS, index=index) as found:
         assert (found.pid, found.container_id, found.matched_ips) == (99999999, cid, (ns.v4,))
         assert_is(found, ns)
-    with find_pod_netns(uid, proc_root=str(tmp_path)) as found:
+    with find_pod_netns(uid, [], [ns.v4], host_ips=NODE_IPS, proc_root=str(tmp_path)) as found:
         assert found.pid == 99999999
 
 
@@ -633,7 +682,7 @@ def test_pid_reused_before_the_open_is_detected(
 ) -> None:
     """PID 4242 is the pod's when scanned and stat()ed, and someone else's by the time its ns is opened."""
     uid, ns, elsewhere = new_uid(), node.netns(), node.netns()
-    d = fake_pid(tmp_path, 4242, f"0::/kubepods/pod{uid}/{CID}\n", ns.path)
+    d = fake_pid(tmp_path, 4242, f"0::/kubepods/pod{uid}/{CID}\n", ns.path, fib_with(ns.v4))
     index = ProcIndex.scan(str(tmp_path))
     real_open = netns.PinnedNetns.open_pid
 
@@ -647,22 +696,22 @@ def test_pid_reused_before_the_open_is_detected(
 
     monkeypatch.setattr(netns.PinnedNetns, "open_pid", staticmethod(reuse_then_open))
     with pytest.raises(PodNetnsNotFound, match=r"could not be pinned.*PID reuse"):
-        index.find(uid)
+        index.find(uid, pod_ips=[ns.v4], host_ips=NODE_IPS)
 
 
 def test_a_pid_without_a_usable_netns_is_not_pinned(tmp_path: Path) -> None:
-    fake_pid(tmp_path, 7, f"0::/kubepods/pod{UID}/{CID}\n", "/dev/null")
+    fake_pid(tmp_path, 7, f"0::/kubepods/pod{UID}/{CID}\n", "/dev/null", fib_with("10.250.0.9"))
     index = ProcIndex.scan(str(tmp_path))
     assert index.processes(UID) == (discovery.PodProcess(7, CID),)
     with pytest.raises(PodNetnsNotFound, match="could not be pinned"):
-        index.find(UID)
+        index.find(UID, pod_ips=["10.250.0.9"], host_ips=NODE_IPS)
 
 
 @pytest.mark.root
 def test_a_pin_is_trusted_only_while_its_fd_is_the_namespace_it_was_opened_on(node: Node) -> None:
     uid, cid, ns = new_uid(), new_cid(), node.netns()
     pid = node.spawn(ns, node.pod_cgroupfs(uid, cid))
-    found = find_pod_netns(uid, pod_ips=[ns.v4])
+    found = find_pod_netns(uid, pod_ips=[ns.v4], host_ips=NODE_IPS)
     pin = found.netns
     assert pin.intact() and ProcIndex.scan().namespaces(uid) == {ns.id: [discovery.PodProcess(pid, cid)]}
     fd = pin.fd
@@ -676,3 +725,33 @@ def test_a_pin_is_trusted_only_while_its_fd_is_the_namespace_it_was_opened_on(no
         os.close(other)
         pin.fd = -1
     assert not pin.intact()
+
+
+@pytest.mark.root
+def test_an_unreadable_pid_1_without_the_node_ip_fails_closed(node: Node, tmp_path: Path) -> None:
+    """A proc root whose PID 1 cannot be read (as /proc/1/ns/net on real nodes): without the node's IP
+    nothing is proven, so nothing is chosen, and a namespace reached through a PID is refused."""
+    uid, ns = new_uid(), node.netns()
+    fake_pid(tmp_path, 4243, f"0::/kubepods/pod{uid}/{CID}\n", ns.path, fib_with(ns.v4))
+    index = ProcIndex.scan(str(tmp_path))
+    assert not index.node.pid1_known
+    with pytest.raises(PodNetnsNotFound, match=r"cannot be identified.*fail closed"):
+        index.find(uid, pod_ips=[ns.v4])
+    with netns.PinnedNetns.open_pid(4243, str(tmp_path)) as by_pid:
+        with pytest.raises(netns.HostNetnsRefused, match="cannot be read"):
+            netns.refuse_host(by_pid, str(tmp_path))
+        netns.refuse_host(by_pid, str(tmp_path), allow_host=True)
+    with netns.PinnedNetns.open_path(ns.path) as by_path:
+        netns.refuse_host(by_path, str(tmp_path))  # a namespace file named explicitly: the caller's choice
+    with index.find(uid, pod_ips=[ns.v4], host_ips=NODE_IPS) as found:  # proven by the node's IP
+        assert_is(found, ns)
+        netns.refuse_host(found.netns, str(tmp_path))
+
+    (tmp_path / "1" / "ns").mkdir(parents=True)
+    (tmp_path / "1" / "ns" / "net").symlink_to("/proc/self/ns/net")  # a readable PID 1
+    index = ProcIndex.scan(str(tmp_path))
+    assert index.node.pid1_known
+    with index.find(uid, pod_ips=[ns.v4]) as found:
+        assert_is(found, ns)
+        assert not found.netns.not_node
+        netns.refuse_host(found.netns, str(tmp_path))

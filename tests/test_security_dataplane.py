@@ -73,14 +73,14 @@ def test_ns_link_to_a_regular_file_is_not_a_namespace(tmp_path: Path) -> None:
     bogus.write_text("not a namespace")
     _fake_proc(tmp_path / "proc", 4242, CGROUP, str(bogus))
     with pytest.raises(PodNetnsNotFound):
-        find_pod_netns(UID, proc_root=str(tmp_path / "proc"))
+        find_pod_netns(UID, [], ["10.0.0.9"], host_ips=["10.0.0.254"], proc_root=str(tmp_path / "proc"))
 
 
 @pytest.mark.root
 def test_ns_link_to_the_host_namespace_is_never_returned(tmp_path: Path) -> None:
     _fake_proc(tmp_path / "proc", 4242, CGROUP, f"/proc/{os.getpid()}/ns/net")
-    with pytest.raises(PodNetnsNotFound, match="host"):
-        find_pod_netns(UID, proc_root=str(tmp_path / "proc"))
+    with pytest.raises(PodNetnsNotFound, match=r"in the node's: \[4242\]"):
+        find_pod_netns(UID, [], ["10.0.0.9"], host_ips=["10.0.0.254"], proc_root=str(tmp_path / "proc"))
 
 
 @pytest.mark.root
@@ -88,7 +88,7 @@ def test_a_process_claiming_two_pods_is_ignored(tmp_path: Path, netns_name: str)
     other = CGROUP.replace("0000cafe", "0000beef").replace("0::", "1:name=systemd:")
     _fake_proc(tmp_path / "proc", 4242, CGROUP + other, f"/run/netns/{netns_name}")
     with pytest.raises(PodNetnsNotFound):
-        find_pod_netns(UID, proc_root=str(tmp_path / "proc"))
+        find_pod_netns(UID, [], ["10.0.0.9"], host_ips=["10.0.0.254"], proc_root=str(tmp_path / "proc"))
 
 
 @pytest.mark.root

@@ -10,6 +10,7 @@ from istio_pod_network_controller.controller import events as ev
 from istio_pod_network_controller.controller import selection
 from istio_pod_network_controller.controller.cache import slim_pod
 from istio_pod_network_controller.controller.decision import (
+    IPS_ADDED,
     Applied,
     Apply,
     Invalid,
@@ -93,10 +94,22 @@ def test_changed_spec_is_reconfigured() -> None:
 def test_a_lost_pod_ip_means_a_new_sandbox() -> None:
     action = decide(view(ips=("10.1.0.9",)), SELECTED, SPEC, APPLIED)
     assert isinstance(action, Apply) and action.why is MarkReason.REINITIALIZED
-    # an IP added next to the old one (dual stack coming up) is not a new sandbox
-    assert isinstance(decide(view(ips=("10.1.0.5", "fd00::5")), SELECTED, SPEC, APPLIED), Skip)
+    # an IP added next to the old one (dual stack coming up) is checked on the node, not assumed new
+    added = decide(view(ips=("10.1.0.5", "fd00::5")), SELECTED, SPEC, APPLIED)
+    assert isinstance(added, Verify) and added.reason == IPS_ADDED
     # no IP reported (the kubelet between sandboxes) decides nothing on its own
     assert isinstance(decide(view(ips=()), SELECTED, SPEC, APPLIED), Skip)
+
+
+def test_an_ip_that_arrives_after_the_capture_is_checked_then_any_change_is_a_new_sandbox() -> None:
+    """A capture recorded without an IP (the pod IP came later) must not take a new IP for "in place"."""
+    before_ip = Known(Applied(DIGEST, SANDBOX, (), CIDS))
+    action = decide(view(ips=("10.1.0.7",)), SELECTED, SPEC, before_ip)
+    assert isinstance(action, Verify) and action.reason == IPS_ADDED
+    recorded = Known(Applied(DIGEST, SANDBOX, ("10.1.0.7",), CIDS))
+    assert isinstance(decide(view(ips=("10.1.0.7",)), SELECTED, SPEC, recorded), Skip)
+    moved = decide(view(ips=("10.1.0.8",)), SELECTED, SPEC, recorded)
+    assert isinstance(moved, Apply) and moved.why is MarkReason.REINITIALIZED
 
 
 def test_a_replaced_container_asks_the_node_whether_the_sandbox_is_the_same() -> None:

@@ -17,7 +17,6 @@ from ipnc_lab.sim.cluster import (
     CONTROLLER_USER,
     SimCluster,
     host_rules,
-    set_status,
 )
 from ipnc_lab.sim.controller import ControllerProcess, wait_for
 from ipnc_lab.sim.netns import holds_capture_rules
@@ -144,12 +143,7 @@ def test_pod_before_its_netns_gets_a_warning_then_is_initialized_when_it_appears
         wait_for(lambda: "NetworkNamespaceNotFound" in cluster.reasons(late), 10, "deadline warning")
         assert not cluster.initialized(late)
         late = node.add_pod("late", "default", cluster.pod_object(late)["metadata"]["uid"])
-        set_status(
-            cluster.store,
-            "default",
-            "late",
-            {"phase": "Running", "podIP": late.ip, "podIPs": [{"ip": late.ip}]},
-        )
+        cluster.report(late, containers=False)
         wait_for(lambda: cluster.initialized(late), 10, "initialized after the netns appeared")
         assert rules_in_place(cluster, late)
         assert cluster.reasons(late).count("NetworkNamespaceNotFound") == 1

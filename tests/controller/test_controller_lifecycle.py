@@ -253,7 +253,9 @@ def test_a_finished_pod_lets_go_of_its_sandbox() -> None:
         sandbox = sandbox_ino(pod)
         wait_for(lambda: sandbox in held_netns(ctl), 10, "the sandbox pinned")
         wait_for(lambda: cluster.reasons(pod) == ["Initialized"], 10, "Initialized event")
-        set_status(cluster.store, pod.namespace, pod.name, kubelet_status(pod.ip, "Succeeded"))
+        set_status(
+            cluster.store, pod.namespace, pod.name, kubelet_status(pod.ip, "Succeeded", host_ip=pod.host_ip)
+        )
         wait_for(lambda: sandbox not in held_netns(ctl), 10, "a finished pod's sandbox released")
         assert cluster.reasons(pod) == ["Initialized"]  # finishing warns about nothing
         assert ctl.terminate() == 0

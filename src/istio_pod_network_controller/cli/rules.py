@@ -85,12 +85,16 @@ class Target:
 
 def _discover(pod: dict[str, Any], proc_root: str) -> PodNetns:
     """The pod's namespace from the node's /proc, as the controller finds it (uid, container ids, IPs)."""
-    from ..controller.cache import pod_ips, slim_pod
+    from ..controller.cache import host_ips, pod_ips, slim_pod
 
     _check_proc_root(proc_root)
     slim = slim_pod(pod)
     return find_pod_netns(
-        slim["metadata"]["uid"], slim["status"].get("containerIDs") or (), pod_ips(slim), proc_root=proc_root
+        slim["metadata"]["uid"],
+        slim["status"].get("containerIDs") or (),
+        pod_ips(slim),
+        host_ips=host_ips(slim),
+        proc_root=proc_root,
     )
 
 
@@ -318,20 +322,32 @@ def clean(target: Target) -> None:
 
 @rules.command("find-netns")
 @click.option("--pod-uid", required=True, help="metadata.uid of the pod")
-@click.option("--pod-ip", "pod_ips", multiple=True, help="an IP the pod's namespace must hold (repeatable)")
+@click.option(
+    "--pod-ip", "pod_ips", multiple=True, help="the pod's IP: its namespace holds it (repeatable; required)"
+)
+@click.option(
+    "--host-ip",
+    "host_ips",
+    multiple=True,
+    help="the node's IP: a namespace holding it is the node's (repeatable)",
+)
 @click.option("--container-id", "container_ids", multiple=True, help="prefer this container's processes")
 @click.option("--proc-root", default="/proc", show_default=True, help="the host's /proc")
 def find_netns(
-    pod_uid: str, pod_ips: tuple[str, ...], container_ids: tuple[str, ...], proc_root: str
+    pod_uid: str,
+    pod_ips: tuple[str, ...],
+    host_ips: tuple[str, ...],
+    container_ids: tuple[str, ...],
+    proc_root: str,
 ) -> None:
-    """Print the network namespace that discovery finds for a pod."""
+    """Print the network namespace that discovery finds for a pod (the one holding its IP)."""
     _check_proc_root(proc_root)
     try:
-        with find_pod_netns(pod_uid, container_ids, pod_ips, proc_root=proc_root) as found:
+        with find_pod_netns(pod_uid, container_ids, pod_ips, host_ips=host_ips, proc_root=proc_root) as found:
             click.echo(
                 f"pod {found.pod_uid}: {found.netns.id} via pid {found.pid} "
                 f"(container {found.container_id or 'unknown'}; "
-                f"matched IPs: {', '.join(found.matched_ips) or 'none given'})"
+                f"matched IPs: {', '.join(found.matched_ips)})"
             )
     except (ControllerError, ValueError) as exc:
         hint = ""

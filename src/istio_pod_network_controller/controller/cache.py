@@ -30,6 +30,8 @@ def slim_pod(pod: Obj) -> Obj:
             "phase": status.get("phase"),
             "podIP": status.get("podIP"),
             "podIPs": [{"ip": p.get("ip")} for p in status.get("podIPs") or () if p.get("ip")],
+            "hostIP": status.get("hostIP"),
+            "hostIPs": [{"ip": p.get("ip")} for p in status.get("hostIPs") or () if p.get("ip")],
             "containerIDs": [
                 c["containerID"]
                 for key in ("initContainerStatuses", "containerStatuses")
@@ -50,6 +52,15 @@ def pod_ips(pod: Obj) -> list[str]:
     ips = [p["ip"] for p in status.get("podIPs") or ()]
     if status.get("podIP") and status["podIP"] not in ips:
         ips.append(status["podIP"])
+    return ips
+
+
+def host_ips(pod: Obj) -> list[str]:
+    """status.hostIPs and status.hostIP: the node's addresses, as the kubelet reports them."""
+    status = pod.get("status") or {}
+    ips = [p["ip"] for p in status.get("hostIPs") or ()]
+    if status.get("hostIP") and status["hostIP"] not in ips:
+        ips.append(status["hostIP"])
     return ips
 
 

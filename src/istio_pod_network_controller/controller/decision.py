@@ -7,8 +7,10 @@ the pod IPs and containers it was applied for). The output is one Action the exe
 "Rules in place" belongs to a sandbox, not to a pod: a marked pod that lost an IP its rules were applied
 for has a new sandbox (the IP is the sandbox's), and one that lost a container it had may have one (a
 container restart keeps the sandbox, a sandbox restart starts every container again), which only the node
-can tell: the executor then checks whether the pod's processes still live in the pinned namespace. New
-containers alone (the app starting after the init containers) are the pod's normal course.
+can tell: the executor then checks whether the pod's processes still live in the pinned namespace. An IP
+that arrives after the capture is checked the same way (the pinned namespace must hold it) and then
+recorded, so any later change of IP is known as a new sandbox. New containers alone (the app starting
+after the init containers) are the pod's normal course.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ VERIFY_REQUESTED = "periodic drift check"
 NO_RECORD = "marked, but this process has not checked this sandbox yet"
 CONTAINERS_CHANGED = "a container was replaced: is it still the same sandbox?"
 IPS_CHANGED = "pod IPs changed: a new sandbox"
+IPS_ADDED = "an IP arrived after the capture: does the sandbox hold it?"
 SANDBOX_LOST = "the sandbox the rules were applied to is gone: capture its successor"
 IN_PLACE = "rules in place for this sandbox"
 STALE_COPY = "a copy older than our own mark"
@@ -180,6 +183,8 @@ def decide(
         return Verify(spec, digest, NO_RECORD)
     if pod.ips and set(applied.ips) - set(pod.ips):
         return Apply(spec, MarkReason.REINITIALIZED, IPS_CHANGED)
+    if set(pod.ips) - set(applied.ips):
+        return Verify(spec, digest, IPS_ADDED)
     if set(applied.container_ids) - set(pod.container_ids):
         return Verify(spec, digest, CONTAINERS_CHANGED)
     if verify:

@@ -35,6 +35,8 @@ HOST_NETWORK_SKIPPED: Final = "HostNetworkSkipped"
 NETNS_NOT_FOUND: Final = "NetworkNamespaceNotFound"
 APPLY_FAILED: Final = "InterceptionFailed"
 CAPTURE_KEPT: Final = "CaptureKept"
+CAPTURE_ON_NODE: Final = "CaptureRulesOnNode"
+"""Warning on the Node: our rules were found (and removed) in the node's own network namespace."""
 
 log = logging.getLogger(__name__)
 _seq = itertools.count()

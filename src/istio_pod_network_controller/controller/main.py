@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ..dataplane.netns import raise_open_files_limit
 from ..settings import annotations as ann
 from . import events as ev
-from .cache import NamespaceCache, Obj, PodCache, pod_key
+from . import nodeguard
+from .cache import NamespaceCache, Obj, PodCache, host_ips, pod_key
 from .config import ControllerConfig
 from .kube import Informer, KubeClient, load_config
 from .metrics import Metrics, StatusServer
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 1.0
 STALL_LIMIT = 30.0
 PREFLIGHT_RETRY = 30.0
+NODE_GUARD_INTERVAL = 60.0
+"""How often the node's namespace is checked for our rules when the repair pass is turned off."""
+NODE_GUARD_SYNC_WAIT = 10.0
+"""The start-up check waits this long for the pod list, whose host IPs identify the node's namespace."""
 Preflight = Callable[[], Awaitable[Report]]
 
 
@@ -90,6 +95,8 @@ class Controller:
         self.beat = time.monotonic()
         self.in_flight = 0
         self.last_progress = time.monotonic()
+        self.node_alarm: str | None = None
+        self.node_alarms = 0
         self.stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
 
@@ -208,6 +215,51 @@ class Controller:
             for uid in marked:
                 self.queue.add(uid, VERIFY)
 
+    async def _node_guard_loop(self) -> None:
+        """At start (once the pod list gives the node's IPs, or after a bounded wait) and every pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.pod_informer.synced.wait(), NODE_GUARD_SYNC_WAIT)
+        interval = self.config.repair_interval if self.config.repair_interval > 0 else NODE_GUARD_INTERVAL
+        while True:
+            try:
+                await self.guard_node()
+            except Exception:
+                log.exception("checking the node's network namespace for capture rules failed")
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311
+
+    async def guard_node(self) -> None:
+        """Remove our rules from the node's own namespace; alarm (log, Event, metric, /readyz) if any."""
+        ips = sorted({ip for pod in self.pods.objects.values() for ip in host_ips(pod)})
+        loop = asyncio.get_running_loop()
+        findings = await loop.run_in_executor(self.executor, nodeguard.sweep, self.config.proc_root, ips)
+        self.metrics.node_netns_clean.set(0 if findings else 1)
+        if not findings:
+            self.node_alarm = None
+            return
+        self.node_alarms += 1
+        self.metrics.node_netns_rules.inc()
+        for finding in findings:
+            log.error(
+                "capture rules found in the node's own network namespace (%s), removed: %s",
+                finding.where,
+                "; ".join(finding.lines),
+            )
+        self.node_alarm = (
+            "capture rules were found in the node's own network namespace and removed "
+            "(see the Node's Events and the controller's log)"
+        )
+        message = (
+            f"capture rules of istio-pod-network-controller were found in the node's own network namespace "
+            f"and removed (occurrence {self.node_alarms} since start); the node's traffic may have been "
+            "redirected meanwhile"
+        )
+        try:
+            await self.kube.create_event(
+                ev.build_node_warning(self.config.node_name, ev.CAPTURE_ON_NODE, message)
+            )
+        except Exception as exc:
+            log.warning("node Event not recorded: %s", exc)
+
     async def _heartbeat(self) -> None:
         while True:
             self.beat = time.monotonic()
@@ -227,8 +279,9 @@ class Controller:
         )
 
     def serving(self) -> bool:
-        """/readyz: the initial sync is done and no informer is failing right now."""
-        return self.ready and not self._failing_informers()
+        """/readyz: the initial sync is done, no informer is failing and the node's namespace was clean at
+        the last check (after an alarm, until a later check finds nothing of ours there)."""
+        return self.ready and not self._failing_informers() and self.node_alarm is None
 
     def _failing_informers(self) -> list[str]:
         return [
@@ -238,6 +291,8 @@ class Controller:
     def unready_reason(self) -> str:
         """/readyz's body when not ready: the preflight's reason, the sync, or the failing informers."""
         failing = self._failing_informers()
+        if self.node_alarm is not None:
+            return self.node_alarm
         if self.ready and failing:
             return f"{', '.join(failing)} informer failing (see the log and informer_failures_total)"
         return self.not_ready
@@ -310,6 +365,7 @@ class Controller:
             workers = [asyncio.create_task(self._worker()) for _ in range(self.config.concurrency)]
             if self.config.repair_interval > 0:
                 self._background.append(asyncio.create_task(self._repair_loop()))
+            self._background.append(asyncio.create_task(self._node_guard_loop()))
         await stop
         log.info("SIGTERM: no new work; finishing %d in-flight pods", self.in_flight)
         for task in self._background:

@@ -94,6 +94,16 @@ class Metrics:
             registry=r,
         )
         self.pods_cached = Gauge(f"{ns}_pods_cached", "Pods on this node in the local cache", registry=r)
+        self.node_netns_rules = Counter(
+            f"{ns}_node_netns_rules_found",
+            "Checks that found (and removed) our capture rules in the node's own network namespace",
+            registry=r,
+        )
+        self.node_netns_clean = Gauge(
+            f"{ns}_node_netns_clean",
+            "1 when the last check found none of our rules in the node's own network namespace",
+            registry=r,
+        )
         self.ready = Gauge(f"{ns}_ready", "1 once the initial sync is done", registry=r)
         self.build = Info(f"{ns}_build", "The running controller's version", registry=r)
         self.build.info({"version": _version()})

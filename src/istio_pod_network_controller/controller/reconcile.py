@@ -7,8 +7,9 @@ a handful of scans, not N.
 Once a pod's rules are applied, its sandbox's network namespace stays pinned (an fd, checked by inode)
 for as long as the pod lives, and every later verify or repair works on that namespace: no process the
 tenant starts later can steer it elsewhere. The pin is trusted only while processes of the pod still live
-in it; a sandbox without them is dead (the kubelet made a new one), so the pin is dropped and the new
-sandbox is found and captured at once.
+in it and it holds the pod IPs the kubelet posts; a sandbox without them is dead or replaced (the kubelet
+made a new one), so the pin is dropped and the new sandbox is found and captured at once, on the watch
+event that carries the new IP.
 """
 
 from __future__ import annotations
@@ -121,12 +122,16 @@ class ScanCache:
             return self._index
 
 
-def sandbox_alive(index: ProcIndex, uid: str, pin: PinnedNetns) -> tuple[bool, tuple[NetnsId, ...]]:
-    """Whether processes of the pod still live in the pinned namespace; and the pod's other namespaces."""
+def sandbox_alive(
+    index: ProcIndex, uid: str, pin: PinnedNetns, ips: tuple[str, ...]
+) -> tuple[bool, tuple[NetnsId, ...]]:
+    """Whether processes of the pod still live in the pinned namespace and it holds the pod's IPs now
+    (an IP the kubelet posts is the sandbox's: one the pin lacks means a new sandbox); and the others."""
     if not pin.intact():
         return False, ()
     live = index.namespaces(uid)
-    return pin.id in live, tuple(ns for ns in live if ns != pin.id)
+    alive = pin.id in live and (not ips or index.holds(uid, pin.id, ips))
+    return alive, tuple(ns for ns in live if ns != pin.id)
 
 
 class Reconciler:
@@ -245,7 +250,7 @@ class Reconciler:
         others: tuple[NetnsId, ...] = ()
         pin = state.pin
         if pin is not None:
-            alive, others = await self._blocking(lambda: sandbox_alive(index, view.uid, pin))
+            alive, others = await self._blocking(lambda: sandbox_alive(index, view.uid, pin, view.ips))
             if not alive or why is MarkReason.REINITIALIZED:
                 plog.info("sandbox %s is gone (%s): capturing the new one", pin.id, action.reason)
                 state.drop_pin()
@@ -292,7 +297,9 @@ class Reconciler:
             started = time.perf_counter()
             target, strays = pin, others
             if target is None:
-                found = index.find(view.uid, container_ids=view.container_ids, pod_ips=view.ips)
+                found = index.find(
+                    view.uid, container_ids=view.container_ids, pod_ips=view.ips, host_ips=view.host_ips
+                )
                 target, strays = found.netns, found.others
             timings["discover"] = time.perf_counter() - started
             try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ..settings import annotations as ann
-from .cache import Obj, pod_ips
+from .cache import Obj, host_ips, pod_ips
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,8 @@ class PodView:
     annotations: Mapping[str, str]
     ips: tuple[str, ...]
     """status.podIPs, then status.podIP when it is not among them: the sandbox's addresses."""
+    host_ips: tuple[str, ...]
+    """status.hostIPs and status.hostIP: the node's addresses (a namespace holding one is the node's)."""
     container_ids: tuple[str, ...]
     """Runtime IDs of the init and app containers that exist now ("containerd://..."), sorted."""
     raw: Obj = field(repr=False, compare=False)
@@ -40,6 +42,7 @@ class PodView:
             resource_version=str(meta.get("resourceVersion", "")),
             annotations=MappingProxyType(notes),
             ips=tuple(str(ip) for ip in pod_ips(pod)),
+            host_ips=tuple(str(ip) for ip in host_ips(pod)),
             container_ids=tuple(sorted({str(c) for c in status.get("containerIDs") or ()})),
             raw=pod,
         )

@@ -222,3 +222,29 @@ def clean(
         return names
 
     return ns_mod.run_in(netns, work)
+
+
+def sweep_node(netns: PinnedNetns) -> list[str]:
+    """Find our chains, jumps and policy routes in the node's own namespace and remove exactly those.
+
+    Returns what was found (empty: nothing of ours). Everything else of the node's stays: each backend
+    removes only its own chains and the jumps into them; policy rules go only where they carry our mark.
+    The one writer that may enter the node's namespace, so it takes no refuse_host check.
+    """
+
+    def work() -> list[str]:
+        found = _footprints()
+        lines: list[str] = []
+        empty = Ruleset((), ())
+        for name in BACKENDS:
+            if found.holds(name):
+                ours = make(name).drift(empty)
+                lines += [f"{name}: {line}" for line in ours]
+                if ours:
+                    make(name).clean()
+        routes = route_drift((), all_ours=ALL_ROUTES)
+        if routes:
+            sync_routes((), all_ours=ALL_ROUTES)
+        return lines + routes
+
+    return ns_mod.run_in(netns, work)

@@ -1,13 +1,22 @@
 """Find a pod's network namespace from the node's /proc, by pod UID, and pin it.
 
 The kubelet names every pod's cgroup after the pod UID, so /proc/PID/cgroup maps processes to pods without
-asking the container runtime. A pod's containers all share the sandbox's network namespace; runtime helpers
-such as CRI-O's conmon (host namespace) are ignored. A process of the pod may still make a namespace of its
-own (`unshare -Urn` needs no privilege) and give it the pod's IP, so neither "the namespace holding the pod
-IP" nor "the only namespace" identifies the sandbox. What does is time: the runtime creates the sandbox (its
-pause process and namespace) before any container of the pod runs, so the sandbox's namespace is the one of
-the pod's earliest-started process, a start time the kernel records and no later process can take back.
-The pod IPs then only confirm that choice; other namespaces of the pod are reported, never chosen.
+asking the container runtime. Runtime helpers such as CRI-O's conmon (host namespace) are ignored. A
+namespace is taken for the pod's sandbox only on proof, never on a guess:
+
+- it holds one of the pod IPs the kubelet posted (`status.podIPs`): no IP in the status yet means "not
+  yet". While the runtime creates the sandbox a process of the pod's cgroup (runc's init) still lives in
+  the node's namespace, so "the namespace of the pod's earliest process" alone can be the node's;
+- it is not the node's namespace, identified positively: PID 1's and ours (when readable), and any
+  namespace holding the node's IP (`status.hostIP`). When PID 1's cannot be read and the node's IP is not
+  known, nothing is proven and nothing is chosen (fail closed);
+- it is the namespace of the pod's earliest-started process outside the node's namespace: the runtime
+  makes the sandbox before any container runs, and no later process can take back a start time the
+  kernel records. So a tenant's own namespace (`unshare -Urn` needs no privilege, and it can be given the
+  pod's IP) is never chosen, and an earlier namespace without the pod's IPs means "not yet" (the API does
+  not describe that sandbox yet). Namespaces that start in the same clock tick are refused; the others
+  are reported, never chosen.
+
 One scan of /proc indexes every pod on the node, so a burst of pod events costs one scan.
 
 Parsing (cgroup text, fib_trie, if_inet6) is pure; the /proc I/O is kept in a few small functions.
@@ -24,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DataplaneError
-from .netns import NetnsId, PinnedNetns, host_netns_ids
+from .netns import NetnsId, NodeNetns, PinnedNetns, node_netns
 
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
 # One line of /proc/PID/cgroup: "<hierarchy>:<controllers>:<path>" (v2: "0::<path>"). The pod segment is
@@ -217,7 +226,7 @@ class ProcIndex:
         self.proc_root = proc_root
         self.pods = pods
         self.scanned = scanned
-        self.host_ids = host_netns_ids(proc_root)
+        self.node: NodeNetns = node_netns(proc_root)
 
     @classmethod
     def scan(cls, proc_root: str = "/proc") -> ProcIndex:
@@ -238,22 +247,45 @@ class ProcIndex:
         by_netns: dict[NetnsId, list[PodProcess]] = {}
         for proc in self.processes(pod_uid):
             ns = _netns_id(self.proc_root, proc.pid)
-            if ns is not None and ns not in self.host_ids:
+            if ns is not None and ns not in self.node.ids:
                 by_netns.setdefault(ns, []).append(proc)
         return by_netns
 
-    def find(
-        self, pod_uid: str, *, container_ids: Iterable[str] = (), pod_ips: Iterable[str] = ()
-    ) -> PodNetns:
-        """Pin the pod's sandbox namespace: the one of its earliest-started process.
+    def holds(self, pod_uid: str, ns: NetnsId, ips: Iterable[str]) -> bool:
+        """Whether `ns`, read through a live process of the pod in it, holds every one of `ips`."""
+        members = self.namespaces(pod_uid).get(ns)
+        local = None if members is None else self._local(members, ns)
+        return local is not None and _parse_ips(normalize_uid(pod_uid), ips) <= local
 
-        container_ids (bare or "runtime://id") choose which of the sandbox's processes to pin through.
-        pod_ips, when given, must include an address local to that namespace (else the sandbox is not the
-        one the API describes yet). Raises PodNetnsNotFound, or InvalidPodIP for a malformed pod IP.
+    def find(
+        self,
+        pod_uid: str,
+        *,
+        container_ids: Iterable[str] = (),
+        pod_ips: Iterable[str] = (),
+        host_ips: Iterable[str] = (),
+    ) -> PodNetns:
+        """Pin the pod's sandbox namespace, proven as the module docstring says.
+
+        pod_ips: the kubelet's `status.podIPs` (none: not yet). host_ips: the node's (`status.hostIPs`); a
+        namespace holding one is the node's. container_ids (bare or "runtime://id") choose which of the
+        sandbox's processes to pin through. Raises PodNetnsNotFound, or InvalidPodIP for a malformed IP.
         """
         uid = normalize_uid(pod_uid)
         wanted = {normalize_container_id(c) for c in container_ids}
         ips = _parse_ips(uid, pod_ips)
+        node_ips = _parse_ips(uid, host_ips)
+        if not ips:
+            raise PodNetnsNotFound(
+                f"pod {uid}: no pod IP given yet (the kubelet posts status.podIPs once the sandbox exists)"
+            )
+        if ips & node_ips:
+            raise PodNetnsNotFound(f"pod {uid}: its pod IP is the node's IP (a hostNetwork pod?)")
+        if not node_ips and not self.node.pid1_known:
+            raise PodNetnsNotFound(
+                f"pod {uid}: the node's network namespace cannot be identified ({self.proc_root}/1/ns/net "
+                "is unreadable and the pod's status names no host IP); refusing to choose (fail closed)"
+            )
         procs = sorted(self.processes(uid), key=lambda p: p.container_id not in wanted)
         if not procs:
             raise PodNetnsNotFound(
@@ -266,7 +298,7 @@ class ProcIndex:
         in_host: list[int] = []
         for proc in procs:
             ns = _netns_id(self.proc_root, proc.pid)
-            if ns in self.host_ids:
+            if ns in self.node.ids:
                 in_host.append(proc.pid)
             elif ns is not None:
                 # An unreadable start time (the process is exiting) ranks after every readable one.
@@ -278,32 +310,40 @@ class ProcIndex:
             gone = sorted({p.pid for p in procs} - set(in_host))
             raise PodNetnsNotFound(
                 f"pod {uid}: found its processes but none in a pod network namespace: "
-                f"in the host's (hostNetwork pod?): {in_host or 'none'}; exited: {gone or 'none'}"
+                f"in the node's: {in_host or 'none'}; exited: {gone or 'none'}"
             )
-
-        first = min(started.values())
-        earliest = [ns for ns, start in started.items() if start == first]
+        matched: dict[NetnsId, tuple[str, ...]] = {}
+        seen: dict[NetnsId, list[str]] = {}
+        for ns, members in list(by_netns.items()):
+            local = self._local(members, ns)
+            if local is not None and local & node_ips:
+                in_host.extend(p.pid for p in by_netns.pop(ns))
+                del started[ns]
+            elif local is not None and local & ips:
+                matched[ns] = tuple(sorted(local & ips))
+            else:
+                seen[ns] = sorted(a for a in local or () if not ipaddress.ip_address(a).is_loopback)
+        first = min((started[ns] for ns in matched), default=_UNKNOWN_START)
+        earlier = [ns for ns in seen if started[ns] < first]
+        if not matched or earlier:
+            raise PodNetnsNotFound(
+                f"pod {uid}: none of its IPs {sorted(ips)} is local to the namespace of its earliest "
+                f"process: in the node's: {sorted(in_host) or 'none'}; others: "
+                + (", ".join(f"{ns} has {seen[ns]}" for ns in earlier or seen) or "none")
+                + " (a sandbox the API does not describe yet?)"
+            )
+        earliest = [ns for ns in matched if started[ns] == first]
         if len(earliest) > 1:
             raise PodNetnsNotFound(
-                f"pod {uid}: its earliest processes started in the same clock tick in "
+                f"pod {uid}: cannot tell which namespace holding its IPs is the sandbox's: "
                 + ", ".join(f"{ns} (pids {[p.pid for p in by_netns[ns]]})" for ns in earliest)
-                + "; refusing to guess which is the sandbox's"
+                + "; refusing to guess"
             )
         (ns_id,) = earliest
         others = tuple(ns for ns in by_netns if ns != ns_id)
-        matched: tuple[str, ...] = ()
-        if ips:
-            local = self._local(by_netns[ns_id], ns_id)
-            if local is None:
-                raise PodNetnsNotFound(f"pod {uid}: the processes of {ns_id} exited while it was read")
-            matched = tuple(sorted(ips & local))
-            if not matched:
-                shown = sorted(a for a in local if not ipaddress.ip_address(a).is_loopback)
-                raise PodNetnsNotFound(
-                    f"pod {uid}: none of its IPs {sorted(ips)} is local to its sandbox's network namespace "
-                    f"{ns_id} (has {shown}; a sandbox the API does not describe yet?)"
-                )
-        return self._pin(uid, ns_id, by_netns[ns_id], matched, others)
+        found = self._pin(uid, ns_id, by_netns[ns_id], matched[ns_id], others)
+        found.netns.not_node = bool(node_ips)
+        return found
 
     def _local(self, procs: list[PodProcess], ns: NetnsId) -> set[str] | None:
         """The namespace's addresses, read through the first of its processes that is still there."""
@@ -349,9 +389,43 @@ def _parse_ips(uid: str, pod_ips: Iterable[str]) -> set[str]:
         except ValueError:
             address = None
         if address is None or "%" in str(address):
-            raise InvalidPodIP(f"pod {uid}: its status lists a pod IP that is not an IP address")
+            raise InvalidPodIP(f"pod {uid}: its status lists a pod or host IP that is not an IP address")
         parsed.add(str(address))
     return parsed
+
+
+def pin_holding(ips: Iterable[str], proc_root: str = "/proc") -> list[PinnedNetns]:
+    """Pin every namespace on the node that holds one of `ips` (the node's: to find its namespace).
+
+    One stat per process and one read of addresses per distinct namespace; a namespace is pinned through
+    the process it was read through and kept only if the pin is still that namespace.
+    """
+    wanted = _parse_ips("node", ips)
+    if not wanted:
+        return []
+    checked: set[NetnsId] = set()
+    pinned: list[PinnedNetns] = []
+    for pid in _pids(proc_root):
+        ns = _netns_id(proc_root, pid)
+        if ns is None or ns in checked:
+            continue
+        local = _local_ips(proc_root, pid, ns)
+        if local is None:
+            continue
+        checked.add(ns)
+        if local & wanted:
+            try:
+                handle = PinnedNetns.open_pid(pid, proc_root)
+            except DataplaneError:
+                checked.discard(ns)
+                continue
+            if handle.id == ns:
+                handle.description = f"the namespace holding the node's IP ({ns}, pid {pid})"
+                pinned.append(handle)
+            else:
+                handle.close()
+                checked.discard(ns)
+    return pinned
 
 
 def find_pod_netns(
@@ -359,10 +433,11 @@ def find_pod_netns(
     container_ids: Iterable[str] = (),
     pod_ips: Iterable[str] = (),
     *,
+    host_ips: Iterable[str] = (),
     proc_root: str = "/proc",
     index: ProcIndex | None = None,
 ) -> PodNetns:
     """ProcIndex.find on `index`, or on a fresh scan of proc_root (an index carries its own proc root)."""
     return (index if index is not None else ProcIndex.scan(proc_root)).find(
-        pod_uid, container_ids=container_ids, pod_ips=pod_ips
+        pod_uid, container_ids=container_ids, pod_ips=pod_ips, host_ips=host_ips
     )

@@ -43,6 +43,10 @@ class PinnedNetns:
         self.fd = fd
         self.id = NetnsId(info.st_dev, info.st_ino)
         self.description = description
+        self.not_node = False
+        """Set by discovery once it proved this is not the node's namespace (it lacks the node's IP)."""
+        self.via_pid = False
+        """Opened through a process (which may live in the node's namespace), not a namespace file."""
 
     @classmethod
     def open_path(cls, path: str) -> PinnedNetns:
@@ -58,7 +62,9 @@ class PinnedNetns:
 
     @classmethod
     def open_pid(cls, pid: int, proc_root: str = "/proc") -> PinnedNetns:
-        return cls.open_path(os.path.join(proc_root, str(pid), "ns", "net"))
+        pinned = cls.open_path(os.path.join(proc_root, str(pid), "ns", "net"))
+        pinned.via_pid = True
+        return pinned
 
     def intact(self) -> bool:
         """Whether the fd is open and still refers to the namespace it was opened on (same inode)."""
@@ -137,28 +143,60 @@ def run_in_scratch(work: Callable[[], T]) -> T:
     return _on_thread(_unshare, work)
 
 
-def host_netns_ids(proc_root: str = "/proc") -> set[NetnsId]:
-    """The namespaces that are the node's own: PID 1's (when readable) and this process's.
+@dataclass(frozen=True, slots=True)
+class NodeNetns:
+    """What is known of the node's own network namespace without asking any pod.
 
-    In a DaemonSet with hostPID, proc_root/1 is the node's init; our own namespace counts too because a
-    controller with hostNetwork runs in the node's namespace even where PID 1's cannot be read.
+    `ids`: PID 1's namespace under the proc root (and the host's /proc/1), and this process's, each when
+    readable. When PID 1's cannot be read (EACCES happens on real nodes even for root with CAP_SYS_PTRACE)
+    the node's namespace is not identified by this alone: a namespace reached through a process is then
+    written only when discovery proved it is not the node's (it lacks the node's IP).
     """
-    ids = set()
-    for path in {os.path.join(proc_root, "1", "ns", "net"), "/proc/1/ns/net", "/proc/self/ns/net"}:
-        try:
-            info = os.stat(path)
-        except OSError:
-            continue
-        ids.add(NetnsId(info.st_dev, info.st_ino))
-    return ids
+
+    ids: frozenset[NetnsId]
+    pid1_known: bool
+    """PID 1's namespace under the proc root could be read (the proc root is the seam tests use)."""
+
+
+def _stat_id(path: str) -> NetnsId | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return NetnsId(info.st_dev, info.st_ino)
+
+
+def node_netns(proc_root: str = "/proc") -> NodeNetns:
+    """The node's namespace as far as PID 1 and this process can tell (see NodeNetns)."""
+    pid1 = _stat_id(os.path.join(proc_root, "1", "ns", "net"))
+    ids = {pid1, _stat_id("/proc/1/ns/net"), _stat_id("/proc/self/ns/net")} - {None}
+    return NodeNetns(frozenset(i for i in ids if i is not None), pid1 is not None)
+
+
+def host_netns_ids(proc_root: str = "/proc") -> set[NetnsId]:
+    """The namespaces known to be the node's own (see node_netns)."""
+    return set(node_netns(proc_root).ids)
 
 
 def refuse_host(netns: PinnedNetns, proc_root: str = "/proc", *, allow_host: bool = False) -> None:
-    """Raise HostNetnsRefused when `netns` is the node's own namespace, unless explicitly allowed."""
-    if not allow_host and netns.id in host_netns_ids(proc_root):
+    """Raise HostNetnsRefused when `netns` is, or cannot be told apart from, the node's own namespace.
+
+    Never PID 1's nor ours. A namespace reached through a process (`--pid`, discovery) while PID 1's is
+    unreadable is refused unless discovery proved it lacks the node's IP (`netns.not_node`): cannot tell
+    means refuse. A namespace file named explicitly (`--netns PATH`) is the caller's choice.
+    """
+    if allow_host:
+        return
+    node = node_netns(proc_root)
+    if netns.id in node.ids:
         raise HostNetnsRefused(
             f"{netns.description} ({netns.id}) is the host's network namespace; refusing to change the "
             "node's own firewall (override: --allow-host-netns)"
+        )
+    if not node.pid1_known and netns.via_pid and not netns.not_node:
+        raise HostNetnsRefused(
+            f"{netns.description} ({netns.id}): {os.path.join(proc_root, '1', 'ns', 'net')} cannot be read, "
+            "so it cannot be told apart from the node's own network namespace; refusing (fail closed)"
         )
 
 

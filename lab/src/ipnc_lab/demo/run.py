@@ -201,7 +201,8 @@ class Demo:
 
     def _kubelet_status(self, pod: DemoPod, sim: SimPod) -> None:
         """Init containers still run: Pending, with the sandbox's address (the node's for hostNetwork)."""
-        set_status(self.api.store, pod.namespace, pod.name, kubelet_status(sim.ip or "10.0.0.1", "Pending"))
+        status = kubelet_status(sim.ip or sim.host_ip, "Pending", host_ip=sim.host_ip)
+        set_status(self.api.store, pod.namespace, pod.name, status)
 
     def _start_init(self, pod: DemoPod, sim: SimPod) -> None:
         """The waiter as the pod's first init container: uid 1337, no capabilities, the downward-API file."""

@@ -79,13 +79,16 @@ def pod_manifest(
     }
 
 
-def kubelet_status(pod_ip: str | None, phase: str = "Running", container_ids: Sequence[str] = ()) -> Obj:
-    """The status the kubelet reports once the sandbox exists (no IP: still Pending)."""
+def kubelet_status(
+    pod_ip: str | None, phase: str = "Running", container_ids: Sequence[str] = (), host_ip: str | None = None
+) -> Obj:
+    """The status the kubelet reports once the sandbox exists (no IP: still Pending); hostIP when known."""
     running = {"image": "app", "imageID": "app", "ready": True, "restartCount": 0, "state": {"running": {}}}
     containers = [{"name": "app", "containerID": cid, **running} for cid in container_ids]
+    host: Obj = {"hostIP": host_ip, "hostIPs": [{"ip": host_ip}]} if host_ip else {}
     if pod_ip is None:
-        return {"phase": "Pending", **({"containerStatuses": containers} if containers else {})}
-    status: Obj = {"phase": phase, "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}
+        return {"phase": "Pending", **host, **({"containerStatuses": containers} if containers else {})}
+    status: Obj = {"phase": phase, **host, "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}
     return {**status, "containerStatuses": containers} if containers else status
 
 
@@ -188,7 +191,9 @@ class SimCluster:
                    **manifest: Any) -> Obj:  # fmt: skip
         """Store the pod object (status included when `sim` has an address) and hand its UID to `sim`."""
         body = pod_manifest(name, namespace, node.name, **manifest)
-        body["status"] = kubelet_status(*((sim.ip, "Running", sim.container_ids) if sim else (None,)))
+        body["status"] = (
+            kubelet_status(sim.ip, "Running", sim.container_ids, sim.host_ip) if sim else kubelet_status(None)
+        )
         obj = self.store.create(PODS, namespace, body)
         if sim is not None:
             node.adopt(sim, obj["metadata"]["uid"])
@@ -204,18 +209,43 @@ class SimCluster:
             self.report(sim)
         return sim
 
-    def report(self, pod: SimPod, *, ip: str | None = None, containers: bool = True) -> None:
-        """The kubelet's status update: the pod's IP (or `ip`) and, unless told not to, its containers."""
-        ids = pod.container_ids if containers else ()
-        set_status(self.store, pod.namespace, pod.name, kubelet_status(ip or pod.ip, container_ids=ids))
+    def start_pod(self, node: SimNode, name: str, namespace: str = "default", **manifest: Any) -> SimPod:
+        """API object, then the runtime at work: its process of the pod's cgroup in the node's namespace,
+        no sandbox and no pod IP yet (Pending, hostIP reported). finish_sandbox() goes on."""
+        obj = self.store.create(PODS, namespace, pod_manifest(name, namespace, node.name, **manifest))
+        sim = node.begin_sandbox(name, namespace, obj["metadata"]["uid"])
+        set_status(self.store, namespace, name, kubelet_status(None, host_ip=sim.host_ip))
+        return sim
+
+    def finish_sandbox(self, node: SimNode, pod: SimPod, *, report: bool = True) -> None:
+        """The sandbox exists (the runtime's process exits); the kubelet posts its IP unless told not to."""
+        node.create_sandbox(pod)
+        if report:
+            self.report(pod)
+
+    def report(
+        self,
+        pod: SimPod,
+        *,
+        ip: str | None = None,
+        containers: bool = True,
+        container_ids: Sequence[str] | None = None,
+    ) -> None:
+        """The kubelet's status update: the pod's IP (or `ip`) and, unless told not to, its containers
+        (or `container_ids`, say the old ones still listed after a sandbox change)."""
+        ids = container_ids if container_ids is not None else pod.container_ids if containers else ()
+        status = kubelet_status(ip or pod.ip, container_ids=ids, host_ip=pod.host_ip)
+        set_status(self.store, pod.namespace, pod.name, status)
 
     def recreate_sandbox(self, node: SimNode, pod: SimPod, order: str = "ip-first") -> None:
         """The kubelet's SandboxChanged: a new sandbox, then two status updates in the given order.
 
         "ip-first": the new IP while the containers start (none reported), then the containers.
         "containers-first": the new containers while the old IP is still reported, then the new IP.
+        "ip-only": the new IP while the status still lists the old containers (the waiter holds the new
+        ones), and nothing more: only the IP tells that the sandbox changed.
         """
-        old_ip = pod.ip
+        old_ip, old_ids = pod.ip, pod.container_ids
         node.recreate_sandbox(pod)
         if order == "ip-first":
             self.report(pod, containers=False)
@@ -223,6 +253,8 @@ class SimCluster:
         elif order == "containers-first":
             self.report(pod, ip=old_ip)
             self.report(pod)
+        elif order == "ip-only":
+            self.report(pod, container_ids=old_ids)
         else:
             raise ValueError(f"unknown order {order!r}")
 

@@ -2,11 +2,19 @@
 
     node netns: bridge br0 10.S.0.254/16  <-veth->  pod netns eth0 10.S.X.Y/16  (one per pod; never .0.254)
 
+The node's namespace is a scratch namespace of the simulation, never the machine's: it holds the node's
+IP (the gateway, reported as every pod's status.hostIP) and a long-lived process of the node's own (as
+the kubelet is on a real node), so the controller can identify it only as it would on a real node: by
+the node's IP. PID 1 of the machine is never in it, as if /proc/1/ns/net were unreadable.
+
 Each pod's "sandbox" is a `sleep` inside its namespace, placed in the cgroup the kubelet's systemd driver
 would use (`kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope`), so pod discovery finds it by the
 pod UID exactly as on a real node; the same process stands for the app container until
-`restart_container` starts a new one. `recreate_sandbox` does what the kubelet does after SandboxChanged
-(every process stopped, the namespace gone, a new namespace with a new address, a new sandbox process).
+`restart_container` starts a new one. While a sandbox is created, the runtime's process of the pod's
+cgroup (runc's init) lives in the node's namespace first: `begin_sandbox` starts it there and leaves it
+until `create_sandbox` has made the sandbox (what add_pod does in one go). `recreate_sandbox` does what
+the kubelet does after SandboxChanged (every process stopped, the namespace gone, a new namespace with a
+new address, a new sandbox process, the runtime's process in the node's namespace meanwhile).
 A hostNetwork pod gets the cgroup but no namespace of its own. Nothing is routed to or from the host
 namespace; everything is removed by close(), also after a failure.
 """
@@ -49,6 +57,10 @@ class SimPod:
     app_container_id: str = ""
     """The container the status reports as the app's (the sandbox's own scope until a restart)."""
     sandboxes: int = 1
+    host_ip: str = ""
+    """The node's IP, as the kubelet reports it in status.hostIP."""
+    transient: subprocess.Popen[str] | None = None
+    """The runtime's process of the pod's cgroup in the node's namespace, while a sandbox is created."""
 
     @property
     def host_network(self) -> bool:
@@ -71,6 +83,7 @@ class SimNode:
         self._next_host = 1
         self.cgroup_root = cgroup2_mount() / f"ipnc-{name}"
         self.node = NamedNetns(f"{name}-node")
+        self.agent: subprocess.Popen[str] | None = None
         try:
             ip_batch(
                 ["link set lo up", "link add br0 type bridge", f"addr add {self.gateway}/16 dev br0",
@@ -78,6 +91,7 @@ class SimNode:
                 self.node.name,
             )  # fmt: skip
             self.cgroup_root.mkdir()
+            self.agent = self.node.run(lambda: _popen(["sleep", "infinity"], 0, 0, None))
         except BaseException:
             self.close()
             raise
@@ -101,14 +115,36 @@ class SimNode:
         Without `uid` the sandbox waits in a cgroup no discovery matches until adopt() gives it the UID the
         API server assigned (so namespaces can be made before a burst of API objects).
         """
+        pod = self.begin_sandbox(name, namespace, uid)
+        self.create_sandbox(pod, host_network=host_network)
+        return pod
+
+    def begin_sandbox(self, name: str, namespace: str, uid: str | None = None) -> SimPod:
+        """The runtime starts on a pod: its cgroup, and its process there still in the node's namespace."""
         container_id = secrets.token_hex(32)
         pod = SimPod(name, namespace, uid or "", None, None, self._cgroup(uid, container_id), container_id)
+        pod.host_ip = self.gateway
         pod.cgroup.mkdir(parents=True)
         self.pods.append(pod)
+        self._start_transient(pod)
+        return pod
+
+    def create_sandbox(self, pod: SimPod, *, host_network: bool = False) -> None:
+        """The sandbox: namespace and address (unless host_network), its process; the runtime's exits."""
         if not host_network:
             self._plumb(pod)
         self.spawn(pod, ["sleep", "infinity"])
-        return pod
+        self._stop_transient(pod)
+
+    def _start_transient(self, pod: SimPod) -> None:
+        process = self.node.run(lambda: _popen(["sleep", "infinity"], 0, 0, None))
+        (pod.cgroup / "cgroup.procs").write_text(str(process.pid))
+        pod.transient = process
+
+    def _stop_transient(self, pod: SimPod) -> None:
+        if pod.transient is not None:
+            _stop(pod.transient)
+            pod.transient = None
 
     def _plumb(self, pod: SimPod) -> None:
         """A new namespace with a new address on the node's bridge (what CNI gives a new sandbox)."""
@@ -144,9 +180,9 @@ class SimNode:
         pod.cgroup = self._cgroup(pod.uid, pod.container_id)
         pod.cgroup.mkdir(parents=True)
         _remove_tree(old, stop_at=pod.cgroup.parent)
-        self._plumb(pod)
+        self._start_transient(pod)
         pod.sandboxes += 1
-        self.spawn(pod, ["sleep", "infinity"])
+        self.create_sandbox(pod)
 
     def restart_container(self, pod: SimPod) -> subprocess.Popen[str]:
         """The app container restarts in the same sandbox: a new container ID, a new process, same netns."""
@@ -189,18 +225,7 @@ class SimNode:
         """Start a process in the pod's namespace as uid/gid and put it in the pod's cgroup (or `cgroup`)."""
 
         def start() -> subprocess.Popen[str]:
-            return subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                user=uid,
-                group=gid,
-                extra_groups=[],
-                env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                cwd="/",
-            )
+            return _popen(argv, uid, gid, env)
 
         process = start() if pod.netns is None else pod.netns.run(start)
         pod.processes.append(process)
@@ -208,6 +233,7 @@ class SimNode:
         return process
 
     def _stop_all(self, pod: SimPod) -> None:
+        self._stop_transient(pod)
         for process in pod.processes:
             _stop(process)
         pod.processes.clear()
@@ -229,10 +255,27 @@ class SimNode:
         for pod in list(self.pods):
             with contextlib.suppress(Exception):
                 self.remove_pod(pod)
+        if self.agent is not None:
+            _stop(self.agent)
         with contextlib.suppress(Exception):
             self.node.delete()
         if self.cgroup_root.exists():
             _remove_tree(self.cgroup_root, stop_at=self.cgroup_root.parent)
+
+
+def _popen(argv: Sequence[str], uid: int, gid: int, env: dict[str, str] | None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        env=env if env is not None else {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        cwd="/",
+    )
 
 
 def _stop(process: subprocess.Popen[str]) -> None:
