@@ -86,23 +86,33 @@ class KubeAPI:
         return items
 
     def watch_pods(self, namespace: str, deadline: float, **params: str) -> Iterator[tuple[float, Obj]]:
-        """(arrival time.monotonic(), event) for the pods of `namespace` until `deadline` (monotonic)."""
-        query = urlencode(
-            {**params, "watch": "1", "timeoutSeconds": str(max(1, int(deadline - time.monotonic())))}
-        )
+        """(arrival time.monotonic(), event) for the pods of `namespace` until `deadline` (monotonic). The
+        watch is established when this returns (the API server has answered), not at the first event."""
+        seconds = str(max(1, int(deadline - time.monotonic())))
+        query = urlencode({**params, "watch": "1", "timeoutSeconds": seconds})
         conn = self._connection(max(1.0, deadline - time.monotonic()) + 5)
         try:
             conn.request("GET", f"/api/v1/namespaces/{quote(namespace)}/pods?{query}")
             response = conn.getresponse()
             if response.status != 200:
                 raise APIError(response.status, response.read().decode(errors="replace"))
-            while time.monotonic() < deadline:
-                line = response.readline()
-                if not line:
-                    return
-                yield time.monotonic(), json.loads(line)
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        return _events(conn, response, deadline)
+
+
+def _events(
+    conn: http.client.HTTPSConnection, response: http.client.HTTPResponse, deadline: float
+) -> Iterator[tuple[float, Obj]]:
+    try:
+        while time.monotonic() < deadline:
+            line = response.readline()
+            if not line:
+                return
+            yield time.monotonic(), json.loads(line)
+    finally:
+        conn.close()
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .kubeapi import KubeAPI, Obj
-from .workloads import captured, netns_rules, sandbox_pid
+from .workloads import has_rules, sandbox_pid
 
 
 @dataclass(slots=True)
@@ -25,6 +25,10 @@ class Recreation:
     """time.monotonic() when the status update with the new IP arrived"""
     rules_at: float | None = None
     """time.monotonic() when Istio's rules were first seen in the new sandbox"""
+    new_pid: int | None = None
+    polls: int = 0
+    polling: float = 0.0
+    """seconds spent polling for the rules: `polling / polls` bounds the resolution of `rules_at`"""
 
     @property
     def latency(self) -> float | None:
@@ -46,11 +50,9 @@ def recreate_sandboxes(
         runs[pod["metadata"]["uid"]] = Recreation(pod["metadata"]["name"], pod["status"]["podIP"], pid)
     deadline = time.monotonic() + timeout
     version = api.get(f"/api/v1/namespaces/{namespace}/pods?limit=1")["metadata"]["resourceVersion"]
-    watching = threading.Event()
+    events = api.watch_pods(namespace, deadline, resourceVersion=version, allowWatchBookmarks="false")
 
     def watch() -> None:
-        events = api.watch_pods(namespace, deadline, resourceVersion=version, allowWatchBookmarks="false")
-        watching.set()
         for arrived, event in events:
             run = runs.get(event["object"]["metadata"].get("uid", ""))
             ip = event["object"].get("status", {}).get("podIP", "")
@@ -61,13 +63,17 @@ def recreate_sandboxes(
 
     watcher = threading.Thread(target=watch, name="recreation-watch", daemon=True)
     watcher.start()
-    watching.wait(10)
     for run in runs.values():
         os.kill(run.old_pid, signal.SIGKILL)
     for uid, run in _pending(runs, deadline, interval):
-        pid = sandbox_pid(uid)
-        if pid is not None and pid != run.old_pid and captured(netns_rules(pid)):
+        began = time.monotonic()
+        if run.new_pid is None:
+            pid = sandbox_pid(uid)
+            run.new_pid = pid if pid != run.old_pid else None
+        if run.new_pid is not None and has_rules(run.new_pid):
             run.rules_at = time.monotonic()
+        run.polls += 1
+        run.polling += time.monotonic() - began
     watcher.join(max(0.0, deadline - time.monotonic()) + 5)
     return list(runs.values())
 

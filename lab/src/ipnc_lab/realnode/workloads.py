@@ -189,14 +189,23 @@ def sandbox_pid(pod_uid: str) -> int | None:
     return max(found)[1] if found else None
 
 
+RULE_READERS = (["nft", "list", "ruleset"], ["iptables-legacy-save"], ["ip6tables-legacy-save"])
+
+
+def _read_rules(pid: int, argv: list[str]) -> str:
+    done = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", *argv],
+                          capture_output=True, text=True, timeout=20, check=False)  # fmt: skip
+    return done.stdout
+
+
 def netns_rules(pid: int) -> str:
     """The netfilter rules of the network namespace of `pid`, in every rule system (read only)."""
-    out = []
-    for argv in (["nft", "list", "ruleset"], ["iptables-legacy-save"], ["ip6tables-legacy-save"]):
-        done = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", *argv],
-                              capture_output=True, text=True, timeout=20, check=False)  # fmt: skip
-        out.append(done.stdout)
-    return "\n".join(out)
+    return "\n".join(_read_rules(pid, argv) for argv in RULE_READERS)
+
+
+def has_rules(pid: int) -> bool:
+    """Istio's redirect in the namespace of `pid` (stops at the first rule system that shows it)."""
+    return any(captured(_read_rules(pid, argv)) for argv in RULE_READERS)
 
 
 def captured(rules: str) -> bool:
@@ -218,7 +227,7 @@ def captured_now(api: KubeAPI, namespace: str, names: list[str]) -> dict[str, Ob
         if pod is None or not (marked(pod) and app_running(pod)):
             return None
         pid = sandbox_pid(pod["metadata"]["uid"])
-        if pid is None or not captured(netns_rules(pid)):
+        if pid is None or not has_rules(pid):
             return None
     return pods
 
