@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -53,6 +55,7 @@ class RealNode:
         self._kernel: dict[str, str] = {}
         self._netns: set[str] = set()
         self._bridge_made = False
+        self._previous_sigterm: signal._HANDLER = None
         self._binaries: Binaries | None = None
         self._pki: PKI | None = None
         self._api: KubeAPI | None = None
@@ -73,6 +76,9 @@ class RealNode:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def __enter__(self) -> RealNode:
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a CI timeout, `timeout`) unwinds like Ctrl-C, so `close` still runs
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self.start()
         except BaseException:
@@ -125,6 +131,9 @@ class RealNode:
             (Path("/proc/sys") / key).write_text(value)
         self._kernel = {}
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def leftovers(self) -> list[str]:
         """What of this node still exists on the machine (empty after a clean `close`)."""
@@ -433,6 +442,10 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
                     directory.rmdir()
                 except OSError:
                     continue  # still busy: leftovers() reports it
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _started(value: _T | None) -> _T:
