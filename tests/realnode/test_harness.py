@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,25 @@ def test_latency_is_from_the_status_update_to_the_rules() -> None:
     assert run.latency is None
     run.status_at, run.rules_at = 10.0, 10.25
     assert run.latency == pytest.approx(0.25)
+
+
+def test_archive_gives_only_its_regular_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    archive = tmp_path / "bin.tar.xz"
+    payload = tmp_path / "payload"
+    payload.write_text("#!/bin/sh\n")
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(payload, arcname="server/bin/kubelet")
+        tar.add(payload, arcname="../escape")
+        link = tarfile.TarInfo("etcd")
+        link.type, link.linkname = tarfile.SYMTYPE, "/bin/sh"
+        tar.addfile(link)
+    monkeypatch.delenv(binaries.BIN_VARIABLE, raising=False)
+    monkeypatch.setenv(binaries.ARCHIVE_VARIABLE, str(archive))
+    work = tmp_path / "work"
+    with pytest.raises(
+        binaries.RealNodeUnavailable, match="lacks etcd, kube-apiserver, kube-controller-manager$"
+    ):
+        binaries.locate(work)
+    assert sorted(p.name for p in (work / "bin").iterdir()) == ["escape", "kubelet"]
+    assert os.access(work / "bin" / "kubelet", os.X_OK)
+    assert not (tmp_path / "escape").exists()

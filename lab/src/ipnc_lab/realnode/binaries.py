@@ -46,8 +46,7 @@ def locate(workdir: Path) -> Binaries:
             raise RealNodeUnavailable(f"{ARCHIVE_VARIABLE}={archive}: no such file")
         source = workdir / "bin"
         source.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(source, filter="data")
+        _unpack(Path(archive), source)
     else:
         raise RealNodeUnavailable(
             f"set {BIN_VARIABLE}=DIR or {ARCHIVE_VARIABLE}=FILE.tar.xz (kube-apiserver, "
@@ -77,3 +76,19 @@ def archive_image(path: Path) -> str:
     if not tags:
         raise RealNodeUnavailable(f"{path} names no image")
     return str(tags[0])
+
+
+def _unpack(archive: Path, directory: Path) -> None:
+    """The archive's regular files with plain names, executable (nothing else is taken from it)."""
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            name = Path(member.name).name
+            if not member.isfile() or name in {"", ".", ".."}:
+                continue
+            source = tar.extractfile(member)
+            if source is None:
+                continue
+            target = directory / name
+            with source, target.open("wb") as out:
+                shutil.copyfileobj(source, out)
+            target.chmod(0o755)
