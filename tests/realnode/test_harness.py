@@ -80,7 +80,7 @@ def test_archive_gives_only_its_regular_files(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv(binaries.ARCHIVE_VARIABLE, str(archive))
     work = tmp_path / "work"
     with pytest.raises(
-        binaries.RealNodeUnavailable, match="lacks etcd, kube-apiserver, kube-controller-manager$"
+        binaries.RealNodeUnavailable, match=r"lacks etcd, kube-apiserver, kube-controller-manager$"
     ):
         binaries.locate(work)
     assert sorted(p.name for p in (work / "bin").iterdir()) == ["escape", "kubelet"]
