@@ -1,12 +1,13 @@
 """Pod lifecycle benchmark: a recreated sandbox → captured, and a node reboot → every pod re-captured.
 
 Pods are real (`ipnc_lab.sim`); the kubelet's part is played by `SimCluster.recreate_sandbox` (a new
-netns with a new IP and new processes, then two status updates in the given order) and
-`SimCluster.reboot`. The controller runs with `--repair-interval 0`, so every capture measured here
-comes from the pod update, never from the periodic verify. "Captured" is the first moment the new
-namespace holds exactly the pod's rules (`dataplane.verify`, polled every 10 ms; one poll costs a few ms,
-which bounds the resolution). Prints a Markdown section `## Pod lifecycle` and saves the raw samples as
-`lifecycle`. Needs root.
+netns with a new IP and new processes, then status updates in the given order; "ip-only" posts the new
+IP with the old containers still listed and nothing more: only the IP tells the sandbox changed, as in
+issue 19) and `SimCluster.reboot`. The controller runs with `--repair-interval 0`, so every capture
+measured here comes from the pod update, never from the periodic verify. "Captured" is the first
+moment the new namespace holds exactly the pod's rules (`dataplane.verify`, polled every 10 ms; one poll
+costs a few ms, which bounds the resolution). Prints a Markdown section `## Pod lifecycle` and saves the
+raw samples as `lifecycle`. Needs root.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ipnc_lab.sim.controller import wait_for
 PODS = 10
 ROUNDS = 3
 REBOOT_PODS = 30
-ORDERS = ("ip-first", "containers-first")
+ORDERS = ("ip-first", "containers-first", "ip-only")
 
 
 def recreation_latencies(order: str) -> dict[str, list[float]]:
@@ -77,7 +78,7 @@ def main() -> None:
     save("lifecycle", {"recreation_ms": latencies, "reboot_ready_s": ready, "reboot_captured_s": captured})
     print("## Pod lifecycle\n")
     print(f"A pod's sandbox recreated as the kubelet does after SandboxChanged (new netns, new IP, new "
-          f"processes, then two status updates), {ROUNDS} rounds over {PODS} initialized pods per order; "
+          f"processes, then the status updates), {ROUNDS} rounds over {PODS} initialized pods per order; "
           "controller with `--repair-interval 0`, so the capture comes from the update.\n")  # fmt: skip
     print("| status updates | from | samples | p50 | p95 | max |\n|---|---|---|---|---|---|")
     for order, series in latencies.items():

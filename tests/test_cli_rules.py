@@ -128,6 +128,23 @@ def test_host_netns_refused_by_pid() -> None:
 
 
 @pytest.mark.root
+def test_a_pids_namespace_is_refused_where_pid_1_cannot_be_read(netns_name: str, tmp_path: Path) -> None:
+    """A proc root whose PID 1 is unreadable (EACCES on real nodes): --pid cannot be told apart from the
+    node's namespace, so it is refused (one line) unless --allow-host-netns; a named netns file is not."""
+    proc = tmp_path / "proc" / "4242"
+    (proc / "ns").mkdir(parents=True)
+    (proc / "cgroup").write_text("0::/\n")
+    (proc / "ns" / "net").symlink_to(f"/run/netns/{netns_name}")
+    root = ["--proc-root", str(tmp_path / "proc"), "--backend", "legacy"]
+    done = cli("apply", "--pid", "4242", *root)
+    assert done.returncode == exitcodes.USAGE, done.stderr
+    assert "cannot be told apart from the node's own network namespace" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert cli("clean", "--pid", "4242", *root, "--allow-host-netns").returncode == 0
+    assert cli("clean", "--netns", f"/run/netns/{netns_name}", *root).returncode == 0
+
+
+@pytest.mark.root
 def test_find_netns_with_a_proc_root(netns_name: str, tmp_path: Path) -> None:
     uid = "5c1e5a9e-1111-4222-8333-944455556666"
     proc = tmp_path / "proc" / "4242"

@@ -219,3 +219,22 @@ def test_host_netns_is_refused_without_override() -> None:
     after = subprocess.run(["iptables-legacy-save"], capture_output=True, text=True, check=True).stdout
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("#")]  # noqa: E731
     assert strip(before) == strip(after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sweep_of_a_node_namespace_removes_exactly_ours(
+    netns_name: str, pinned: PinnedNetns, backend: str
+) -> None:
+    """A scratch namespace stands for the node's: its own rules and a policy rule of its own stay."""
+    add_foreign(netns_name, backend)
+    sh(netns_name, "ip", "-4", "rule", "add", "fwmark", "0x99", "lookup", "99")
+    assert dp.sweep_node(pinned) == []
+    dp.apply(pinned, FULL, backend)  # type: ignore[arg-type]
+    found = dp.sweep_node(pinned)
+    assert any("ISTIO" in line or "istio_pod_network" in line for line in found), found
+    assert any("policy rule" in line for line in found), found
+    after = state(netns_name, backend)
+    assert "ISTIO" not in after and "istio_pod_network" not in after and "lookup 133" not in after
+    assert foreign_intact(netns_name, backend)
+    assert "fwmark 0x99 lookup 99" in sh(netns_name, "ip", "-4", "rule")
+    assert dp.sweep_node(pinned) == []

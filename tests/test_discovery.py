@@ -382,7 +382,7 @@ def test_cgroupfs_v2_pod_is_found_with_its_ips(node: Node) -> None:
         assert (found.pod_uid, found.pid, found.container_id) == (uid, pid, cid)
         assert_is(found, ns)
         assert found.matched_ips == tuple(sorted([ns.v4, ns.v6]))
-        assert found.netns.id not in netns.host_netns_ids()
+        assert found.netns.id not in netns.node_netns().ids
     assert found.netns.fd == -1  # leaving the block released the namespace
 
 
@@ -511,6 +511,17 @@ def test_the_runtimes_process_in_the_nodes_namespace_never_names_the_sandbox(nod
         assert_is(found, sandbox)
         assert found.netns.not_node
         assert found.others == ()
+    # nor is it one of "the pod's other namespaces" (no ForeignNetworkNamespace for the runtime's process)
+    assert set(ProcIndex.scan().namespaces(uid, host_ips)) == {sandbox.id}
+    assert set(ProcIndex.scan().namespaces(uid)) == {sandbox.id, the_node.id}
+    # the node's namespace is found by its IP (how the alarm looks for our rules there)
+    held = discovery.pin_holding(host_ips)
+    try:
+        assert the_node.id in {h.id for h in held}  # other runs' namespaces may hold the same test address
+        assert sandbox.id not in {h.id for h in held}
+    finally:
+        for handle in held:
+            handle.close()
     with pytest.raises(PodNetnsNotFound, match="the node's IP"):
         find_pod_netns(uid, pod_ips=[the_node.v4], host_ips=host_ips)
 

@@ -13,7 +13,7 @@ import click
 
 from ..controller import preflight
 from ..dataplane import apply as dataplane
-from ..dataplane.discovery import PodNetns, find_pod_netns
+from ..dataplane.discovery import PodNetns, find_pod_netns, prove_not_node
 from ..dataplane.netns import PinnedNetns
 from ..diagnose import DEFAULT_CONTROLLER_NAMESPACE
 from ..errors import ControllerError
@@ -80,6 +80,10 @@ class Target:
         else:
             handle = _discover(dict(pod or {}), self.proc_root).netns
         with handle:
+            if self.pid is not None and pod is not None:
+                from ..controller.cache import host_ips
+
+                prove_not_node(handle, host_ips(dict(pod)))  # the pod's host IP: not the node's namespace
             yield handle
 
 

@@ -3,10 +3,9 @@
 Discovery never writes there (see dataplane/discovery.py), so finding our chains in the node's namespace
 means a bug or an older controller did: the node's egress would be redirected to a proxy that is not
 there, and the controller itself could lose the API server. The controller looks at start and at every
-repair pass, in every namespace it can identify as the node's: PID 1's (when readable), its own (it runs
-with hostNetwork) and any namespace holding the node's IP as the kubelet reports it in pods'
-`status.hostIPs`. What it finds it removes: our chains, the jumps into them and our policy routes,
-nothing else of the node's.
+repair pass, in every namespace it can identify as the node's: PID 1's (when readable) and any namespace
+holding the node's IP as the kubelet reports it in pods' `status.hostIPs`. What it finds it removes: our
+chains, the jumps into them and our policy routes, nothing else of the node's.
 """
 
 from __future__ import annotations
@@ -35,11 +34,11 @@ class Finding:
 def node_namespaces(proc_root: str, host_ips: Iterable[str]) -> list[PinnedNetns]:
     """Every namespace identifiable as the node's, pinned, each once; the caller closes them."""
     handles: list[PinnedNetns] = []
-    for path in (os.path.join(proc_root, "1", "ns", "net"), "/proc/self/ns/net"):
-        try:
-            handles.append(PinnedNetns.open_path(path))
-        except DataplaneError as exc:
-            log.debug("node namespace %s not readable: %s", path, exc)
+    pid1 = os.path.join(proc_root, "1", "ns", "net")
+    try:
+        handles.append(PinnedNetns.open_path(pid1))
+    except DataplaneError as exc:
+        log.debug("node namespace %s not readable: %s", pid1, exc)
     handles += pin_holding(host_ips, proc_root)
     unique: list[PinnedNetns] = []
     for handle in handles:

@@ -122,14 +122,13 @@ class ScanCache:
             return self._index
 
 
-def sandbox_alive(
-    index: ProcIndex, uid: str, pin: PinnedNetns, ips: tuple[str, ...]
-) -> tuple[bool, tuple[NetnsId, ...]]:
+def sandbox_alive(index: ProcIndex, view: PodView, pin: PinnedNetns) -> tuple[bool, tuple[NetnsId, ...]]:
     """Whether processes of the pod still live in the pinned namespace and it holds the pod's IPs now
     (an IP the kubelet posts is the sandbox's: one the pin lacks means a new sandbox); and the others."""
+    uid, ips = view.uid, view.ips
     if not pin.intact():
         return False, ()
-    live = index.namespaces(uid)
+    live = index.namespaces(uid, view.host_ips)
     alive = pin.id in live and (not ips or index.holds(uid, pin.id, ips))
     return alive, tuple(ns for ns in live if ns != pin.id)
 
@@ -250,7 +249,7 @@ class Reconciler:
         others: tuple[NetnsId, ...] = ()
         pin = state.pin
         if pin is not None:
-            alive, others = await self._blocking(lambda: sandbox_alive(index, view.uid, pin, view.ips))
+            alive, others = await self._blocking(lambda: sandbox_alive(index, view, pin))
             if not alive or why is MarkReason.REINITIALIZED:
                 plog.info("sandbox %s is gone (%s): capturing the new one", pin.id, action.reason)
                 state.drop_pin()

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import DataplaneError
-from .netns import NetnsId, NodeNetns, PinnedNetns, node_netns
+from .netns import NetnsId, NodeNetns, PinnedNetns, node_netns, run_in
 
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
 # One line of /proc/PID/cgroup: "<hierarchy>:<controllers>:<path>" (v2: "0::<path>"). The pod segment is
@@ -242,13 +242,20 @@ class ProcIndex:
     def processes(self, pod_uid: str) -> tuple[PodProcess, ...]:
         return tuple(self.pods.get(normalize_uid(pod_uid), ()))
 
-    def namespaces(self, pod_uid: str) -> dict[NetnsId, list[PodProcess]]:
-        """The pod's live processes by namespace, read now (not at scan time); the host's are left out."""
+    def namespaces(self, pod_uid: str, host_ips: Iterable[str] = ()) -> dict[NetnsId, list[PodProcess]]:
+        """The pod's live processes by namespace, read now (not at scan time); the node's are left out
+        (PID 1's, ours, and those holding one of `host_ips`: the runtime's process starting a container)."""
         by_netns: dict[NetnsId, list[PodProcess]] = {}
         for proc in self.processes(pod_uid):
             ns = _netns_id(self.proc_root, proc.pid)
             if ns is not None and ns not in self.node.ids:
                 by_netns.setdefault(ns, []).append(proc)
+        node_ips = _parse_ips(normalize_uid(pod_uid), host_ips)
+        if node_ips:
+            for ns in [
+                ns for ns, members in by_netns.items() if (self._local(members, ns) or set()) & node_ips
+            ]:
+                del by_netns[ns]
         return by_netns
 
     def holds(self, pod_uid: str, ns: NetnsId, ips: Iterable[str]) -> bool:
@@ -394,6 +401,20 @@ def _parse_ips(uid: str, pod_ips: Iterable[str]) -> set[str]:
     return parsed
 
 
+def prove_not_node(netns: PinnedNetns, host_ips: Iterable[str]) -> bool:
+    """Mark `netns` proven not the node's (`not_node`) when node IPs are known and it holds none of them."""
+    wanted = _parse_ips("node", host_ips)
+
+    def local() -> set[str]:
+        v4 = _read("/proc/thread-self/net/fib_trie") or b""
+        v6 = _read("/proc/thread-self/net/if_inet6") or b""
+        return parse_fib_trie_local(v4.decode()) | parse_if_inet6(v6.decode())
+
+    if wanted and not wanted & run_in(netns, local):
+        netns.not_node = True
+    return netns.not_node
+
+
 def pin_holding(ips: Iterable[str], proc_root: str = "/proc") -> list[PinnedNetns]:
     """Pin every namespace on the node that holds one of `ips` (the node's: to find its namespace).
 
@@ -406,11 +427,12 @@ def pin_holding(ips: Iterable[str], proc_root: str = "/proc") -> list[PinnedNetn
     checked: set[NetnsId] = set()
     pinned: list[PinnedNetns] = []
     for pid in _pids(proc_root):
-        ns = _netns_id(proc_root, pid)
-        if ns is None or ns in checked:
+        try:
+            ns = _netns_id(proc_root, pid)
+            local = None if ns is None or ns in checked else _local_ips(proc_root, pid, ns)
+        except OSError:  # a process this controller may not inspect: not one it could identify either
             continue
-        local = _local_ips(proc_root, pid, ns)
-        if local is None:
+        if ns is None or local is None:
             continue
         checked.add(ns)
         if local & wanted:

@@ -147,10 +147,10 @@ def run_in_scratch(work: Callable[[], T]) -> T:
 class NodeNetns:
     """What is known of the node's own network namespace without asking any pod.
 
-    `ids`: PID 1's namespace under the proc root (and the host's /proc/1), and this process's, each when
-    readable. When PID 1's cannot be read (EACCES happens on real nodes even for root with CAP_SYS_PTRACE)
-    the node's namespace is not identified by this alone: a namespace reached through a process is then
-    written only when discovery proved it is not the node's (it lacks the node's IP).
+    `ids`: PID 1's namespace under the proc root (and the host's /proc/1), and this process's (never a
+    pod's), each when readable. When PID 1's cannot be read (EACCES happens on real nodes even for root
+    with CAP_SYS_PTRACE) the node's namespace is not identified by this alone: a namespace reached through
+    a process is then written only when discovery proved it is not the node's (it lacks the node's IP).
     """
 
     ids: frozenset[NetnsId]
@@ -171,11 +171,6 @@ def node_netns(proc_root: str = "/proc") -> NodeNetns:
     pid1 = _stat_id(os.path.join(proc_root, "1", "ns", "net"))
     ids = {pid1, _stat_id("/proc/1/ns/net"), _stat_id("/proc/self/ns/net")} - {None}
     return NodeNetns(frozenset(i for i in ids if i is not None), pid1 is not None)
-
-
-def host_netns_ids(proc_root: str = "/proc") -> set[NetnsId]:
-    """The namespaces known to be the node's own (see node_netns)."""
-    return set(node_netns(proc_root).ids)
 
 
 def refuse_host(netns: PinnedNetns, proc_root: str = "/proc", *, allow_host: bool = False) -> None:

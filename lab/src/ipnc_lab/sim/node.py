@@ -3,7 +3,8 @@
     node netns: bridge br0 10.S.0.254/16  <-veth->  pod netns eth0 10.S.X.Y/16  (one per pod; never .0.254)
 
 The node's namespace is a scratch namespace of the simulation, never the machine's: it holds the node's
-IP (the gateway, reported as every pod's status.hostIP) and a long-lived process of the node's own (as
+IP (on lo, reported as every pod's status.hostIP; unique per process and node, since the simulations of
+parallel runs share the machine and the gateway's subnet) and a long-lived process of the node's own (as
 the kubelet is on a real node), so the controller can identify it only as it would on a real node: by
 the node's IP. PID 1 of the machine is never in it, as if /proc/1/ns/net were unreadable.
 
@@ -22,6 +23,7 @@ namespace; everything is removed by close(), also after a failure.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import signal
@@ -72,12 +74,22 @@ class SimPod:
         return [f"containerd://{self.app_container_id or self.container_id}"]
 
 
+_node_numbers = itertools.count(1)
+
+
+def unique_node_ip() -> str:
+    """An address in 100.64.0.0/10 made of this process's PID and a counter (no other run reports it)."""
+    pid, number = os.getpid() % 16384, next(_node_numbers) % 254 + 1
+    return f"100.{64 + (pid >> 8)}.{pid & 255}.{number}"
+
+
 class SimNode:
     """Create with a short unique name; use as a context manager so everything is removed at the end."""
 
     def __init__(self, name: str, subnet: int = 77) -> None:
         self.name = name
         self.subnet = subnet
+        self.host_ip = unique_node_ip()
         self.pods: list[SimPod] = []
         self._lock = threading.Lock()
         self._next_host = 1
@@ -86,8 +98,8 @@ class SimNode:
         self.agent: subprocess.Popen[str] | None = None
         try:
             ip_batch(
-                ["link set lo up", "link add br0 type bridge", f"addr add {self.gateway}/16 dev br0",
-                 "link set br0 up"],
+                ["link set lo up", f"addr add {self.host_ip}/32 dev lo", "link add br0 type bridge",
+                 f"addr add {self.gateway}/16 dev br0", "link set br0 up"],
                 self.node.name,
             )  # fmt: skip
             self.cgroup_root.mkdir()
@@ -123,7 +135,7 @@ class SimNode:
         """The runtime starts on a pod: its cgroup, and its process there still in the node's namespace."""
         container_id = secrets.token_hex(32)
         pod = SimPod(name, namespace, uid or "", None, None, self._cgroup(uid, container_id), container_id)
-        pod.host_ip = self.gateway
+        pod.host_ip = self.host_ip
         pod.cgroup.mkdir(parents=True)
         self.pods.append(pod)
         self._start_transient(pod)
