@@ -79,7 +79,7 @@ def test_node_reboot_recaptures_every_pod(tier: Tier) -> None:
     before = wl.wait_captured(tier.api, namespace, names, timeout=120)
     sandboxes = {n: wl.sandbox_pid(p["metadata"]["uid"]) for n, p in before.items()}
     tier.node.reboot()
-    wait_for("the node Ready again", tier.node.node_ready, timeout=120)
+    wait_for("the kubelet serving again", tier.node.kubelet_healthy, timeout=120)
 
     def recaptured() -> bool:
         pods = wl.captured_now(tier.api, namespace, names)
@@ -97,7 +97,8 @@ def test_waiter_holds_pods_while_the_controller_is_away(tier: Tier) -> None:
     namespace = tier.namespace()
     wl.set_controller_label(tier.api, tier.node.name, on=False)
     try:
-        wait_for("the controller gone", lambda: not wl.controller_pods(tier.api), timeout=120)
+        # gone, not terminating: a controller in its grace period still captures
+        wait_for("the controller gone", lambda: not tier.api.pods(wl.CONTROLLER_NAMESPACE), timeout=120)
         names = create(tier, namespace, 2)
 
         def waiting() -> bool:

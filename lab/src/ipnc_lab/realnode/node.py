@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -36,6 +37,8 @@ CNI_CACHE = Path("/var/lib/cni/results")
 #: what the kubelet sets when protectKernelDefaults is false; put back as they were
 KERNEL_SETTINGS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops")
 _T = TypeVar("_T")
+#: what containerd's CRI plugin logs last as it starts serving
+CRI_READY = 'msg="Start streaming server"'
 KUBE_CONTROLLERS = "daemonset,serviceaccount,root-ca-cert-publisher,namespace,garbagecollector,podgc"
 
 
@@ -316,12 +319,17 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
                 (own / "cpuset.mems").write_text((hierarchy / "cpuset.mems").read_text())
 
     def start_containerd(self) -> None:
-        self._launch(
-            "containerd", ["containerd", "--config", str(self.workdir / "containerd" / "config.toml")]
-        )
-        wait_for(
-            "containerd's socket", lambda: self._alive(self._procs["containerd"]) and self.socket.exists(), 30
-        )
+        """containerd, returning once its CRI serves: the socket is there before the CRI plugin has recovered
+        its state, and a kubelet started in between exits at once."""
+        log = self.logs / "containerd.log"
+        before = log.read_text(errors="replace").count(CRI_READY) if log.exists() else 0
+        config = str(self.workdir / "containerd" / "config.toml")
+        containerd = self._launch("containerd", ["containerd", "--config", config])
+
+        def serving() -> bool:
+            return self._alive(containerd) and log.read_text(errors="replace").count(CRI_READY) > before
+
+        wait_for("containerd's CRI", serving, 60)
 
     def start_kubelet(self) -> None:
         w = self.workdir
@@ -342,6 +350,20 @@ disabled_plugins = ["io.containerd.internal.v1.tracing"]
         self._stop_runtime()
         self.start_containerd()
         self.start_kubelet()
+
+    def kubelet_healthy(self) -> bool:
+        """The kubelet answers its healthz (a node's Ready condition lags a dead kubelet by ~40 s); a kubelet
+        that exited raises, with its log's tail."""
+        kubelet = self._procs.get("kubelet")
+        if kubelet is None or not self._alive(kubelet):
+            return False
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.ports['healthz']}/healthz", timeout=2
+            ) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
 
     def node_ready(self) -> bool:
         try:
