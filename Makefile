@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := iptables nftables iproute2 util-linux conntrack python3 python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: test lint typecheck pytest demo bench soak deps system-deps clean manifests image image-archive image-base tool-deps
+.PHONY: realnode test lint typecheck pytest demo bench soak deps system-deps clean manifests image image-archive image-base tool-deps
 
 test: deps lint typecheck pytest
 
@@ -35,6 +35,12 @@ typecheck: deps
 pytest: deps image-archive
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The real-node tier (docs/realnode.md): a real kubelet, containerd and kube-apiserver on this machine. Needs
+# IPNC_REALNODE_BIN=DIR or IPNC_REALNODE_ARCHIVE=FILE.tar.xz (kube-apiserver, kube-controller-manager, kubelet,
+# etcd, a pause image archive); never part of `make test`.
+realnode: deps tool-deps image-archive
+	$(BIN)/pytest -m realnode --timeout 900 tests/realnode $(PYTEST_ARGS)
+
 demo: deps
 	$(BIN)/ipnc-lab demo $(DEMO_ARGS)
 
@@ -62,7 +68,7 @@ clean:
 # uses (tools/debian_mirror.py; or DEBIAN_MIRROR=URL). `make image BASE_IMAGE=python:3.11-slim-bookworm`
 # uses a public base instead. The build fetches nothing from PyPI: the host's pip downloads the dependencies'
 # wheels, mounted into the build. docs/install.md has the user's side.
-TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd prometheus gdb
+TOOL_APT_PACKAGES := podman buildah debootstrap runc containerd containernetworking-plugins prometheus gdb
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= ghcr.io/istio-pod-network-controller/istio-pod-network-controller:$(VERSION)
 LOCAL_BASE := localhost/ipnc-base:bookworm
@@ -76,7 +82,8 @@ WHEELS := $(IMAGE_BUILD)/wheels
 ARCHIVE := $(IMAGE_BUILD)/istio-pod-network-controller-$(VERSION).tar
 PODMAN := CONTAINERS_CONF=$(CURDIR)/tools/containers.conf podman
 
-# podman, buildah, debootstrap, runc (build and run the image); containerd (tests/image imports the archive);
+# podman, buildah, debootstrap, runc (build and run the image); containerd (tests/image imports the archive;
+# with the CNI plugins it runs the real-node tier's pods);
 # prometheus (promtool and a server for the monitoring tests).
 # No recommends: they would add crun, dbus and the node exporter's service.
 tool-deps:

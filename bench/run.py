@@ -29,6 +29,7 @@ SCRIPTS = [
     "recovery_bench.py",
     "localapi_bench.py",
     "many_nodes_bench.py",
+    "realnode_bench.py",
     "soak_report.py",
 ]
 
