@@ -112,12 +112,7 @@ def test_apply_verify_clean_round_trip(netns_name: str) -> None:
     assert "chain ISTIO_OUTPUT_DNS should not exist" in drifted.stdout
     cleaned = cli("clean", *target)
     assert cleaned.returncode == 0, cleaned.stderr
-    saved = subprocess.run(
-        ["ip", "netns", "exec", netns_name, "iptables-legacy-save"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    saved = legacy_save(netns_name)
     assert "ISTIO" not in saved
 
 
@@ -202,12 +197,7 @@ def test_apply_by_pid_narrows_dns_capture_to_that_process_nameservers(netns_name
         ]
         applied = cli("apply", *target)
         assert applied.returncode == 0, applied.stderr
-        saved = subprocess.run(
-            ["ip", "netns", "exec", netns_name, "iptables-legacy-save"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        saved = legacy_save(netns_name)
         dns = [line for line in saved.splitlines() if "--dport 53" in line and "REDIRECT" in line]
         assert dns and all("-d 192.0.2.53/32" in line for line in dns), saved
         assert cli("verify", *target, "--flags-only").returncode == exitcodes.OK
@@ -217,6 +207,12 @@ def test_apply_by_pid_narrows_dns_capture_to_that_process_nameservers(netns_name
             sleeper.wait()
         (etc / "resolv.conf").unlink(missing_ok=True)
         etc.rmdir()
+
+
+def legacy_save(netns_name: str) -> str:
+    """iptables-legacy-save inside the test's namespace."""
+    command = ["ip", "netns", "exec", netns_name, "iptables-legacy-save"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
 def wait_for_netns(pid: int, name: str) -> None:
