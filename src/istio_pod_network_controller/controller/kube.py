@@ -170,14 +170,15 @@ class KubeClient:
 
     async def node_exists(self, name: str) -> bool | None:
         """Whether the Node object is there; None when the answer is not a yes or no (403, outage)."""
-        try:
-            response = await self._http.get(f"/api/v1/nodes/{quote(name, safe='')}")
+        try:  # the status is the answer: the body is never read, so no size of it costs memory
+            async with self._http.stream("GET", f"/api/v1/nodes/{quote(name, safe='')}") as response:
+                status = response.status_code
         except httpx.HTTPError:
             self._count(0)
             return None
-        if response.status_code == 404:
+        if status == 404:
             return False
-        return True if response.status_code < 400 else None
+        return True if status < 400 else None
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, params: dict[str, str]) -> AsyncIterator[AsyncIterator[bytes]]:
