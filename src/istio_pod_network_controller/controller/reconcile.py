@@ -202,12 +202,12 @@ class Reconciler:
         notes = (ns.get("metadata") or {}).get("annotations")
         return controller_gate(notes if isinstance(notes, dict) else None, self.config.spec_defaults)
 
-    def plan(self, view: PodView, state: PodState, flags: frozenset[str]) -> Action:
+    def plan(self, view: PodView, state: PodState, flags: frozenset[str], gate: ProxyIdGate | None) -> Action:
         """The pure decision, fed from the cache and this process's memory of the pod."""
         verdict = self.select(view.raw)
         spec: InterceptSpec | SpecError
         try:
-            spec = pod_spec(view.raw, self.config.spec_defaults, gate=self.gate(view))
+            spec = pod_spec(view.raw, self.config.spec_defaults, gate=gate)
         except SpecError as exc:
             spec = exc
         wants_mesh = verdict.reason == selection.HOST_NETWORK and self._wants_mesh(view.raw)
@@ -227,8 +227,9 @@ class Reconciler:
         state.attempted = True
         view = PodView.of(pod)
         plog = PodLogger(log, view, self.recorder)
-        action = self.plan(view, state, flags)
-        ignored = ignored_overrides(view.raw, self.gate(view))
+        gate = self.gate(view)
+        action = self.plan(view, state, flags, gate)
+        ignored = ignored_overrides(view.raw, gate)
         if ignored and not isinstance(action, Skip | Warn):
             # Only our own names of the fields reach the Event, never the pod's values.
             plog.warn_event(
