@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from ..dataplane import procfs
 from ..dataplane.apply import BackendChoice, host_backend
+from .cpus import read_text
 from .events import build_node_warning
 
 CAPABILITIES: Final = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_PTRACE": 19, "SYS_ADMIN": 21}
@@ -147,7 +148,7 @@ def decide_proc(proc_root: str, view: ProcView) -> Check:
 
 def probe_proc(proc_root: str, limit: int = 4096) -> ProcView:
     """Count processes and distinct cgroups under proc_root (at most `limit` processes are read)."""
-    own = _read_text("/proc/self/cgroup")
+    own = read_text("/proc/self/cgroup")
     try:
         entries = [entry for entry in os.listdir(proc_root) if entry.isdigit()]
     except FileNotFoundError:
@@ -168,14 +169,6 @@ def _read_cgroup(proc_root: str, pid: int) -> str | None:
     except OSError:
         return None
     return None if data is None else data.decode("utf-8", "replace")
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return None
 
 
 def proc_root_problem(proc_root: str) -> str | None:
